@@ -1,0 +1,71 @@
+"""One attention entry point for the text decoder, through transformers' AttentionInterface.
+
+The function registered here receives the query and key *after* rotary embedding and after the cache update, so
+scorers see exactly what the model attends with (M-RoPE included) and no per-model forward is patched. What it does
+is decided by the handler installed with `use_attention_handler`: compression, profiling capture, or plain SDPA.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+ATTENTION_NAME = "audiokv"
+
+
+class AttentionHandler(Protocol):
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        scaling: float,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+
+_active_handler: ContextVar[AttentionHandler | None] = ContextVar("audiokv_attention_handler", default=None)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs):
+    """Full attention (transformers' SDPA path); causal from the shapes when no mask is given."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("dropout", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=scaling, **kwargs)
+
+
+def audiokv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    handler = _active_handler.get()
+    if handler is None:
+        return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+    return handler(module, query, key, value, attention_mask, scaling, **kwargs)
+
+
+def register() -> None:
+    """Make "audiokv" a valid attention implementation (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION_NAME, audiokv_attention)
+
+
+@contextmanager
+def use_attention_handler(adapter, handler: AttentionHandler | Callable | None) -> Iterator[None]:
+    """Route the adapter's text-decoder attention through ``handler`` for the duration of the block."""
+    register()
+    text_config = adapter.text_config
+    previous = text_config._attn_implementation
+    text_config._attn_implementation = ATTENTION_NAME
+    token = _active_handler.set(handler)
+    try:
+        yield
+    finally:
+        _active_handler.reset(token)
+        text_config._attn_implementation = previous

@@ -1,0 +1,84 @@
+"""Load audio files as 16 kHz mono float32, with clear errors for input that cannot be used."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from audiokv_cli.errors import AudiokvError
+
+SAMPLE_RATE = 16000
+# Peak amplitude below which a clip is treated as silence (about -80 dBFS).
+SILENCE_PEAK = 1e-4
+
+logger = logging.getLogger(__name__)
+
+
+class AudioError(AudiokvError):
+    """An audio file is missing, unreadable, empty, corrupt or too long."""
+
+
+class SilentAudioWarning(UserWarning):
+    """The clip holds no signal; a model will usually produce nothing useful."""
+
+
+def _read(path: Path) -> tuple[np.ndarray, int]:
+    # soundfile is exact and fast for wav/flac/ogg; librosa (audioread/ffmpeg) covers mp3 and the rest.
+    import soundfile
+
+    try:
+        data, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        return data.T, rate
+    except Exception as sf_error:  # noqa: BLE001 - any decoder failure falls through to the second decoder
+        try:
+            import librosa
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                data, rate = librosa.load(str(path), sr=None, mono=False, dtype=np.float32)
+            return np.atleast_2d(data), int(rate)
+        except Exception:  # noqa: BLE001
+            raise AudioError(f"{path}: not a readable audio file ({_short(sf_error)})") from None
+
+
+def _short(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> np.ndarray:
+    """Return the file's samples as mono float32 at 16 kHz.
+
+    Raises AudioError (one line) for a missing path, a directory, an unreadable or non-audio file, zero-length audio,
+    NaN/inf samples or audio longer than ``max_seconds``; warns (SilentAudioWarning) for all-silent audio.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file")
+    channels, rate = _read(path)
+    if channels.size == 0 or channels.shape[-1] == 0:
+        raise AudioError(f"{path}: zero-length audio")
+    if not np.all(np.isfinite(channels)):
+        raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    samples = channels.mean(axis=0).astype(np.float32)
+    if rate != SAMPLE_RATE:
+        import librosa
+
+        samples = librosa.resample(samples, orig_sr=rate, target_sr=SAMPLE_RATE).astype(np.float32)
+    seconds = samples.shape[0] / SAMPLE_RATE
+    if max_seconds is not None and seconds > max_seconds + 1e-6:
+        raise AudioError(
+            f"{path}: {seconds:.1f} s of audio is longer than this model's limit of {max_seconds:g} s "
+            "(split the file, or raise the limit with --max-seconds)"
+        )
+    if float(np.abs(samples).max()) < SILENCE_PEAK:
+        warnings.warn(f"{path}: audio is silent", SilentAudioWarning, stacklevel=2)
+    return samples

@@ -1,0 +1,1 @@
+"""Command implementations behind `audiokv`: thin typer + rich layers over the library."""

@@ -1,0 +1,84 @@
+"""Pieces every command shares: the console, option types, model loading with a spinner."""
+
+from __future__ import annotations
+
+import warnings
+from enum import Enum
+from pathlib import Path
+
+from rich.console import Console
+
+from audiokv_cli.errors import AudiokvError
+
+console = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False, soft_wrap=True)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Scope(str, Enum):
+    all = "all"
+    audio = "audio"
+
+
+def quiet_transformers() -> None:
+    """Library progress bars and advice would bury the one line a user needs."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="transformers")
+
+
+def load_model(model: str, device: Device, dtype: DType, trust_remote_code: bool = False):
+    from audiokv_cli.models.registry import MODEL_ALIASES, load_adapter
+
+    quiet_transformers()
+    alias = MODEL_ALIASES.get(model)
+    label = f"{model} ({alias.description})" if alias else model
+    with console.status(f"loading {label} ..."):
+        adapter = load_adapter(model, device=device.value, dtype=dtype.value, trust_remote_code=trust_remote_code)
+    return adapter
+
+
+def load_clips(paths: list[Path], max_seconds: float | None):
+    """Read every clip before any model work, so one bad file fails fast and alone."""
+    from audiokv_cli.audio import SilentAudioWarning, load_audio
+
+    clips = []
+    for path in paths:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", SilentAudioWarning)
+            clips.append(load_audio(path, max_seconds=max_seconds))
+        for warning in caught:
+            if issubclass(warning.category, SilentAudioWarning):
+                console.print(f"[yellow]warning:[/] {warning.message}")
+    return clips
+
+
+def check_range(name: str, value: float, low: float, high: float, low_open: bool = False) -> None:
+    if value > high or value < low or (low_open and value == low):
+        bracket = "(" if low_open else "["
+        raise AudiokvError(f"{name} must be in {bracket}{low:g}, {high:g}], got {value:g}")
+
+
+def check_duration(path: Path, samples, limit: float | None) -> None:
+    from audiokv_cli.audio import SAMPLE_RATE, AudioError
+
+    seconds = samples.shape[0] / SAMPLE_RATE
+    if limit is not None and seconds > limit + 1e-6:
+        raise AudioError(
+            f"{path}: {seconds:.1f} s of audio is longer than this model's limit of {limit:g} s "
+            "(split the file, or set --max-seconds)"
+        )

@@ -1,0 +1,124 @@
+"""`audiokv infer`: transcribe or answer about audio clips, with or without KV-cache eviction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from audiokv_cli.commands.common import (
+    DType,
+    Device,
+    Scope,
+    check_duration,
+    check_range,
+    console,
+    load_clips,
+    load_model,
+    stdout,
+)
+from audiokv_cli.errors import AudiokvError
+
+
+def _human_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return str(count)
+
+
+def _summary(result) -> Table:
+    table = Table(show_header=False, box=None, padding=(0, 1), pad_edge=False)
+    table.add_column(style="dim")
+    table.add_column()
+    method = result.method if result.method == "full" else f"{result.method} (retention {result.retention:g}, scope {result.scope})"
+    table.add_row("model", result.model)
+    table.add_row("method", method)
+    table.add_row("audio", f"{result.audio_seconds:.1f} s, {result.audio_tokens} audio tokens of {result.prompt_tokens} prompt tokens")
+    table.add_row("generated", f"{result.generated_tokens} tokens" + (" (hit --max-new-tokens)" if result.hit_token_limit else ""))
+    table.add_row(
+        "KV cache",
+        f"{_human_bytes(result.kv_bytes_kept)} kept of {_human_bytes(result.kv_bytes_full)} ({100 * result.kept_ratio:.1f} %)",
+    )
+    table.add_row("time", f"prefill {result.seconds_prefill:.3f} s, decode {result.seconds_decode:.3f} s")
+    return table
+
+
+def resolve_head_scores(adapter, profile: Optional[Path]):
+    """The head profile for the audiokv method: the given file, or one in profiles/ made for this model."""
+    from audiokv_cli.profiling.profile_file import find_profile, load_head_scores
+
+    if profile is None:
+        profile = find_profile(adapter)
+        if profile is None:
+            raise AudiokvError(
+                f"no head profile for {adapter.name} in profiles/; make one with "
+                f"`audiokv probe-set --out probes && audiokv profile --model {adapter.name} --data probes --out my.safetensors` "
+                "and pass --profile my.safetensors"
+            )
+        console.print(f"[dim]using head profile {profile}[/]")
+    return load_head_scores(profile, adapter)
+
+
+def infer(
+    clips: list[Path] = typer.Argument(..., help="Audio files (wav, flac, ogg, mp3, ...).", show_default=False),
+    model: str = typer.Option("tiny", "--model", "-m", help="Short name (tiny, qwen2-audio, qwen2-audio-base), local directory or Hub id."),
+    prompt: Optional[str] = typer.Option(None, help="Instruction instead of the default transcription prompt."),
+    max_new_tokens: int = typer.Option(256, min=1, help="Stop after this many generated tokens."),
+    method: str = typer.Option("full", help="Eviction method: full, streamingllm, h2o, snapkv, pyramidkv, adakv, random, stride, audiokv."),
+    retention: float = typer.Option(1.0, help="Fraction of the prompt's KV entries to keep, in (0, 1]."),
+    profile: Optional[Path] = typer.Option(None, help="Head profile for --method audiokv (default: a matching one from profiles/)."),
+    scope: Scope = typer.Option(Scope.all, help="all: any prompt token may be evicted; audio: text tokens are always kept."),
+    window: int = typer.Option(32, min=1, help="Observation window: the last prompt tokens, always kept and used for scoring."),
+    sss_alpha: float = typer.Option(0.5, help="Spectral smoothing mix (0 = raw scores, 1 = fully smoothed)."),
+    sss_rho: float = typer.Option(0.7, help="Spectral smoothing energy kept by the low-pass cutoff, in (0, 1]."),
+    kernel: int = typer.Option(7, min=1, help="Pooling kernel for avgpool/maxpool smoothing (odd)."),
+    scorer: Optional[str] = typer.Option(None, help="Override the method's scorer: window, h2o, random, stride, streaming."),
+    smoother: Optional[str] = typer.Option(None, help="Override the method's smoother: none, avgpool, maxpool, sss."),
+    budget: Optional[str] = typer.Option(None, help="Override the method's budgets: uniform, pyramid, adaptive, profile."),
+    device: Device = typer.Option(Device.auto, help="auto picks CUDA when present."),
+    dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
+    max_seconds: Optional[float] = typer.Option(None, help="Longest clip accepted (default: the model's limit)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per clip instead of text."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
+) -> None:
+    """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
+    from audiokv_cli.compression.methods import MethodOptions, build_policy, method_uses_profile
+    from audiokv_cli.inference import run_clip
+
+    check_range("--retention", retention, 0.0, 1.0, low_open=True)
+    check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
+    check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
+    # Validate the method and its parts before paying for audio decoding or model loading.
+    options = MethodOptions(window=window, scope=scope.value, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho)
+    needs_profile = method_uses_profile(method, budget)
+    if not needs_profile:
+        policy = build_policy(method, retention, options, scorer=scorer, smoother=smoother, budget=budget)
+    elif profile is not None and not profile.is_file():
+        raise AudiokvError(f"{profile}: no such profile file")
+
+    from audiokv_cli.models.base import ModelAdapter
+
+    audio = load_clips(clips, max_seconds=max_seconds)
+    adapter: ModelAdapter = load_model(model, device, dtype, trust_remote_code)
+    limit = max_seconds if max_seconds is not None else adapter.max_audio_seconds
+    for path, samples in zip(clips, audio):
+        check_duration(path, samples, limit)
+    if model == "tiny":
+        console.print("[dim]model: tiny, the bundled small Qwen2-Audio (pass --model qwen2-audio for the real 7B)[/]")
+    if needs_profile:
+        options.head_scores = resolve_head_scores(adapter, profile)
+        policy = build_policy(method, retention, options, scorer=scorer, smoother=smoother, budget=budget)
+    for path, samples in zip(clips, audio):
+        with console.status(f"{path.name}: {samples.shape[0] / 16000:.1f} s of audio ..."):
+            result = run_clip(adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path))
+        if as_json:
+            stdout.print(json.dumps(result.to_json()), markup=False, highlight=False)
+        else:
+            stdout.print(result.text, markup=False, highlight=False)
+            console.print(_summary(result))
+

@@ -1,0 +1,167 @@
+"""A KV cache that physically holds only the kept prompt entries, a different number for every KV head.
+
+Per layer the kept prompt entries of all (batch row, KV head) segments are stored flattened, `[N, head_dim]`, in
+segment order with positions ascending inside a segment, plus one length per segment (AdaKV's layout). Tokens
+generated after compression are appended to every head, so they form a dense `[B, Hkv, T, head_dim]` tail that grows
+in chunks. Nothing evicted survives: after `compress` the dense prompt tensors are released.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+# The generated-token tail grows by this many positions at a time, so appending a token is not a full copy.
+TAIL_CHUNK = 64
+
+
+class RaggedLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self):
+        super().__init__()
+        self.compressed = False
+        self.prompt_length = 0
+        self.flat_keys: torch.Tensor | None = None
+        self.flat_values: torch.Tensor | None = None
+        self.segment_lengths: torch.Tensor | None = None
+        self.tail_keys: torch.Tensor | None = None
+        self.tail_values: torch.Tensor | None = None
+        self.tail_length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if not self.compressed:
+            # Before compression the layer behaves like a dense dynamic cache.
+            if self.keys is None:
+                self.keys, self.values = key_states, value_states
+            else:
+                self.keys = torch.cat([self.keys, key_states], dim=-2)
+                self.values = torch.cat([self.values, value_states], dim=-2)
+            return self.keys, self.values
+        self._append_tail(key_states, value_states)
+        return key_states, value_states
+
+    def _append_tail(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, new, dim = key_states.shape
+        needed = self.tail_length + new
+        if self.tail_keys is None or needed > self.tail_keys.shape[2]:
+            capacity = -(-needed // TAIL_CHUNK) * TAIL_CHUNK
+            grown_keys = key_states.new_empty(batch, heads, capacity, dim)
+            grown_values = value_states.new_empty(batch, heads, capacity, dim)
+            if self.tail_length:
+                grown_keys[:, :, : self.tail_length] = self.tail_keys[:, :, : self.tail_length]
+                grown_values[:, :, : self.tail_length] = self.tail_values[:, :, : self.tail_length]
+            self.tail_keys, self.tail_values = grown_keys, grown_values
+        self.tail_keys[:, :, self.tail_length : needed] = key_states
+        self.tail_values[:, :, self.tail_length : needed] = value_states
+        self.tail_length = needed
+
+    def compress(self, keep: torch.Tensor) -> None:
+        """Keep only ``keep[b, h, position]`` entries of the dense prompt cache and free the rest."""
+        if self.compressed:
+            raise RuntimeError("layer is already compressed")
+        batch, heads, length, _ = self.keys.shape
+        if keep.shape != (batch, heads, length):
+            raise ValueError(f"keep mask {tuple(keep.shape)} does not match cache {(batch, heads, length)}")
+        # nonzero walks the mask row-major: segments in (batch, head) order, positions ascending within each.
+        rows, kv_heads, positions = keep.nonzero(as_tuple=True)
+        self.flat_keys = self.keys[rows, kv_heads, positions].contiguous()
+        self.flat_values = self.values[rows, kv_heads, positions].contiguous()
+        self.segment_lengths = keep.sum(-1).reshape(-1)
+        self.prompt_length = length
+        self.num_kv_heads = heads
+        self.batch = batch
+        self.keys = self.values = None
+        self.compressed = True
+
+    def get_seq_length(self) -> int:
+        if self.compressed:
+            return self.prompt_length + self.tail_length
+        if self.keys is None:
+            return 0
+        return self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int, *args) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__()
+
+    def physical_bytes(self, include_tail: bool = True) -> int:
+        """Bytes of storage the layer holds (allocated tail capacity included)."""
+        tensors = [self.keys, self.values, self.flat_keys, self.flat_values, self.segment_lengths]
+        if include_tail:
+            tensors += [self.tail_keys, self.tail_values]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class RaggedKVCache(Cache):
+    """A transformers `Cache` whose layers can be compressed to per-head variable lengths."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(layers=[RaggedLayer() for _ in range(num_layers)])
+
+    def compress_layer(self, layer_idx: int, keep: torch.Tensor) -> None:
+        self.layers[layer_idx].compress(keep)
+
+    def is_compressed(self, layer_idx: int) -> bool:
+        return self.layers[layer_idx].compressed
+
+    def physical_bytes(self, include_tail: bool = True) -> int:
+        return sum(layer.physical_bytes(include_tail) for layer in self.layers)
+
+
+def ragged_decode_attention(layer: RaggedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of new queries over a compressed layer: per-head softmax over that head's kept keys plus the tail.
+
+    query: [B, Hq, q_len, D] post-rotary. Returns [B, q_len, Hq, D] like transformers' attention functions.
+    Each new query sees every kept prompt entry and the tail up to itself (causal inside the tail).
+    """
+    batch, query_heads, q_len, dim = query.shape
+    kv_heads = layer.num_kv_heads
+    group = query_heads // kv_heads
+    segments = batch * kv_heads
+    work = torch.float32
+    # [S, G*q_len, D]: the queries that read each (batch row, KV head) segment; h // group is its KV head.
+    q = query.to(work).reshape(segments, group * q_len, dim) * scaling
+    lengths = layer.segment_lengths
+    segment_of = torch.repeat_interleave(torch.arange(segments, device=query.device), lengths)
+    keys = layer.flat_keys.to(work)
+    values = layer.flat_values.to(work)
+
+    # Every entry is scored against its own segment's queries only.
+    entry_scores = torch.einsum("nd,nqd->nq", keys, q[segment_of])  # [N, G*q_len]
+    width = group * q_len
+    neg_inf = torch.finfo(work).min
+    prompt_max = torch.full((segments, width), neg_inf, dtype=work, device=query.device)
+    prompt_max = prompt_max.scatter_reduce(0, segment_of[:, None].expand(-1, width), entry_scores, "amax")
+
+    tail_k = layer.tail_keys[:, :, : layer.tail_length].to(work).reshape(segments, layer.tail_length, dim)
+    tail_v = layer.tail_values[:, :, : layer.tail_length].to(work).reshape(segments, layer.tail_length, dim)
+    tail_scores = torch.bmm(q, tail_k.transpose(1, 2))  # [S, G*q_len, T]
+    if q_len > 1:
+        # The last q_len tail entries are the queries themselves: causal among them.
+        query_pos = torch.arange(q_len, device=query.device).repeat(group) + layer.tail_length - q_len
+        tail_pos = torch.arange(layer.tail_length, device=query.device)
+        tail_scores = tail_scores.masked_fill(tail_pos[None, None, :] > query_pos[None, :, None], neg_inf)
+    row_max = torch.maximum(prompt_max, tail_scores.amax(-1))
+
+    entry_weights = torch.exp(entry_scores - row_max[segment_of])
+    tail_weights = torch.exp(tail_scores - row_max[..., None])
+    denominator = torch.zeros_like(row_max).index_add_(0, segment_of, entry_weights) + tail_weights.sum(-1)
+    numerator = torch.zeros(segments, width, dim, dtype=work, device=query.device)
+    numerator.index_add_(0, segment_of, entry_weights[:, :, None] * values[:, None, :])
+    numerator += torch.bmm(tail_weights, tail_v)
+    out = numerator / denominator[..., None]  # [S, G*q_len, D]
+    out = out.reshape(batch, kv_heads, group, q_len, dim).reshape(batch, query_heads, q_len, dim)
+    return out.transpose(1, 2).to(query.dtype)

@@ -1,0 +1,152 @@
+"""A compression policy: scorer -> smoother -> budget allocator -> per-head selection, applied once per layer.
+
+Compression happens inside prefill, right after each layer's full attention: the layer's own output is exact, the
+evicted entries are freed before the next layer runs (so the peak holds one full layer, not the whole prompt), and
+later layers see the same hidden states as an uncompressed run. Decoding then reads the ragged cache.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from audiokv_cli.attention import sdpa_attention, use_attention_handler
+from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, UniformBudget
+from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
+from audiokv_cli.compression.scorers import Scorer
+from audiokv_cli.compression.selection import SCOPES, forced_mask, select_positions
+from audiokv_cli.compression.smoothers import NoSmoothing, Smoother
+
+
+@dataclass
+class CompressionPolicy:
+    """What to keep. ``scorer=None`` means the full cache (nothing is evicted)."""
+
+    name: str
+    scorer: Scorer | None
+    smoother: Smoother = field(default_factory=NoSmoothing)
+    budget: BudgetAllocator = field(default_factory=UniformBudget)
+    retention: float = 1.0
+    window: int = 32
+    scope: str = "all"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.retention <= 1.0:
+            raise ValueError(f"retention must be in (0, 1], got {self.retention}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
+        if self.window < 1:
+            raise ValueError(f"window must be at least 1, got {self.window}")
+
+    @property
+    def evicts(self) -> bool:
+        return self.scorer is not None
+
+    def keep_mask(
+        self,
+        layer_idx: int,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        scaling: float,
+        ctx: BudgetContext,
+        audio_spans: list[tuple[int, int]],
+        scores: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Boolean ``[B, Hkv, L]`` of the prompt entries this layer keeps (batch rows share the same budgets)."""
+        if scores is None:
+            scores = self.scorer.score(queries, keys, scaling)
+        scores = self.smoother.smooth(scores.float())
+        length = keys.shape[-2]
+        forced = forced_mask(length, ctx.effective_window, audio_spans, self.scope).to(keys.device)
+        masks = []
+        for row in range(scores.shape[0]):
+            budgets = self.budget.allocate(layer_idx, scores[row : row + 1], ctx).to(keys.device)
+            masks.append(select_positions(scores[row], budgets, forced))
+        return torch.stack(masks)
+
+
+@dataclass
+class LayerKeepStats:
+    """How many prompt entries one layer kept per KV head, split by modality."""
+
+    kept: list[int]
+    audio_kept: list[int]
+    text_kept: list[int]
+
+
+class CompressionSession:
+    """Binds a policy to one prompt: owns the cache and does the per-layer work during prefill."""
+
+    def __init__(self, policy: CompressionPolicy, adapter, prepared, cache: RaggedKVCache | None = None):
+        self.policy = policy
+        self.adapter = adapter
+        self.prepared = prepared
+        geometry = adapter.geometry
+        self.cache = cache if cache is not None else RaggedKVCache(geometry.num_layers)
+        self.context = BudgetContext(
+            retention=policy.retention,
+            prompt_len=prepared.prompt_tokens,
+            window=policy.window,
+            num_layers=geometry.num_layers,
+            num_kv_heads=geometry.num_kv_heads,
+            num_query_heads=geometry.num_query_heads,
+        )
+        self.layer_stats: dict[int, LayerKeepStats] = {}
+        self.full_prompt_bytes = 0
+
+    def audio_position_mask(self, length: int, device) -> torch.Tensor:
+        mask = torch.zeros(length, dtype=torch.bool, device=device)
+        for start, end in self.prepared.audio_spans:
+            mask[start:end] = True
+        return mask
+
+    def compress_layer(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> None:
+        layer = self.cache.layers[layer_idx]
+        self.full_prompt_bytes += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        keep = self.policy.keep_mask(
+            layer_idx, queries, keys, scaling, self.context, self.prepared.audio_spans, scores=scores
+        )
+        audio = self.audio_position_mask(keep.shape[-1], keep.device)
+        self.layer_stats[layer_idx] = LayerKeepStats(
+            kept=keep[0].sum(-1).tolist(),
+            audio_kept=(keep[0] & audio).sum(-1).tolist(),
+            text_kept=(keep[0] & ~audio).sum(-1).tolist(),
+        )
+        self.cache.compress_layer(layer_idx, keep)
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        layer_idx = module.layer_idx
+        if self.cache.is_compressed(layer_idx):
+            return ragged_decode_attention(self.cache.layers[layer_idx], query, scaling), None
+        output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+        is_prefill = query.shape[-2] == self.prepared.prompt_tokens and key.shape[-2] == query.shape[-2]
+        if self.policy.evicts and is_prefill:
+            self.compress_layer(layer_idx, query, key, scaling)
+        return output
+
+    def kept_bytes(self) -> int:
+        """Physical bytes of the compressed prompt cache (generated-token tail excluded)."""
+        return self.cache.physical_bytes(include_tail=False)
+
+    def summary(self) -> dict:
+        """Per-layer, per-head counts of kept audio and text entries."""
+        return {
+            "kept": [self.layer_stats[i].kept for i in sorted(self.layer_stats)],
+            "audio_kept": [self.layer_stats[i].audio_kept for i in sorted(self.layer_stats)],
+            "text_kept": [self.layer_stats[i].text_kept for i in sorted(self.layer_stats)],
+        }
+
+
+@contextmanager
+def apply_policy(policy: CompressionPolicy, adapter, prepared) -> Iterator[CompressionSession]:
+    """Compress the KV cache of ``prepared``'s prompt while the block runs.
+
+    >>> with apply_policy(policy, adapter, prepared) as session:
+    ...     adapter.model.generate(**prepared.inputs, past_key_values=session.cache, max_new_tokens=64)
+    """
+    session = CompressionSession(policy, adapter, prepared)
+    with use_attention_handler(adapter, session):
+        yield session

@@ -1,0 +1,58 @@
+"""Greedy decoding in two timed phases: prefill of the prompt, then one token at a time over the cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    seconds_prefill: float
+    seconds_decode: float
+    hit_token_limit: bool
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill(adapter, inputs: dict, cache) -> tuple[torch.Tensor, float]:
+    """Run the whole prompt through the model; returns next-token logits [B, vocab] and seconds taken."""
+    _synchronize(adapter.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        logits = adapter.next_token_logits(inputs, cache)
+    _synchronize(adapter.device)
+    return logits, time.perf_counter() - start
+
+
+def decode_greedy(adapter, cache, first_logits: torch.Tensor, max_new_tokens: int) -> tuple[list[int], float, bool]:
+    """Greedy tokens after prefill until EOS or the limit; returns ids (EOS excluded), seconds, limit reached."""
+    eos = set(adapter.eos_token_ids)
+    tokens: list[int] = []
+    next_token = first_logits.argmax(-1)
+    _synchronize(adapter.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        while True:
+            token = int(next_token[0])
+            if token in eos:
+                break
+            tokens.append(token)
+            if len(tokens) >= max_new_tokens:
+                break
+            logits = adapter.next_token_logits({"input_ids": next_token[:, None]}, cache)
+            next_token = logits.argmax(-1)
+    _synchronize(adapter.device)
+    return tokens, time.perf_counter() - start, len(tokens) >= max_new_tokens
+
+
+def greedy_generate(adapter, inputs: dict, cache, max_new_tokens: int) -> Generation:
+    logits, seconds_prefill = prefill(adapter, inputs, cache)
+    tokens, seconds_decode, hit_limit = decode_greedy(adapter, cache, logits, max_new_tokens)
+    return Generation(tokens, seconds_prefill, seconds_decode, hit_limit)

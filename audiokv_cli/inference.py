@@ -1,0 +1,85 @@
+"""One clip in, one transcript or answer out, with the cache policy applied and the costs measured."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from audiokv_cli.compression.methods import build_policy
+from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
+from audiokv_cli.attention import use_attention_handler
+from audiokv_cli.decoding import decode_greedy, prefill
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass
+class ClipResult:
+    clip: str
+    text: str
+    model: str
+    method: str
+    retention: float
+    scope: str
+    audio_seconds: float
+    prompt_tokens: int
+    audio_tokens: int
+    generated_tokens: int
+    kv_bytes_full: int
+    kv_bytes_kept: int
+    seconds_prefill: float
+    seconds_decode: float
+    hit_token_limit: bool
+    token_ids: list[int] = field(default_factory=list)
+    kept_per_head: dict = field(default_factory=dict)
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.kv_bytes_kept / self.kv_bytes_full if self.kv_bytes_full else 1.0
+
+    def to_json(self, details: bool = False) -> dict:
+        record = asdict(self)
+        if not details:
+            record.pop("token_ids")
+            record.pop("kept_per_head")
+        record["retention_measured"] = round(self.kept_ratio, 6)
+        return record
+
+
+def run_clip(
+    adapter,
+    audio: np.ndarray,
+    policy: CompressionPolicy | None = None,
+    prompt: str | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    clip: str = "",
+) -> ClipResult:
+    """Prefill with full attention, compress the cache as ``policy`` says, then decode greedily."""
+    policy = policy or build_policy("full")
+    prepared = adapter.prepare(audio, prompt)
+    session = CompressionSession(policy, adapter, prepared)
+    with use_attention_handler(adapter, session):
+        logits, seconds_prefill = prefill(adapter, prepared.inputs, session.cache)
+        full_bytes = prepared.prompt_tokens * adapter.geometry.kv_bytes_per_token(adapter.dtype)
+        kept_bytes = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
+        tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.cache, logits, max_new_tokens)
+    return ClipResult(
+        clip=clip,
+        text=adapter.decode(tokens),
+        model=adapter.name,
+        method=policy.name,
+        retention=policy.retention,
+        scope=policy.scope,
+        audio_seconds=round(prepared.audio_seconds, 3),
+        prompt_tokens=prepared.prompt_tokens,
+        audio_tokens=prepared.audio_tokens,
+        generated_tokens=len(tokens),
+        kv_bytes_full=full_bytes,
+        kv_bytes_kept=kept_bytes,
+        seconds_prefill=round(seconds_prefill, 4),
+        seconds_decode=round(seconds_decode, 4),
+        hit_token_limit=hit_limit,
+        token_ids=tokens,
+        kept_per_head=session.summary() if policy.evicts else {},
+    )

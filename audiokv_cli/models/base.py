@@ -1,0 +1,139 @@
+"""What audiokv needs to know about an audio-language model, whatever its family."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+ASR_INSTRUCTION = "Detect the language and recognize the speech: <|en|>"
+
+
+@dataclass(frozen=True)
+class AttentionGeometry:
+    """Shape of the text decoder's attention, the part whose KV cache audiokv compresses."""
+
+    num_layers: int
+    num_query_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head; query head h reads KV head h // group_size."""
+        return self.num_query_heads // self.num_kv_heads
+
+    def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
+        """Bytes one prompt token occupies in a dense cache (keys and values, every layer and KV head)."""
+        element = torch.empty((), dtype=dtype).element_size()
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+
+
+@dataclass
+class PreparedInput:
+    """Model-ready tensors for one clip plus where its audio sits in the token sequence."""
+
+    inputs: dict[str, torch.Tensor]
+    input_ids: torch.Tensor
+    audio_spans: list[tuple[int, int]]
+    audio_seconds: float
+    prompt: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[-1])
+
+    @property
+    def audio_tokens(self) -> int:
+        return sum(end - start for start, end in self.audio_spans)
+
+
+class ModelAdapter(ABC):
+    """Loads one model family and speaks its prompt format; everything downstream is family-agnostic."""
+
+    #: transformers `model_type` values this adapter serves.
+    model_types: ClassVar[tuple[str, ...]] = ()
+    #: seconds of audio per audio token when the family has an exact frame rate, else None.
+    seconds_per_audio_token: ClassVar[float | None] = None
+    #: the longest clip one prompt can hold.
+    max_audio_seconds: ClassVar[float] = 30.0
+
+    def __init__(self, model: torch.nn.Module, processor: Any, name: str, revision: str | None = None):
+        self.model = model
+        self.processor = processor
+        self.name = name
+        self.revision = revision
+
+    @classmethod
+    def matches(cls, config: Any) -> bool:
+        return getattr(config, "model_type", None) in cls.model_types
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, name: str):
+        """Build the adapter with model and processor from a local directory or cached Hub id."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    @abstractmethod
+    def text_config(self) -> Any:
+        """Config of the text decoder whose cache is compressed."""
+
+    @property
+    def geometry(self) -> AttentionGeometry:
+        cfg = self.text_config
+        heads = cfg.num_attention_heads
+        return AttentionGeometry(
+            num_layers=cfg.num_hidden_layers,
+            num_query_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            hidden_size=cfg.hidden_size,
+        )
+
+    @abstractmethod
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        """The text decoder's attention modules, in layer order."""
+
+    @abstractmethod
+    def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
+        """Tokenize one clip with an ASR prompt (prompt None) or a free-form instruction."""
+
+    @property
+    @abstractmethod
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end generation."""
+
+    def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
+        """Logits for the position after the last input token, ``[batch, vocab]``, extending ``cache``."""
+        return self.model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]
+
+    def decode(self, token_ids) -> str:
+        tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        return tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Identity of the attention geometry a profile must match."""
+        geometry = self.geometry
+        return {
+            "model_type": getattr(self.model.config, "model_type", None),
+            "name_or_path": self.name,
+            "revision": self.revision,
+            "num_layers": geometry.num_layers,
+            "num_query_heads": geometry.num_query_heads,
+            "num_kv_heads": geometry.num_kv_heads,
+            "head_dim": geometry.head_dim,
+            "hidden_size": geometry.hidden_size,
+        }

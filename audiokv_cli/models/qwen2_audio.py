@@ -1,0 +1,115 @@
+"""Qwen2-Audio (base and Instruct): a Whisper-style audio tower feeding a Qwen2 text decoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.models.base import ASR_INSTRUCTION, ModelAdapter, PreparedInput
+
+BASE_PROMPT_PREFIX = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+
+
+def audio_spans(input_ids: torch.Tensor, audio_token_id: int) -> list[tuple[int, int]]:
+    """Contiguous runs of the audio placeholder token, as [start, end) index pairs."""
+    is_audio = (input_ids.reshape(-1) == audio_token_id).tolist()
+    spans: list[tuple[int, int]] = []
+    start = None
+    for index, flag in enumerate(is_audio + [False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            spans.append((start, index))
+            start = None
+    return spans
+
+
+class Qwen2AudioAdapter(ModelAdapter):
+    model_types = ("qwen2_audio",)
+    # The tower makes one frame per 20 ms and average-pools by two.
+    seconds_per_audio_token = 0.04
+    max_audio_seconds = 30.0
+
+    def __init__(self, model, processor, name, revision=None, prompt_style: str = "auto"):
+        super().__init__(model, processor, name, revision)
+        has_template = bool(getattr(processor, "chat_template", None))
+        self.prompt_style = prompt_style if prompt_style != "auto" else ("chat" if has_template else "raw")
+
+    @classmethod
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, prompt_style="auto", **kwargs):
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+        common = dict(trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        processor = AutoProcessor.from_pretrained(path, **common)
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype, **common)
+        model.to(device).eval()
+        return cls(model, processor, name, revision, prompt_style)
+
+    @property
+    def text_config(self):
+        return self.model.config.text_config
+
+    def _language_model(self) -> torch.nn.Module:
+        inner = getattr(self.model, "model", None)
+        # transformers >= 5 nests the decoder as model.model.language_model; keep older layouts working.
+        for candidate in (getattr(inner, "language_model", None), getattr(self.model, "language_model", None)):
+            if candidate is None:
+                continue
+            return getattr(candidate, "model", candidate) if not hasattr(candidate, "layers") else candidate
+        raise AttributeError("cannot find the Qwen2-Audio text decoder")
+
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        return [layer.self_attn for layer in self._language_model().layers]
+
+    def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
+        # Project only the last position: the full [L, vocab] logits of a 7B model's prompt cost hundreds of MB.
+        hidden = self.model.model(**inputs, past_key_values=cache, use_cache=True).last_hidden_state
+        return self.model.lm_head(hidden[:, -1])
+
+    @property
+    def audio_token_id(self) -> int:
+        return int(self.model.config.audio_token_id)
+
+    def prompt_text(self, prompt: str | None) -> str:
+        instruction = prompt if prompt is not None else ASR_INSTRUCTION
+        if self.prompt_style == "raw":
+            return BASE_PROMPT_PREFIX + instruction
+        conversation = [
+            {
+                "role": "user",
+                "content": [{"type": "audio", "audio_url": "clip.wav"}, {"type": "text", "text": instruction}],
+            }
+        ]
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
+        text = self.prompt_text(prompt)
+        batch = self.processor(text=text, audio=audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        inputs: dict[str, Any] = {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            value = value.to(self.device)
+            inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
+        return PreparedInput(
+            inputs=inputs,
+            input_ids=inputs["input_ids"],
+            audio_spans=audio_spans(inputs["input_ids"], self.audio_token_id),
+            audio_seconds=len(audio) / SAMPLE_RATE,
+            prompt=text,
+        )
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        configured = getattr(self.model.generation_config, "eos_token_id", None)
+        for value in (configured, self.processor.tokenizer.eos_token_id):
+            ids.extend(value if isinstance(value, (list, tuple)) else [value])
+        im_end = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        unknown = self.processor.tokenizer.unk_token_id
+        if isinstance(im_end, int) and im_end != unknown:
+            ids.append(im_end)
+        return sorted({int(i) for i in ids if i is not None})

@@ -1,0 +1,118 @@
+"""Short model names, adapter lookup by config, and loading that never hides a missing download behind a traceback."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from audiokv_cli.errors import AudiokvError
+from audiokv_cli.models.base import ModelAdapter
+from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
+
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
+
+
+@dataclass(frozen=True)
+class ModelAlias:
+    target: str
+    description: str
+    options: dict = field(default_factory=dict)
+
+
+MODEL_ALIASES: dict[str, ModelAlias] = {
+    "tiny": ModelAlias(str(BUNDLED_MODEL_DIR), "bundled small Qwen2-Audio (Whisper tiny.en tower), runs on CPU"),
+    "qwen2-audio": ModelAlias("Qwen/Qwen2-Audio-7B-Instruct", "Qwen2-Audio 7B Instruct (chat prompt)"),
+    "qwen2-audio-base": ModelAlias("Qwen/Qwen2-Audio-7B", "Qwen2-Audio 7B base (raw ASR prompt)", {"prompt_style": "raw"}),
+}
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2AudioAdapter,)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise AudiokvError(f"unknown device {device!r}: use auto, cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AudiokvError("--device cuda was asked for but no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype == "auto":
+        # Half precision is only faster where there are kernels for it.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in choices:
+        raise AudiokvError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return choices[dtype]
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def _load_config(target: str, trust_remote_code: bool, revision: str | None):
+    from transformers import AutoConfig
+
+    is_local = Path(target).exists()
+    try:
+        # Look in the local cache first: most machines that run this have no network.
+        return AutoConfig.from_pretrained(
+            target, trust_remote_code=trust_remote_code, revision=revision, local_files_only=True
+        ), True
+    except (OSError, ValueError) as error:
+        if is_local:
+            raise AudiokvError(f"{target}: not a model directory ({str(error).splitlines()[0]})") from None
+    if _offline():
+        raise AudiokvError(
+            f"model {target!r} is not in the local Hugging Face cache and offline mode is on; "
+            f"download it first with `huggingface-cli download {target}`"
+        )
+    try:
+        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code, revision=revision), False
+    except Exception:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same to the user
+        raise AudiokvError(
+            f"model {target!r} is not available locally and could not be downloaded; "
+            f"fetch it with `huggingface-cli download {target}` on a machine with network, or pass a local directory"
+        ) from None
+
+
+def load_adapter(
+    name_or_path: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> ModelAdapter:
+    """Load a model by short name, local directory or Hub id and wrap it in the adapter for its family."""
+    alias = MODEL_ALIASES.get(name_or_path)
+    target = alias.target if alias else name_or_path
+    options = dict(alias.options) if alias else {}
+    if name_or_path == "tiny" and not (BUNDLED_MODEL_DIR / "config.json").exists():
+        raise AudiokvError("the bundled model is missing from this installation (audiokv_cli/assets/tiny)")
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    config, local_only = _load_config(target, trust_remote_code, revision)
+    adapter_class = next((cls for cls in ADAPTERS if cls.matches(config)), None)
+    if adapter_class is None:
+        supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
+        raise AudiokvError(
+            f"{target}: model type {getattr(config, 'model_type', '?')!r} is not supported (supported: {supported})"
+        )
+    try:
+        return adapter_class.load(
+            target,
+            device=torch_device,
+            dtype=torch_dtype,
+            trust_remote_code=trust_remote_code,
+            name=name_or_path,
+            revision=revision,
+            local_files_only=local_only,
+            **options,
+        )
+    except OSError as error:
+        raise AudiokvError(f"{target}: could not load weights ({str(error).splitlines()[0]})") from None

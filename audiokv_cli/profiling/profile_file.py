@@ -1,0 +1,374 @@
+"""The head-profile file: safetensors tensors + JSON metadata, a readable JSON twin, validation, merge and lookup.
+
+Layout (see docs/profile-format.md): ``NAME.safetensors`` holds float64/int64 tensors ``hits``, ``steps``,
+``audio_mass`` and ``score`` shaped [layers, query_heads]; its safetensors metadata key ``audiokv`` holds a JSON
+string with the schema version, the model fingerprint and the provenance. ``NAME.json`` repeats that metadata with
+the score table for people and tools without safetensors.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from audiokv_cli.errors import AudiokvError
+from audiokv_cli.profiling.alignment import data_digest
+from audiokv_cli.profiling.statistics import HeadStatistics
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "audiokv-head-profile"
+SCHEMA_VERSION = 1
+METADATA_KEY = "audiokv"
+TENSOR_DTYPES = {
+    "hits": torch.float64,
+    "steps": torch.int64,
+    "audio_mass": torch.float64,
+    "score": torch.float64,
+}
+STATISTICS = ("topk_hits", "audio_mass")
+# Fingerprint fields that name the checkpoint; all other fields describe the architecture and must match.
+IDENTITY_FIELDS = ("name_or_path", "revision")
+# Provenance fields that must agree for profiles to be merged (they change what the statistic means).
+MERGE_KEYS = ("statistic", "aligner", "top_k", "min_confidence", "decoding")
+PROFILE_SUFFIX = ".safetensors"
+PARTIAL_TAG = ".partial"
+HOW_TO_MAKE = (
+    "make one with `audiokv probe-set --out probes --n 200 && "
+    "audiokv profile --model {model} --data probes --out profiles/{stem}.safetensors`"
+)
+
+
+class ProfileError(AudiokvError):
+    """A profile file is missing, corrupt, from another model, or incompatible with another profile."""
+
+
+def audiokv_version() -> str:
+    try:
+        from audiokv_cli import __version__
+
+        return str(__version__)
+    except ImportError:  # pragma: no cover - the package always defines it
+        return "unknown"
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@dataclass
+class HeadProfile:
+    """Statistics plus who made them and how. ``score`` is derived, never stored independently."""
+
+    stats: HeadStatistics
+    fingerprint: dict[str, Any]
+    provenance: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def statistic(self) -> str:
+        return self.provenance["statistic"]
+
+    @property
+    def score(self) -> torch.Tensor:
+        return self.stats.score(self.statistic)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {
+            "hits": self.stats.hits.contiguous(),
+            "steps": self.stats.steps.contiguous(),
+            "audio_mass": self.stats.audio_mass.contiguous(),
+            "score": self.score.contiguous(),
+        }
+
+    def metadata(self) -> dict[str, Any]:
+        layers, heads = self.stats.shape
+        meta = {
+            "format": FORMAT_NAME,
+            "schema_version": SCHEMA_VERSION,
+            "shape": {"layers": layers, "query_heads": heads},
+            "fingerprint": self.fingerprint,
+            "provenance": self.provenance,
+        }
+        meta.update(self.extra)
+        return meta
+
+
+# ------------------------------------------------------------------------------------------------------------ paths
+
+
+def profile_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """(NAME.safetensors, NAME.json) for ``out`` given with or without the .safetensors / .json suffix."""
+    out = Path(out)
+    if out.suffix in (PROFILE_SUFFIX, ".json"):
+        out = out.with_suffix("")
+    return out.with_name(out.name + PROFILE_SUFFIX), out.with_name(out.name + ".json")
+
+
+def partial_paths(out: str | os.PathLike) -> tuple[Path, Path]:
+    """Checkpoint files of an unfinished run writing ``out``: NAME.partial.safetensors / NAME.partial.json."""
+    tensors_path, _ = profile_paths(out)
+    stem = tensors_path.name[: -len(PROFILE_SUFFIX)]
+    return profile_paths(tensors_path.with_name(stem + PARTIAL_TAG))
+
+
+# ------------------------------------------------------------------------------------------------------------ write
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> Path:
+    """Write to a temporary file in the same folder; the caller os.replace()s it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return Path(temp)
+
+
+def save_profile(profile: HeadProfile, out: str | os.PathLike) -> Path:
+    """Write NAME.safetensors and NAME.json atomically; returns the safetensors path."""
+    from safetensors.torch import save
+
+    tensors_path, json_path = profile_paths(out)
+    meta = profile.metadata()
+    payload = save(profile.tensors(), metadata={METADATA_KEY: json.dumps(meta, sort_keys=True)})
+    twin = dict(meta)
+    twin["score"] = profile.score.tolist()
+    twin["steps"] = profile.stats.steps.tolist()
+    temps = [
+        (_atomic_write_bytes(tensors_path, payload), tensors_path),
+        (_atomic_write_bytes(json_path, (json.dumps(twin, indent=1, sort_keys=True) + "\n").encode()), json_path),
+    ]
+    try:
+        for temp, final in temps:
+            os.replace(temp, final)
+    finally:
+        for temp, _ in temps:
+            temp.unlink(missing_ok=True)
+    return tensors_path
+
+
+def remove_profile_files(out: str | os.PathLike) -> None:
+    for path in profile_paths(out):
+        path.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------------------- read
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a profile, read from the safetensors header only (cheap; used for discovery)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ProfileError(f"{path}: no such profile file")
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ProfileError(f"{path}: not a profile (file too short; truncated?)")
+        (header_size,) = struct.unpack("<Q", head)
+        if header_size <= 0 or 8 + header_size > size:
+            raise ProfileError(f"{path}: not a profile (bad or truncated safetensors header)")
+        raw = handle.read(header_size)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        meta = json.loads(header["__metadata__"][METADATA_KEY])
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise ProfileError(f"{path}: not an audiokv profile (no '{METADATA_KEY}' metadata in the header)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ProfileError(f"{path}: not an audiokv profile (format is {meta.get('format')!r})")
+    version = meta.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ProfileError(
+            f"{path}: profile schema version {version!r} is not supported (this audiokv reads {SCHEMA_VERSION})"
+        )
+    for key in ("fingerprint", "provenance", "shape"):
+        if not isinstance(meta.get(key), dict):
+            raise ProfileError(f"{path}: profile metadata lacks '{key}'")
+    provenance = meta["provenance"]
+    if provenance.get("statistic") not in STATISTICS or not isinstance(provenance.get("top_k"), int):
+        raise ProfileError(f"{path}: profile provenance lacks a valid 'statistic' and 'top_k'")
+    return meta
+
+
+def fingerprint_differences(found: dict, expected: dict) -> tuple[list[str], list[str]]:
+    """(architecture fields that differ, identity fields that differ)."""
+    keys = sorted(set(found) | set(expected))
+    arch = [k for k in keys if k not in IDENTITY_FIELDS and found.get(k) != expected.get(k)]
+    ident = [k for k in keys if k in IDENTITY_FIELDS and found.get(k) != expected.get(k)]
+    return arch, ident
+
+
+def check_fingerprint(found: dict, expected: dict, where: str) -> None:
+    arch, ident = fingerprint_differences(found, expected)
+    if arch:
+        detail = ", ".join(f"{k} {found.get(k)!r} != {expected.get(k)!r}" for k in arch)
+        raise ProfileError(f"{where}: profile was made for another model ({detail})")
+    if ident:
+        logger.warning(
+            "%s: profile was made with %s, this model is %s (same architecture; using it)",
+            where,
+            found.get("name_or_path"),
+            expected.get("name_or_path"),
+        )
+
+
+def load_profile(path: str | os.PathLike, expect_fingerprint: dict | None = None) -> HeadProfile:
+    """Read and validate a profile; with ``expect_fingerprint`` the architecture must match (the name may differ,
+    with a warning). Any problem is one ProfileError line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = profile_paths(path)[0] if Path(path).suffix != PROFILE_SUFFIX else Path(path)
+    meta = read_metadata(path)
+    try:
+        tensors = load(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as error:
+        raise ProfileError(f"{path}: corrupt profile ({str(error).splitlines()[0]})") from None
+    layers, heads = meta["shape"].get("layers"), meta["shape"].get("query_heads")
+    fingerprint = meta["fingerprint"]
+    if fingerprint.get("num_layers", layers) != layers or fingerprint.get("num_query_heads", heads) != heads:
+        raise ProfileError(f"{path}: profile shape does not match its own fingerprint")
+    for name, dtype in TENSOR_DTYPES.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise ProfileError(f"{path}: profile lacks the '{name}' tensor")
+        if tuple(tensor.shape) != (layers, heads) or tensor.dtype != dtype:
+            raise ProfileError(
+                f"{path}: tensor '{name}' is {tuple(tensor.shape)} {tensor.dtype}, expected ({layers}, {heads}) {dtype}"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ProfileError(f"{path}: tensor '{name}' holds NaN or infinite values")
+    provenance = meta["provenance"]
+    stats = HeadStatistics.from_tensors(tensors["hits"], tensors["steps"], tensors["audio_mass"], provenance["top_k"])
+    if (stats.steps < 0).any() or (stats.hit_counts < 0).any():
+        raise ProfileError(f"{path}: profile holds negative counts")
+    extra = {k: v for k, v in meta.items() if k not in ("format", "schema_version", "shape", "fingerprint", "provenance")}
+    profile = HeadProfile(stats, fingerprint, provenance, extra)
+    if not torch.allclose(profile.score, tensors["score"], rtol=1e-12, atol=1e-12):
+        raise ProfileError(f"{path}: stored 'score' does not match hits / steps (file edited or corrupt)")
+    if expect_fingerprint is not None:
+        check_fingerprint(fingerprint, expect_fingerprint, str(path))
+    return profile
+
+
+# ------------------------------------------------------------------------------------------------------------ merge
+
+
+def merge_profiles(profiles: Sequence[HeadProfile], names: Sequence[str] | None = None) -> HeadProfile:
+    """Add the statistics of profiles made with the same model and settings (exact: equals one run over all clips
+    in the given order). Refuses different fingerprints, K, aligners, thresholds or decoding, and repeated clips."""
+    if not profiles:
+        raise ProfileError("nothing to merge")
+    names = list(names) if names is not None else [f"profile {i + 1}" for i in range(len(profiles))]
+    first = profiles[0]
+    for other, name in zip(profiles[1:], names[1:]):
+        if other.fingerprint != first.fingerprint:
+            arch, ident = fingerprint_differences(other.fingerprint, first.fingerprint)
+            raise ProfileError(f"{name}: made with a different model than {names[0]} (differs in {', '.join(arch + ident)})")
+        for key in MERGE_KEYS:
+            if other.provenance.get(key) != first.provenance.get(key):
+                raise ProfileError(
+                    f"{name}: {key} is {other.provenance.get(key)!r} but {names[0]} has {first.provenance.get(key)!r}; "
+                    "only profiles made with the same settings can be merged"
+                )
+    stats = HeadStatistics.zeros(*first.stats.shape, first.stats.top_k)
+    data: list[list[str]] = []
+    seen: set[str] = set()
+    for profile, name in zip(profiles, names):
+        stats.add(profile.stats)
+        for clip_id, sha in profile.provenance.get("data", []):
+            if clip_id in seen:
+                raise ProfileError(f"{name}: clip {clip_id!r} is already in another profile; merging would count it twice")
+            seen.add(clip_id)
+            data.append([clip_id, sha])
+    provenance = {key: first.provenance.get(key) for key in MERGE_KEYS}
+    for key in ("clips", "words", "words_aligned", "scored_steps", "decode_steps"):
+        provenance[key] = sum(int(p.provenance.get(key, 0)) for p in profiles)
+    for key in ("dtype", "device", "audio_token_map", "max_new_tokens"):
+        values = {json.dumps(p.provenance.get(key)) for p in profiles}
+        provenance[key] = first.provenance.get(key) if len(values) == 1 else "mixed"
+    provenance.update(
+        data=data,
+        data_digest=data_digest([tuple(entry) for entry in data]),
+        merged_from=[p.provenance.get("data_digest") for p in profiles],
+        audiokv_version=audiokv_version(),
+        created=utc_now(),
+    )
+    return HeadProfile(stats, dict(first.fingerprint), provenance)
+
+
+# ------------------------------------------------------------------------------------------------------- discovery
+
+
+def default_profile_dirs() -> list[Path]:
+    """Where ``find_profile`` looks without a folder: ./profiles, the source checkout's profiles/, bundled ones."""
+    package = Path(__file__).resolve().parent.parent
+    candidates = [Path.cwd() / "profiles", package.parent / "profiles", package / "assets" / "profiles"]
+    unique: list[Path] = []
+    for candidate in candidates:
+        if candidate.is_dir() and candidate.resolve() not in [u.resolve() for u in unique]:
+            unique.append(candidate)
+    return unique
+
+
+def _candidates(directories: Iterable[Path]) -> Iterable[Path]:
+    for directory in directories:
+        for path in sorted(Path(directory).rglob(f"*{PROFILE_SUFFIX}")):
+            if not path.name.endswith(PARTIAL_TAG + PROFILE_SUFFIX):
+                yield path
+
+
+def find_profile(adapter, profiles_dir: str | os.PathLike | None = None) -> Path | None:
+    """The best profile for ``adapter`` in ``profiles_dir`` (then the default folders): a full fingerprint match
+    first, else one with the same architecture; the one with most scored steps wins a tie. None if there is none."""
+    expected = adapter.fingerprint()
+    directories = ([Path(profiles_dir)] if profiles_dir is not None else []) + default_profile_dirs()
+    best: tuple[tuple[int, int], Path] | None = None
+    for path in _candidates(d for d in directories if Path(d).is_dir()):
+        try:
+            meta = read_metadata(path)
+        except ProfileError:
+            continue
+        arch, ident = fingerprint_differences(meta["fingerprint"], expected)
+        if arch:
+            continue
+        rank = (0 if ident else 1, int(meta["provenance"].get("scored_steps", 0)))
+        if best is None or rank > best[0]:
+            best = (rank, path)
+    return best[1] if best else None
+
+
+def missing_profile_message(adapter, searched: Sequence[Path]) -> str:
+    where = ", ".join(str(p) for p in searched) or "profiles/"
+    stem = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in str(adapter.name)).strip("-") or "model"
+    return f"no head profile for {adapter.name} in {where}; " + HOW_TO_MAKE.format(model=adapter.name, stem=stem)
+
+
+def require_profile(adapter, profiles_dir: str | os.PathLike | None = None) -> Path:
+    """Like ``find_profile`` but raises a ProfileError that says how to make a profile."""
+    found = find_profile(adapter, profiles_dir)
+    if found is None:
+        searched = ([Path(profiles_dir)] if profiles_dir is not None else []) + default_profile_dirs()
+        raise ProfileError(missing_profile_message(adapter, searched))
+    return found
+
+
+def load_head_scores(path: str | os.PathLike, adapter) -> torch.Tensor:
+    """Head scores S(l, h) as float32 [layers, query_heads] for the budget allocator, validated for ``adapter``."""
+    profile = load_profile(path, expect_fingerprint=adapter.fingerprint())
+    return profile.score.to(torch.float32)
