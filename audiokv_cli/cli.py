@@ -10,6 +10,7 @@ import typer
 
 from audiokv_cli import __version__
 from audiokv_cli.commands.common import console
+from audiokv_cli.commands.bench import bench
 from audiokv_cli.commands.infer import infer
 from audiokv_cli.errors import AudiokvError
 
@@ -57,6 +58,7 @@ def _register(name: str, command: Callable) -> None:
 
 
 _register("infer", infer)
+_register("bench", bench)
 
 try:
     from audiokv_cli.commands import profile as _profile

@@ -31,9 +31,14 @@ def prefill(adapter, inputs: dict, cache) -> tuple[torch.Tensor, float]:
     return logits, time.perf_counter() - start
 
 
-def decode_greedy(adapter, cache, first_logits: torch.Tensor, max_new_tokens: int) -> tuple[list[int], float, bool]:
-    """Greedy tokens after prefill until EOS or the limit; returns ids (EOS excluded), seconds, limit reached."""
-    eos = set(adapter.eos_token_ids)
+def decode_greedy(
+    adapter, cache, first_logits: torch.Tensor, max_new_tokens: int, stop_at_eos: bool = True
+) -> tuple[list[int], float, bool]:
+    """Greedy tokens after prefill until EOS or the limit; returns ids (EOS excluded), seconds, limit reached.
+
+    ``stop_at_eos=False`` always decodes ``max_new_tokens`` (benchmarks need a fixed amount of work).
+    """
+    eos = set(adapter.eos_token_ids) if stop_at_eos else set()
     tokens: list[int] = []
     next_token = first_logits.argmax(-1)
     _synchronize(adapter.device)
@@ -52,7 +57,7 @@ def decode_greedy(adapter, cache, first_logits: torch.Tensor, max_new_tokens: in
     return tokens, time.perf_counter() - start, len(tokens) >= max_new_tokens
 
 
-def greedy_generate(adapter, inputs: dict, cache, max_new_tokens: int) -> Generation:
+def greedy_generate(adapter, inputs: dict, cache, max_new_tokens: int, stop_at_eos: bool = True) -> Generation:
     logits, seconds_prefill = prefill(adapter, inputs, cache)
-    tokens, seconds_decode, hit_limit = decode_greedy(adapter, cache, logits, max_new_tokens)
+    tokens, seconds_decode, hit_limit = decode_greedy(adapter, cache, logits, max_new_tokens, stop_at_eos)
     return Generation(tokens, seconds_prefill, seconds_decode, hit_limit)

@@ -54,6 +54,7 @@ def run_clip(
     prompt: str | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     clip: str = "",
+    stop_at_eos: bool = True,
 ) -> ClipResult:
     """Prefill with full attention, compress the cache as ``policy`` says, then decode greedily."""
     policy = policy or build_policy("full")
@@ -63,7 +64,9 @@ def run_clip(
         logits, seconds_prefill = prefill(adapter, prepared.inputs, session.cache)
         full_bytes = prepared.prompt_tokens * adapter.geometry.kv_bytes_per_token(adapter.dtype)
         kept_bytes = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
-        tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.cache, logits, max_new_tokens)
+        tokens, seconds_decode, hit_limit = decode_greedy(
+            adapter, session.cache, logits, max_new_tokens, stop_at_eos
+        )
     return ClipResult(
         clip=clip,
         text=adapter.decode(tokens),

@@ -99,7 +99,8 @@ def test_edge_budgets_keep_everything_or_only_the_window():
     short = BudgetContext(0.5, 20, 32, 3, 2, 2)
     profile = ProfileBudget(torch.rand(5, 6))
     for ctx, value in [(everything, 77), (only_window, 32), (short, 20)]:
-        allocators = [UniformBudget(), PyramidBudget(), AdaptiveBudget(), ProfileBudget(torch.rand(ctx.num_layers, ctx.num_query_heads))]
+        profile_for_ctx = ProfileBudget(torch.rand(ctx.num_layers, ctx.num_query_heads))
+        allocators = [UniformBudget(), PyramidBudget(), AdaptiveBudget(), profile_for_ctx]
         for allocator in allocators:
             for layer in range(ctx.num_layers):
                 scores = torch.rand(1, ctx.num_kv_heads, ctx.prompt_len)
@@ -171,7 +172,8 @@ def naive_profile_table(head_scores, ctx, floor_fraction):
     remaining = Fraction(pool)
     while True:
         total = sum(weights[i] for i in open_heads)
-        proposal = {i: remaining * (weights[i] / total if total > 0 else Fraction(1, len(open_heads))) for i in open_heads}
+        even = Fraction(1, len(open_heads))
+        proposal = {i: remaining * (weights[i] / total if total > 0 else even) for i in open_heads}
         over = [i for i in open_heads if proposal[i] > room]
         if not over:
             shares = [proposal.get(i, shares[i]) for i in range(len(weights))]

@@ -36,7 +36,9 @@ class BudgetContext:
         if self.num_layers < 1 or self.num_kv_heads < 1 or self.num_query_heads < 1:
             raise AudiokvError("layer and head counts must be >= 1")
         if self.num_query_heads % self.num_kv_heads:
-            raise AudiokvError(f"{self.num_query_heads} query heads cannot be grouped over {self.num_kv_heads} KV heads")
+            raise AudiokvError(
+                f"{self.num_query_heads} query heads cannot be grouped over {self.num_kv_heads} KV heads"
+            )
 
     @property
     def effective_window(self) -> int:

@@ -125,43 +125,44 @@ def ragged_decode_attention(layer: RaggedLayer, query: torch.Tensor, scaling: fl
     """Attention of new queries over a compressed layer: per-head softmax over that head's kept keys plus the tail.
 
     query: [B, Hq, q_len, D] post-rotary. Returns [B, q_len, Hq, D] like transformers' attention functions.
-    Each new query sees every kept prompt entry and the tail up to itself (causal inside the tail).
+    Each new query sees every kept prompt entry of its KV head and the tail up to itself (causal inside the tail).
+
+    All kept keys are scored against all queries in one GEMM and entries of other heads are masked out: this reads
+    each kept key and value once (decode is memory-bound) and needs no varlen kernel. The masked score matrix is
+    [N, B*Hq*q_len], a fraction of the size of the keys themselves.
     """
     batch, query_heads, q_len, dim = query.shape
     kv_heads = layer.num_kv_heads
     group = query_heads // kv_heads
     segments = batch * kv_heads
+    width = group * q_len  # queries reading each (batch row, KV head) segment; query head h reads KV head h // group
     work = torch.float32
-    # [S, G*q_len, D]: the queries that read each (batch row, KV head) segment; h // group is its KV head.
-    q = query.to(work).reshape(segments, group * q_len, dim) * scaling
-    lengths = layer.segment_lengths
-    segment_of = torch.repeat_interleave(torch.arange(segments, device=query.device), lengths)
+    q = query.to(work).reshape(segments, width, dim) * scaling
+    segment_of = torch.repeat_interleave(torch.arange(segments, device=query.device), layer.segment_lengths)
     keys = layer.flat_keys.to(work)
     values = layer.flat_values.to(work)
+    count = keys.shape[0]
 
-    # Every entry is scored against its own segment's queries only.
-    entry_scores = torch.einsum("nd,nqd->nq", keys, q[segment_of])  # [N, G*q_len]
-    width = group * q_len
-    neg_inf = torch.finfo(work).min
-    prompt_max = torch.full((segments, width), neg_inf, dtype=work, device=query.device)
-    prompt_max = prompt_max.scatter_reduce(0, segment_of[:, None].expand(-1, width), entry_scores, "amax")
+    scores = (keys @ q.reshape(segments * width, dim).T).view(count, segments, width)
+    foreign = segment_of[:, None] != torch.arange(segments, device=query.device)[None, :]
+    scores = scores.masked_fill(foreign[:, :, None], float("-inf"))
 
     tail_k = layer.tail_keys[:, :, : layer.tail_length].to(work).reshape(segments, layer.tail_length, dim)
     tail_v = layer.tail_values[:, :, : layer.tail_length].to(work).reshape(segments, layer.tail_length, dim)
-    tail_scores = torch.bmm(q, tail_k.transpose(1, 2))  # [S, G*q_len, T]
+    tail_scores = torch.bmm(q, tail_k.transpose(1, 2))  # [S, width, T]
     if q_len > 1:
         # The last q_len tail entries are the queries themselves: causal among them.
         query_pos = torch.arange(q_len, device=query.device).repeat(group) + layer.tail_length - q_len
         tail_pos = torch.arange(layer.tail_length, device=query.device)
-        tail_scores = tail_scores.masked_fill(tail_pos[None, None, :] > query_pos[None, :, None], neg_inf)
-    row_max = torch.maximum(prompt_max, tail_scores.amax(-1))
+        tail_scores = tail_scores.masked_fill(tail_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
+    # The tail always holds the current token, so every row has a finite maximum.
+    row_max = torch.maximum(scores.amax(0), tail_scores.amax(-1)) if count else tail_scores.amax(-1)
 
-    entry_weights = torch.exp(entry_scores - row_max[segment_of])
+    weights = torch.exp(scores - row_max)  # masked entries become exactly 0
     tail_weights = torch.exp(tail_scores - row_max[..., None])
-    denominator = torch.zeros_like(row_max).index_add_(0, segment_of, entry_weights) + tail_weights.sum(-1)
-    numerator = torch.zeros(segments, width, dim, dtype=work, device=query.device)
-    numerator.index_add_(0, segment_of, entry_weights[:, :, None] * values[:, None, :])
-    numerator += torch.bmm(tail_weights, tail_v)
-    out = numerator / denominator[..., None]  # [S, G*q_len, D]
+    denominator = weights.sum(0) + tail_weights.sum(-1)
+    numerator = (weights.reshape(count, segments * width).T @ values).view(segments, width, dim)
+    numerator = numerator + torch.bmm(tail_weights, tail_v)
+    out = numerator / denominator[..., None]
     out = out.reshape(batch, kv_heads, group, q_len, dim).reshape(batch, query_heads, q_len, dim)
     return out.transpose(1, 2).to(query.dtype)

@@ -96,6 +96,8 @@ class CompressionSession:
         )
         self.layer_stats: dict[int, LayerKeepStats] = {}
         self.full_prompt_bytes = 0
+        # Largest cache footprint seen during prefill: compressed layers so far plus the one still dense.
+        self.peak_prefill_bytes = 0
 
     def audio_position_mask(self, length: int, device) -> torch.Tensor:
         mask = torch.zeros(length, dtype=torch.bool, device=device)
@@ -106,6 +108,7 @@ class CompressionSession:
     def compress_layer(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> None:
         layer = self.cache.layers[layer_idx]
         self.full_prompt_bytes += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+        self.peak_prefill_bytes = max(self.peak_prefill_bytes, self.cache.physical_bytes(include_tail=False))
         keep = self.policy.keep_mask(
             layer_idx, queries, keys, scaling, self.context, self.prepared.audio_spans, scores=scores
         )

@@ -162,7 +162,7 @@ def build_probe_set(
         voice = options.voices[index % len(options.voices)]
         speed = rng.randint(*options.speed_wpm)
         samples, timings = make_clip(chosen, voice, speed, rng, options)
-        name = f"probe_{index:05d}.wav"
+        name = f"probe-{options.seed}-{index:05d}.wav"  # the seed keeps ids unique across shards
         temp = out_dir / f".{name}.tmp.wav"
         write_wav(temp, samples)
         temp.replace(out_dir / name)

@@ -288,13 +288,13 @@ def merge_profiles(profiles: Sequence[HeadProfile], names: Sequence[str] | None 
                 )
     stats = HeadStatistics.zeros(*first.stats.shape, first.stats.top_k)
     data: list[list[str]] = []
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for profile, name in zip(profiles, names):
         stats.add(profile.stats)
         for clip_id, sha in profile.provenance.get("data", []):
-            if clip_id in seen:
+            if (clip_id, sha) in seen:
                 raise ProfileError(f"{name}: clip {clip_id!r} is already in another profile; merging would count it twice")
-            seen.add(clip_id)
+            seen.add((clip_id, sha))
             data.append([clip_id, sha])
     provenance = {key: first.provenance.get(key) for key in MERGE_KEYS}
     for key in ("clips", "words", "words_aligned", "scored_steps", "decode_steps"):

@@ -1,0 +1,141 @@
+"""`audiokv eval`: WER of eviction methods over a data set, per retention and scope, with reports and plots."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from audiokv_cli.commands.common import DType, Device, check_range, console, load_model, stdout
+from audiokv_cli.errors import AudiokvError
+
+DEFAULT_METHODS = "full,streamingllm,h2o,snapkv,pyramidkv,adakv,snapkv+sss,audiokv-nosss,audiokv,stride,random"
+
+
+class Metric(str, Enum):
+    wer = "wer"
+    cer = "cer"
+    accuracy = "accuracy"
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]eval[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}", style="dim", markup=False),
+        console=console,
+        disable=not console.is_terminal,
+    )
+
+
+def evaluate(
+    data: Path = typer.Option(..., "--data", "-d", help="Data set: a .jsonl manifest, a LibriSpeech tree, or audio files with same-named .txt transcripts.", show_default=False),
+    model: str = typer.Option("tiny", "--model", "-m", help="Short name (tiny, qwen2-audio, qwen2-audio-base), local directory or Hub id."),
+    methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated methods; also METHOD+SMOOTHER (snapkv+sss), audiokv-nosss, SCORER+SMOOTHER+BUDGET."),
+    retention: str = typer.Option("0.8,0.6,0.4,0.2", help="Comma-separated fractions of the prompt KV to keep, each in (0, 1]."),
+    scope: str = typer.Option("all", help="Comma-separated eviction scopes: all, audio (text tokens always kept)."),
+    profile: Optional[Path] = typer.Option(None, help="Head profile for methods with profile budgets (default: a matching one from profiles/)."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Stop each transcript after this many tokens."),
+    out: Path = typer.Option(Path("eval-out"), help="Output directory for results, summary and plot."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N clips."),
+    window: int = typer.Option(32, min=1, help="Observation window: the last prompt tokens, always kept and used for scoring."),
+    sss_alpha: float = typer.Option(0.5, help="Spectral smoothing mix (0 = raw scores, 1 = fully smoothed)."),
+    sss_rho: float = typer.Option(0.7, help="Spectral smoothing energy kept by the low-pass cutoff, in (0, 1]."),
+    kernel: int = typer.Option(7, min=1, help="Pooling kernel for avgpool/maxpool smoothing (odd)."),
+    metric: Metric = typer.Option(Metric.wer, help="What the printed tables and the plot show."),
+    threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: torch's default, one per core)."),
+    device: Device = typer.Option(Device.auto, help="auto picks CUDA when present."),
+    dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
+    trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
+) -> None:
+    """Evaluate eviction methods at several retentions on a transcribed data set (one prefill per clip)."""
+    from audiokv_cli.compression.methods import MethodOptions
+    from audiokv_cli.evaluation.datasets import load_dataset
+    from audiokv_cli.evaluation.sweep import parse_methods, parse_retentions, parse_scopes, plan_cells
+
+    # Everything the user typed is checked before the model is loaded.
+    specs = parse_methods(methods)
+    retentions = parse_retentions(retention)
+    scopes = parse_scopes(scope)
+    check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
+    check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
+    options = MethodOptions(window=window, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho)
+    needs_profile = any(spec.uses_profile for spec in specs)
+    plan_cells([s for s in specs if not s.uses_profile], retentions, scopes, options)  # validates the parts
+    if needs_profile and profile is not None and not profile.is_file():
+        raise AudiokvError(f"{profile}: no such profile file")
+    if out.exists() and not out.is_dir():
+        raise AudiokvError(f"--out {out} exists and is not a directory")
+    examples = load_dataset(data, limit=limit)
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    adapter = load_model(model, device, dtype, trust_remote_code)
+    profile_path = None
+    if needs_profile:
+        from audiokv_cli.commands.infer import resolve_head_scores
+        from audiokv_cli.profiling.profile_file import find_profile
+
+        profile_path = profile if profile is not None else find_profile(adapter)
+        options.head_scores = resolve_head_scores(adapter, profile)
+    cells = plan_cells(specs, retentions, scopes, options)
+    result = _run(adapter, examples, cells, max_new_tokens)
+
+    from audiokv_cli import __version__
+    from audiokv_cli.evaluation.report import METRICS, table1, write_report
+
+    metadata = {
+        "audiokv_version": __version__,
+        "model": adapter.fingerprint(),
+        "data": str(data),
+        "clips": len(examples),
+        "methods": [spec.label for spec in specs],
+        "policies": {cell.method: cell.policy.name for cell in cells},
+        "retentions": retentions,
+        "scopes": scopes,
+        "max_new_tokens": max_new_tokens,
+        "window": window,
+        "kernel": kernel,
+        "sss_alpha": sss_alpha,
+        "sss_rho": sss_rho,
+        "profile": str(profile_path) if profile_path else None,
+        "device": str(adapter.device),
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "torch_threads": torch.get_num_threads(),
+    }
+    paths = write_report(out, result.clips, result.summary, metadata=metadata, plot_metric=metric.value)
+    label = METRICS[metric.value][1]
+    if all(cell.scope is None for cell in cells):  # only the full cache was asked for
+        stdout.print(table1(result.summary, metric=metric.value))
+    for name in scopes if any(cell.scope is not None for cell in cells) else []:
+        stdout.print(table1(result.summary, metric=metric.value, scope=name, title=f"{label} by retention, scope {name}"))
+    cells_run = len(examples) * len(cells)
+    seconds = sum(row["seconds_compress"] + row["seconds_decode"] for row in result.clips)
+    prefill = sum({row["clip"]: row["seconds_prefill"] for row in result.clips}.values())
+    console.print(
+        f"[dim]{len(examples)} clips x {len(cells)} cells; prefill {prefill:.1f} s once per clip, "
+        f"{seconds / max(cells_run, 1):.3f} s per clip-cell (compress + decode)[/]"
+    )
+    console.print(f"wrote {', '.join(sorted(paths))} to {out}/", highlight=False)
+
+
+def _run(adapter, examples, cells, max_new_tokens):
+    from audiokv_cli.evaluation.sweep import run_sweep
+
+    with _progress() as progress:
+        task = progress.add_task("", total=len(examples) * len(cells))
+
+        def step(clip_id, cell):
+            label = cell.method if cell.scope is None else f"{cell.method} @ {cell.retention:g} ({cell.scope})"
+            progress.update(task, advance=1, description=f"{clip_id}: {label}")
+
+        return run_sweep(adapter, examples, cells, max_new_tokens, on_step=step)

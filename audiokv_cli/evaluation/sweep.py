@@ -1,0 +1,340 @@
+"""The evaluation sweep: every clip through every (method, retention, scope) cell, with one prefill per clip.
+
+Compression happens after each layer's full attention, so the hidden states of a prefill, and therefore the dense
+keys/values of every layer and the first-token logits, do not depend on the policy. The sweep runs that prefill once
+per clip with a recording handler, precomputes the raw scores of every scorer the cells use, and then, for each
+cell, fills a fresh cache from the record, compresses it exactly as a live CompressionSession would, and decodes.
+The result is token-for-token what `inference.run_clip` gives for the same policy (tests/test_eval_sweep.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from audiokv_cli.attention import sdpa_attention, use_attention_handler
+from audiokv_cli.compression.methods import METHODS, MethodOptions, build_policy, method_uses_profile
+from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
+from audiokv_cli.compression.selection import SCOPES
+from audiokv_cli.compression.smoothers import SMOOTHER_NAMES
+from audiokv_cli.compression.scorers import SCORER_NAMES
+from audiokv_cli.compression.budgets import BUDGET_NAMES
+from audiokv_cli.decoding import _synchronize, decode_greedy
+from audiokv_cli.errors import AudiokvError
+from audiokv_cli.evaluation.metrics import aggregate, is_degenerate, score_clip
+from audiokv_cli.evaluation.report import FULL_METHOD
+
+# Named compositions beyond compression.methods.METHODS: name -> (base method, scorer, smoother, budget overrides).
+# Besides these, any "METHOD+SMOOTHER" (e.g. "pyramidkv+sss") and any explicit "SCORER+SMOOTHER+BUDGET"
+# (e.g. "window+sss+profile", the policy name build_policy gives an overridden method) are accepted.
+METHOD_ALIASES: dict[str, tuple[str, str | None, str | None, str | None]] = {
+    # SnapKV's window scores, smoothed by SSS instead of average pooling (the smoother ablation).
+    "snapkv+sss": ("snapkv", None, "sss", None),
+    # AudioKV's profile head budgets with SnapKV's pooling: the "head budgets only" ablation.
+    "audiokv-nosss": ("audiokv", None, "avgpool", None),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as named on the command line and the build_policy() call it stands for."""
+
+    label: str
+    method: str
+    scorer: str | None = None
+    smoother: str | None = None
+    budget: str | None = None
+
+    @property
+    def is_full(self) -> bool:
+        return self.method == FULL_METHOD and self.scorer is None
+
+    @property
+    def uses_profile(self) -> bool:
+        return method_uses_profile(self.method, self.budget)
+
+    def policy(self, retention: float, options: MethodOptions) -> CompressionPolicy:
+        return build_policy(
+            self.method, retention, options, scorer=self.scorer, smoother=self.smoother, budget=self.budget
+        )
+
+
+def known_method_names() -> list[str]:
+    return [*METHODS, *METHOD_ALIASES]
+
+
+def resolve_method(name: str) -> MethodSpec:
+    """The MethodSpec for a method name, an alias, METHOD+SMOOTHER or SCORER+SMOOTHER+BUDGET."""
+    name = name.strip()
+    if name in METHODS:
+        return MethodSpec(name, name)
+    if name in METHOD_ALIASES:
+        base, scorer, smoother, budget = METHOD_ALIASES[name]
+        return MethodSpec(name, base, scorer, smoother, budget)
+    parts = name.split("+")
+    if len(parts) == 2 and parts[0] in METHODS and parts[0] != FULL_METHOD and parts[1] in SMOOTHER_NAMES:
+        return MethodSpec(name, parts[0], smoother=parts[1])
+    if len(parts) == 3 and parts[0] in SCORER_NAMES and parts[1] in SMOOTHER_NAMES and parts[2] in BUDGET_NAMES:
+        return MethodSpec(name, "snapkv", scorer=parts[0], smoother=parts[1], budget=parts[2])
+    raise AudiokvError(
+        f"unknown method {name!r}; choose from {', '.join(known_method_names())}, METHOD+SMOOTHER "
+        f"(smoothers: {', '.join(SMOOTHER_NAMES)}) or SCORER+SMOOTHER+BUDGET"
+    )
+
+
+def parse_methods(text: str) -> list[MethodSpec]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise AudiokvError("--methods is empty; name at least one method")
+    specs: list[MethodSpec] = []
+    for name in names:
+        spec = resolve_method(name)
+        if spec.label in [s.label for s in specs]:
+            raise AudiokvError(f"method {name!r} is listed twice in --methods")
+        specs.append(spec)
+    return specs
+
+
+def parse_retentions(text: str) -> list[float]:
+    values: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise AudiokvError(f"--retention: {part!r} is not a number") from None
+        if not 0.0 < value <= 1.0:
+            raise AudiokvError(f"--retention values must be in (0, 1], got {part}")
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise AudiokvError("--retention is empty; give at least one value in (0, 1]")
+    return sorted(values, reverse=True)
+
+
+def parse_scopes(text: str) -> list[str]:
+    scopes: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part not in SCOPES:
+            raise AudiokvError(f"--scope: unknown scope {part!r}; choose from {', '.join(SCOPES)}")
+        if part not in scopes:
+            scopes.append(part)
+    if not scopes:
+        raise AudiokvError(f"--scope is empty; choose from {', '.join(SCOPES)}")
+    return scopes
+
+
+# --------------------------------------------------------------------------------------------------------- cells
+
+
+@dataclass
+class Cell:
+    """One (method, retention, scope) combination and its policy. The full cache has retention 1 and scope None
+    (it applies to every scope)."""
+
+    method: str
+    retention: float
+    scope: str | None
+    policy: CompressionPolicy
+
+    @property
+    def key(self) -> tuple[str, float, str | None]:
+        return (self.method, self.retention, self.scope)
+
+
+def plan_cells(
+    specs: Sequence[MethodSpec],
+    retentions: Sequence[float],
+    scopes: Sequence[str],
+    options: MethodOptions,
+) -> list[Cell]:
+    """Cells in report order: the full cache once, then each method x scope x retention (high to low).
+
+    Builds every policy, so bad parameters fail here; methods with profile budgets need options.head_scores.
+    """
+    cells: list[Cell] = []
+    if any(spec.is_full for spec in specs):
+        full_options = dataclasses.replace(options, scope="all")
+        cells.append(Cell(FULL_METHOD, 1.0, None, build_policy(FULL_METHOD, 1.0, full_options)))
+    for spec in specs:
+        if spec.is_full:
+            continue
+        for scope in scopes:
+            scoped = dataclasses.replace(options, scope=scope)
+            for retention in retentions:
+                cells.append(Cell(spec.label, retention, scope, spec.policy(retention, scoped)))
+    return cells
+
+
+# ----------------------------------------------------------------------------------------------- shared prefill
+
+
+def scorer_key(policy: CompressionPolicy) -> str | None:
+    """Policies whose scorers are equal (same class and parameters) share one precomputed score tensor."""
+    return repr(policy.scorer) if policy.evicts else None
+
+
+@dataclass
+class LayerRecord:
+    keys: torch.Tensor
+    values: torch.Tensor
+    scaling: float
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PrefillRecord:
+    """What every cell of one clip needs from its (policy-independent) prefill."""
+
+    layers: list[LayerRecord]
+    first_logits: torch.Tensor
+    seconds: float
+
+
+class _Recorder:
+    """Attention handler for the shared prefill: full attention, plus each layer's dense K/V and raw scores."""
+
+    def __init__(self, prompt_tokens: int, scorers: Mapping[str, object]):
+        self.prompt_tokens = prompt_tokens
+        self.scorers = scorers
+        self.layers: dict[int, LayerRecord] = {}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+        if query.shape[-2] == self.prompt_tokens and key.shape[-2] == query.shape[-2]:
+            # The same calls a live session makes on the same tensors, so the scores are bit-identical; H2O needs
+            # every query row, which is why scores are computed here and the queries are not kept.
+            scores = {name: scorer.score(query, key, scaling) for name, scorer in self.scorers.items()}
+            self.layers[module.layer_idx] = LayerRecord(key, value, scaling, scores)
+        return output
+
+
+def record_prefill(adapter, prepared, policies: Sequence[CompressionPolicy]) -> PrefillRecord:
+    """Run the full-cache prefill of ``prepared`` once, keeping what ``policies`` need to compress its cache."""
+    from audiokv_cli.compression.cache import RaggedKVCache
+
+    scorers = {scorer_key(p): p.scorer for p in policies if p.evicts}
+    recorder = _Recorder(prepared.prompt_tokens, scorers)
+    cache = RaggedKVCache(adapter.geometry.num_layers)
+    _synchronize(adapter.device)
+    start = time.perf_counter()
+    with use_attention_handler(adapter, recorder), torch.no_grad():
+        logits = adapter.next_token_logits(prepared.inputs, cache)
+    _synchronize(adapter.device)
+    seconds = time.perf_counter() - start
+    missing = [i for i in range(adapter.geometry.num_layers) if i not in recorder.layers]
+    if missing:
+        raise AudiokvError(f"prefill did not reach decoder layers {missing}; the model's attention is not routed")
+    return PrefillRecord([recorder.layers[i] for i in sorted(recorder.layers)], logits, seconds)
+
+
+@dataclass
+class CellOutcome:
+    token_ids: list[int]
+    hit_token_limit: bool
+    kv_bytes_kept: int
+    seconds_compress: float
+    seconds_decode: float
+    kept_per_head: dict
+
+
+def run_cell(adapter, prepared, record: PrefillRecord, policy: CompressionPolicy, max_new_tokens: int) -> CellOutcome:
+    """Compress a fresh cache filled from ``record`` as ``policy`` says, then decode greedily."""
+    session = CompressionSession(policy, adapter, prepared)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for index, layer in enumerate(record.layers):
+            # update() keeps references; compression builds new tensors, so the record stays intact for later cells.
+            session.cache.layers[index].update(layer.keys, layer.values)
+            if policy.evicts:
+                scores = layer.scores[scorer_key(policy)]
+                session.compress_layer(index, None, layer.keys, layer.scaling, scores=scores)
+    seconds_compress = time.perf_counter() - start
+    kept = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
+    with use_attention_handler(adapter, session):
+        tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.cache, record.first_logits, max_new_tokens)
+    return CellOutcome(tokens, hit_limit, kept, seconds_compress, seconds_decode, session.summary() if policy.evicts else {})
+
+
+# --------------------------------------------------------------------------------------------------------- sweep
+
+
+@dataclass
+class SweepResult:
+    clips: list[dict]  # one row per (clip, cell)
+    summary: list[dict]  # one row per cell: method, retention, scope + metrics.aggregate()
+
+
+def run_sweep(
+    adapter,
+    examples: Sequence,
+    cells: Sequence[Cell],
+    max_new_tokens: int = 256,
+    *,
+    load_audio: Callable | None = None,
+    on_step: Callable[[str, Cell], None] | None = None,
+) -> SweepResult:
+    """Evaluate every cell on every example (evaluation.datasets.Example) with one prefill per clip.
+
+    ``on_step(clip_id, cell)`` is called after each decoded cell (progress display). Rows are in clip order, then
+    cell order; numbers other than the ``seconds_*`` fields are deterministic for the same inputs.
+    """
+    if load_audio is None:
+        from audiokv_cli.audio import load_audio
+    full_bytes_per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
+    policies = [cell.policy for cell in cells]
+    by_cell: dict[tuple, list[dict]] = {cell.key: [] for cell in cells}
+    rows: list[dict] = []
+    for example in examples:
+        prepared = adapter.prepare(load_audio(example.audio_path), None)
+        record = record_prefill(adapter, prepared, policies)
+        kv_bytes_full = prepared.prompt_tokens * full_bytes_per_token
+        for cell in cells:
+            outcome = run_cell(adapter, prepared, record, cell.policy, max_new_tokens)
+            hyp = adapter.decode(outcome.token_ids)
+            row = {
+                "clip": example.id,
+                "lang": example.lang,
+                "method": cell.method,
+                "policy": cell.policy.name,
+                "retention": cell.retention,
+                "scope": cell.scope,
+                "ref": example.text,
+                "hyp": hyp,
+            }
+            row.update(score_clip(row))
+            row.update(
+                {
+                    "degenerate": is_degenerate(
+                        outcome.token_ids, outcome.hit_token_limit, strip_ids=adapter.eos_token_ids
+                    ),
+                    "hit_token_limit": outcome.hit_token_limit,
+                    "generated_tokens": len(outcome.token_ids),
+                    "audio_seconds": round(prepared.audio_seconds, 3),
+                    "prompt_tokens": prepared.prompt_tokens,
+                    "audio_tokens": prepared.audio_tokens,
+                    "kv_bytes_full": kv_bytes_full,
+                    "kv_bytes_kept": outcome.kv_bytes_kept,
+                    "kept_ratio": outcome.kv_bytes_kept / kv_bytes_full if kv_bytes_full else 1.0,
+                    "seconds_prefill": record.seconds,
+                    "seconds_compress": outcome.seconds_compress,
+                    "seconds_decode": outcome.seconds_decode,
+                }
+            )
+            rows.append(row)
+            by_cell[cell.key].append(row)
+            if on_step is not None:
+                on_step(example.id, cell)
+        del record  # the dense K/V of one clip is the sweep's largest allocation
+    summary = [
+        {"method": cell.method, "retention": cell.retention, "scope": cell.scope, **aggregate(by_cell[cell.key])}
+        for cell in cells
+    ]
+    return SweepResult(rows, summary)
