@@ -53,6 +53,24 @@ def test_infer_compressed_json(tiny_model_dir, tmp_path):
     assert record["kv_bytes_kept"] >= 0.39 * record["kv_bytes_full"]
 
 
+def test_infer_details_split_audio_and_text(tiny_model_dir, tmp_path):
+    clip = write_tone(tmp_path / "clip.wav", seconds=6.0)
+    result = invoke(
+        "infer", clip, "--model", tiny_model_dir, "--json", "--details", "--max-new-tokens", "3",
+        "--method", "h2o", "--retention", "0.5", "--scope", "audio", "--window", "8",
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    kept = record["kept_per_head"]
+    text_tokens = record["prompt_tokens"] - record["audio_tokens"]
+    assert len(kept["kept"]) == 2 and len(kept["kept"][0]) == 2  # layers x KV heads
+    for layer in range(2):
+        for head in range(2):
+            assert kept["text_kept"][layer][head] == text_tokens  # scope audio never evicts text
+            assert kept["audio_kept"][layer][head] + text_tokens == kept["kept"][layer][head]
+    assert record["generated_tokens"] == len(record["token_ids"])
+
+
 def test_infer_human_output(tiny_model_dir, tone_wav):
     result = invoke("infer", tone_wav, "--model", tiny_model_dir, "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output

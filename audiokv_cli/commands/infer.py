@@ -84,6 +84,7 @@ def infer(
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
     max_seconds: Optional[float] = typer.Option(None, help="Longest clip accepted (default: the model's limit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per clip instead of text."),
+    details: bool = typer.Option(False, help="With --json: add token ids and kept audio/text entries per layer and head."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
 ) -> None:
     """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
@@ -117,7 +118,7 @@ def infer(
         with console.status(f"{path.name}: {samples.shape[0] / 16000:.1f} s of audio ..."):
             result = run_clip(adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path))
         if as_json:
-            stdout.print(json.dumps(result.to_json()), markup=False, highlight=False)
+            stdout.print(json.dumps(result.to_json(details)), markup=False, highlight=False)
         else:
             stdout.print(result.text, markup=False, highlight=False)
             console.print(_summary(result))
