@@ -16,18 +16,18 @@ class Generation:
     hit_token_limit: bool
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def prefill(adapter, inputs: dict, cache) -> tuple[torch.Tensor, float]:
     """Run the whole prompt through the model; returns next-token logits [B, vocab] and seconds taken."""
-    _synchronize(adapter.device)
+    synchronize(adapter.device)
     start = time.perf_counter()
     with torch.no_grad():
         logits = adapter.next_token_logits(inputs, cache)
-    _synchronize(adapter.device)
+    synchronize(adapter.device)
     return logits, time.perf_counter() - start
 
 
@@ -41,7 +41,7 @@ def decode_greedy(
     eos = set(adapter.eos_token_ids) if stop_at_eos else set()
     tokens: list[int] = []
     next_token = first_logits.argmax(-1)
-    _synchronize(adapter.device)
+    synchronize(adapter.device)
     start = time.perf_counter()
     with torch.no_grad():
         while True:
@@ -53,7 +53,7 @@ def decode_greedy(
                 break
             logits = adapter.next_token_logits({"input_ids": next_token[:, None]}, cache)
             next_token = logits.argmax(-1)
-    _synchronize(adapter.device)
+    synchronize(adapter.device)
     return tokens, time.perf_counter() - start, len(tokens) >= max_new_tokens
 
 

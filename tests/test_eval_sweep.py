@@ -243,3 +243,12 @@ def test_eval_bad_options(extra, message, tmp_path):
 def test_eval_missing_data(tmp_path):
     result = invoke("eval", "--data", tmp_path / "nothing", "--methods", "full")
     assert result.exit_code == 1 and "error:" in result.output and "no such file" in result.output
+
+
+def test_eval_profile_method_without_profile(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./profiles here; the random test model matches no shipped profile
+    data = make_paired(tmp_path / "data")
+    result = invoke("eval", "--model", tiny_model_dir, "--data", data, "--methods", "full,audiokv", "--out", tmp_path / "out")
+    assert result.exit_code == 1
+    assert "error:" in result.output and "no head profile" in result.output and "audiokv profile" in result.output
+    assert not (tmp_path / "out").exists()

@@ -213,3 +213,45 @@ def test_whisper_aligner_gives_well_formed_timings_and_profiles(tiny_adapter, ti
 def test_whisper_aligner_loads_local_files_only(tmp_path):
     with pytest.raises(AudiokvError, match="only local files"):
         make_aligner(f"whisper:{tmp_path / 'nowhere'}")
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+torch.set_num_threads(1)
+from audiokv_cli.models import load_adapter
+from audiokv_cli.profiling.alignment import ManifestAligner, read_data
+from audiokv_cli.profiling.runner import ProfileSettings, run_profile
+
+model, data, out = sys.argv[1:4]
+adapter = load_adapter(model, device="cpu", dtype="float32")
+settings = ProfileSettings(aligner="manifest", top_k=4, max_new_tokens=12, teacher_forcing=True)
+
+def kill_after_third(index, clip, outcome):
+    if index == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup at all: only periodic checkpoints survive
+
+run_profile(adapter, read_data(data), ManifestAligner(), settings, out, checkpoint_every=2, after_clip=kill_after_third)
+"""
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(tiny_adapter, tiny_model_dir, clip_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(tiny_model_dir), str(clip_dir), str(out)], env=env, capture_output=True
+    )
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
+    partial = partial_paths(out)[0]
+    assert load_profile(partial).provenance["clips"] == 2  # the checkpoint after clip 2; clip 3 was lost
+    clips = read_data(clip_dir)
+    resumed = run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, out)
+    reference = run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, tmp_path / "reference")
+    for name, tensor in reference.tensors().items():
+        assert torch.equal(resumed.tensors()[name], tensor), name
+    assert not partial.exists()

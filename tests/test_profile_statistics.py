@@ -130,7 +130,8 @@ def test_group_words_from_token_pieces():
     probabilities = {2: 0.9, 3: 0.7, 5: 0.5, 6: 1.0}
     probabilities[4] = 0.1
     words = group_words(pieces, positions, times, probabilities)
-    assert [(w.word, w.start, w.end) for w in words] == [("hello", 0.1, 0.6), ("world,", 0.7, 1.0)]
+    # Token i ends at times[i]: "hello" runs from the end of the token before it (0.0) to 0.3.
+    assert [(w.word, w.start, w.end) for w in words] == [("hello", 0.0, 0.3), ("world,", 0.6, 0.9)]
     assert math.isclose(words[0].confidence, 0.8) and math.isclose(words[1].confidence, 0.75)
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from audiokv_cli.compression.cache import RaggedKVCache, RaggedLayer, ragged_decode_attention
+from audiokv_cli.compression.cache import RaggedLayer, ragged_decode_attention
 from audiokv_cli.compression.methods import METHODS, MethodOptions, build_policy
 from audiokv_cli.compression.policy import CompressionSession, apply_policy
 from audiokv_cli.attention import use_attention_handler

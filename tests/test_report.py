@@ -4,6 +4,8 @@ import math
 import os
 
 import pytest
+
+from audiokv_cli import files
 from PIL import Image
 from rich.console import Console
 
@@ -115,7 +117,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    monkeypatch.setattr(files.os, "replace", broken_replace)
     with pytest.raises(OSError):
         write_json(target, {"version": 2})
     assert json.loads(target.read_text()) == {"version": 1}

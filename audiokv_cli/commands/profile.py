@@ -49,16 +49,16 @@ class _RichProgress:
 
 def profile(
     model: str = typer.Option(..., "--model", "-m", help="Model to profile: short name, local directory or Hub id."),
-    data: Path = typer.Option(..., "--data", help="A manifest.jsonl, or a folder holding one (or only audio files, for --aligner whisper/none)."),
+    data: Path = typer.Option(..., "--data", help="manifest.jsonl, or a folder with one (or just audio files, for --aligner whisper:... or none)."),
     out: Path = typer.Option(..., "--out", "-o", help="Profile to write: NAME.safetensors plus NAME.json beside it."),
     aligner: str = typer.Option("manifest", help="Word timings: manifest, whisper:PATH_OR_ID, or none (audio attention mass, no word timings)."),
     top_k: int = typer.Option(24, "--top-k", help="Top attention positions per head and step checked against the word's audio."),
     min_confidence: float = typer.Option(0.95, help="Ignore words whose timing confidence is below this."),
     max_clips: Optional[int] = typer.Option(None, min=1, help="Profile only the first N clips."),
     max_new_tokens: int = typer.Option(128, min=1, help="Stop decoding a clip after this many tokens."),
-    teacher_forcing: bool = typer.Option(False, help="Feed the reference transcript instead of the model's greedy output."),
+    teacher_forcing: bool = typer.Option(False, "--teacher-forcing", help="Feed the reference transcript instead of the model's greedy output."),
     checkpoint_every: int = typer.Option(25, min=1, help="Save resumable partial statistics every N clips."),
-    allow_download: bool = typer.Option(False, help="Let the Whisper aligner download from the Hugging Face Hub."),
+    allow_download: bool = typer.Option(False, "--allow-download", help="Let the Whisper aligner download from the Hugging Face Hub."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
     dtype: DType = typer.Option(DType.auto, help="Model weights dtype."),
 ) -> None:

@@ -94,6 +94,10 @@ class RaggedLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:
+        # transformers 5.0 names get_max_length this way (and declares it abstract).
+        return -1
+
     def reset(self) -> None:
         self.__init__()
 

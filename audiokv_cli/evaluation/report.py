@@ -12,14 +12,13 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from audiokv_cli.errors import AudiokvError
+from audiokv_cli.files import write_atomic
 
 FULL_METHOD = "full"
 CELL_KEYS = ("method", "retention", "scope")
@@ -46,18 +45,6 @@ class ReportError(AudiokvError):
 # ---------------------------------------------------------------------------------------------- atomic writing
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-
-
 def _plain(value: Any) -> Any:
     """A JSON-safe copy: NaN/inf -> None, paths -> str, tuples -> lists, other unknown objects -> str."""
     if isinstance(value, float):
@@ -76,7 +63,7 @@ def _plain(value: Any) -> Any:
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON (NaN becomes null), atomically."""
     text = json.dumps(_plain(data), indent=2, ensure_ascii=False, allow_nan=False)
-    _write_atomic(Path(path), (text + "\n").encode("utf-8"))
+    write_atomic(Path(path), (text + "\n").encode("utf-8"))
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping]) -> None:
@@ -96,7 +83,7 @@ def write_csv(path: str | Path, rows: Sequence[Mapping]) -> None:
                 value = json.dumps(value, ensure_ascii=False)
             cells[key] = "" if value is None else value
         writer.writerow(cells)
-    _write_atomic(Path(path), buffer.getvalue().encode("utf-8"))
+    write_atomic(Path(path), buffer.getvalue().encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------------- cells
@@ -265,7 +252,7 @@ def plot_retention(summary: Sequence[Mapping], path: str | Path, metric: str = "
     axes[0].set_ylabel(label)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
-    _write_atomic(Path(path), buffer.getvalue())
+    write_atomic(Path(path), buffer.getvalue())
 
 
 # ------------------------------------------------------------------------------------------------------ report

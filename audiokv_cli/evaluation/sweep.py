@@ -23,7 +23,7 @@ from audiokv_cli.compression.selection import SCOPES
 from audiokv_cli.compression.smoothers import SMOOTHER_NAMES
 from audiokv_cli.compression.scorers import SCORER_NAMES
 from audiokv_cli.compression.budgets import BUDGET_NAMES
-from audiokv_cli.decoding import _synchronize, decode_greedy
+from audiokv_cli.decoding import decode_greedy, synchronize
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.evaluation.metrics import aggregate, is_degenerate, score_clip
 from audiokv_cli.evaluation.report import FULL_METHOD
@@ -223,11 +223,11 @@ def record_prefill(adapter, prepared, policies: Sequence[CompressionPolicy]) -> 
     scorers = {scorer_key(p): p.scorer for p in policies if p.evicts}
     recorder = _Recorder(prepared.prompt_tokens, scorers)
     cache = RaggedKVCache(adapter.geometry.num_layers)
-    _synchronize(adapter.device)
+    synchronize(adapter.device)
     start = time.perf_counter()
     with use_attention_handler(adapter, recorder), torch.no_grad():
         logits = adapter.next_token_logits(prepared.inputs, cache)
-    _synchronize(adapter.device)
+    synchronize(adapter.device)
     seconds = time.perf_counter() - start
     missing = [i for i in range(adapter.geometry.num_layers) if i not in recorder.layers]
     if missing:
@@ -260,7 +260,8 @@ def run_cell(adapter, prepared, record: PrefillRecord, policy: CompressionPolicy
     kept = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
     with use_attention_handler(adapter, session):
         tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.cache, record.first_logits, max_new_tokens)
-    return CellOutcome(tokens, hit_limit, kept, seconds_compress, seconds_decode, session.summary() if policy.evicts else {})
+    per_head = session.summary() if policy.evicts else {}
+    return CellOutcome(tokens, hit_limit, kept, seconds_compress, seconds_decode, per_head)
 
 
 # --------------------------------------------------------------------------------------------------------- sweep

@@ -70,10 +70,6 @@ class ModelAdapter(ABC):
         self.revision = revision
 
     @classmethod
-    def matches(cls, config: Any) -> bool:
-        return getattr(config, "model_type", None) in cls.model_types
-
-    @classmethod
     @abstractmethod
     def load(cls, path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, name: str):
         """Build the adapter with model and processor from a local directory or cached Hub id."""

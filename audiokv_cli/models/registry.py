@@ -10,6 +10,7 @@ import torch
 
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.models.base import ModelAdapter
+from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
@@ -26,9 +27,11 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
     "tiny": ModelAlias(str(BUNDLED_MODEL_DIR), "bundled small Qwen2-Audio (Whisper tiny.en tower), runs on CPU"),
     "qwen2-audio": ModelAlias("Qwen/Qwen2-Audio-7B-Instruct", "Qwen2-Audio 7B Instruct (chat prompt)"),
     "qwen2-audio-base": ModelAlias("Qwen/Qwen2-Audio-7B", "Qwen2-Audio 7B base (raw ASR prompt)", {"prompt_style": "raw"}),
+    "qwen2.5-omni": ModelAlias("Qwen/Qwen2.5-Omni-7B", "Qwen2.5-Omni 7B thinker (audio + text in, text out)"),
+    "qwen2.5-omni-3b": ModelAlias("Qwen/Qwen2.5-Omni-3B", "Qwen2.5-Omni 3B thinker (audio + text in, text out)"),
 }
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2AudioAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2AudioAdapter, Qwen2_5OmniAdapter)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -55,15 +58,21 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def _load_config(target: str, trust_remote_code: bool, revision: str | None):
-    from transformers import AutoConfig
+def _load_model_type(target: str, revision: str | None) -> tuple[str | None, bool]:
+    """The checkpoint's `model_type` (all an adapter needs to claim it) and whether it was found locally.
+
+    Reads the raw config dict rather than AutoConfig, which refuses types it has no class for (thinker-only
+    Omni checkpoints on older transformers) before an adapter could handle them.
+    """
+    from transformers import PretrainedConfig
 
     is_local = Path(target).exists()
+    if is_local and not (Path(target) / "config.json").is_file():
+        raise AudiokvError(f"{target}: not a model directory (no config.json)")
     try:
         # Look in the local cache first: most machines that run this have no network.
-        return AutoConfig.from_pretrained(
-            target, trust_remote_code=trust_remote_code, revision=revision, local_files_only=True
-        ), True
+        config, _ = PretrainedConfig.get_config_dict(target, revision=revision, local_files_only=True)
+        return config.get("model_type"), True
     except (OSError, ValueError) as error:
         if is_local:
             raise AudiokvError(f"{target}: not a model directory ({str(error).splitlines()[0]})") from None
@@ -73,7 +82,8 @@ def _load_config(target: str, trust_remote_code: bool, revision: str | None):
             f"download it first with `huggingface-cli download {target}`"
         )
     try:
-        return AutoConfig.from_pretrained(target, trust_remote_code=trust_remote_code, revision=revision), False
+        config, _ = PretrainedConfig.get_config_dict(target, revision=revision)
+        return config.get("model_type"), False
     except Exception:  # noqa: BLE001 - network, auth and missing-repo errors all mean the same to the user
         raise AudiokvError(
             f"model {target!r} is not available locally and could not be downloaded; "
@@ -96,13 +106,11 @@ def load_adapter(
         raise AudiokvError("the bundled model is missing from this installation (audiokv_cli/assets/tiny)")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    config, local_only = _load_config(target, trust_remote_code, revision)
-    adapter_class = next((cls for cls in ADAPTERS if cls.matches(config)), None)
+    model_type, local_only = _load_model_type(target, revision)
+    adapter_class = next((cls for cls in ADAPTERS if model_type in cls.model_types), None)
     if adapter_class is None:
         supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
-        raise AudiokvError(
-            f"{target}: model type {getattr(config, 'model_type', '?')!r} is not supported (supported: {supported})"
-        )
+        raise AudiokvError(f"{target}: model type {model_type!r} is not supported (supported: {supported})")
     try:
         return adapter_class.load(
             target,

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from audiokv_cli.errors import AudiokvError
+from audiokv_cli.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,6 @@ def read_data(data: str | Path) -> list[Clip]:
 def write_manifest(path: str | Path, clips: Iterable[Clip], relative_to: Path | None = None) -> None:
     """Write clips as JSONL atomically (paths relative to ``relative_to`` when given)."""
     import os
-    import tempfile
 
     path = Path(path)
     lines = []
@@ -152,14 +152,7 @@ def write_manifest(path: str | Path, clips: Iterable[Clip], relative_to: Path | 
         if clip.words is not None:
             record["words"] = [w.to_json() for w in clip.words]
         lines.append(json.dumps(record, ensure_ascii=False))
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write("\n".join(lines) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, "\n".join(lines) + "\n")
 
 
 def data_digest(entries: Sequence[tuple[str, str]]) -> str:
@@ -294,8 +287,9 @@ class WhisperAligner(Aligner):
 def group_words(
     pieces: Sequence[str], positions: Sequence[int], times: Sequence[float], probabilities: dict[int, float]
 ) -> list[WordTiming]:
-    """Group token pieces into words at whitespace. A word spans from its first token's timestamp to the
-    timestamp of the token after its last (the convention of transformers' ASR pipeline)."""
+    """Group token pieces into words at whitespace. Whisper's token timestamp is the time its token *ends*, so a
+    word spans from the timestamp of the token before its first to its last token's timestamp (the convention of
+    transformers' ASR pipeline; ``positions`` index ``times``, which includes the decoder prompt)."""
     groups: list[list[int]] = []
     texts: list[str] = []
     new_word = True
@@ -313,9 +307,8 @@ def group_words(
         new_word = piece[-1:].isspace()
     words = []
     for members, text in zip(groups, texts):
-        start = float(times[members[0]])
-        after = members[-1] + 1
-        end = float(times[after]) if after < len(times) else float(times[members[-1]])
+        start = float(times[members[0] - 1]) if members[0] > 0 else 0.0
+        end = float(times[members[-1]])
         confidence = float(np.mean([probabilities[m] for m in members]))
         words.append(WordTiming(text, start, max(end, start), min(max(confidence, 0.0), 1.0)))
     return words

@@ -80,8 +80,8 @@ class AttentionRecorder:
         missing = [i for i, t in enumerate(self._topk) if t is None]
         if missing:
             raise AudiokvError(f"attention capture saw no call for decoder layers {missing}; the model is not supported")
-        topk = torch.stack([t.cpu() for t in self._topk])  # type: ignore[union-attr]
-        mass = torch.stack([m.cpu() for m in self._mass])  # type: ignore[union-attr]
+        topk = torch.stack(self._topk).cpu()  # type: ignore[arg-type] - one device sync per step, not per layer
+        mass = torch.stack(self._mass).cpu()  # type: ignore[arg-type]
         self._topk = [None] * self.num_layers
         self._mass = [None] * self.num_layers
         return topk, mass

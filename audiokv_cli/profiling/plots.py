@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from audiokv_cli.files import atomic_output
+
 
 def write_heatmap_png(profile, path: str | os.PathLike) -> Path:
     """Layers as rows, query heads as columns, colored by score; written atomically."""
@@ -25,12 +27,9 @@ def write_heatmap_png(profile, path: str | os.PathLike) -> Path:
     ax.set_title(f"{profile.fingerprint.get('name_or_path')}: {what} (K={p['top_k']}, {p['clips']} clips)", fontsize=8)
     fig.colorbar(image, ax=ax, label="head score")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp{path.suffix or '.png'}")
     try:
-        fig.savefig(temp, format="png")
-        os.replace(temp, path)
+        with atomic_output(path) as temp:
+            fig.savefig(temp, format="png")
     finally:
         plt.close(fig)
-        temp.unlink(missing_ok=True)
     return path

@@ -74,12 +74,9 @@ def default_text_sources() -> list[Path]:
 def _resample(samples: np.ndarray, rate: int) -> np.ndarray:
     if rate == SAMPLE_RATE:
         return samples
-    from math import gcd
+    import librosa
 
-    from scipy.signal import resample_poly
-
-    divisor = gcd(rate, SAMPLE_RATE)
-    return resample_poly(samples, SAMPLE_RATE // divisor, rate // divisor).astype(np.float32)
+    return librosa.resample(samples, orig_sr=rate, target_sr=SAMPLE_RATE).astype(np.float32)
 
 
 def synthesize_word(word: str, voice: str, speed: int, binary: str | None = None) -> np.ndarray:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -21,6 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from audiokv_cli.errors import AudiokvError
+from audiokv_cli.files import stage
 from audiokv_cli.profiling.alignment import data_digest
 from audiokv_cli.profiling.statistics import HeadStatistics
 
@@ -41,6 +41,8 @@ IDENTITY_FIELDS = ("name_or_path", "revision")
 # Provenance fields that must agree for profiles to be merged (they change what the statistic means).
 MERGE_KEYS = ("statistic", "aligner", "top_k", "min_confidence", "decoding")
 PROFILE_SUFFIX = ".safetensors"
+# safetensors' own limit on header size; a larger claimed size means a damaged file.
+MAX_HEADER_BYTES = 100_000_000
 PARTIAL_TAG = ".partial"
 HOW_TO_MAKE = (
     "make one with `audiokv probe-set --out probes --n 200 && "
@@ -124,19 +126,17 @@ def partial_paths(out: str | os.PathLike) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------------------------ write
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    """Write to a temporary file in the same folder; the caller os.replace()s it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    return Path(temp)
+def readable_json(value: Any, indent: int = 0) -> str:
+    """JSON with one line per table row: lists of scalars stay on one line, everything else is indented."""
+    pad, inner = "  " * indent, "  " * (indent + 1)
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        items = [f"{inner}{json.dumps(str(k))}: {readable_json(v, indent + 1)}" for k, v in sorted(value.items())]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, list) and value and any(isinstance(v, (list, dict)) for v in value):
+        return "[\n" + ",\n".join(inner + readable_json(v, indent + 1) for v in value) + "\n" + pad + "]"
+    return json.dumps(value, ensure_ascii=False)
 
 
 def save_profile(profile: HeadProfile, out: str | os.PathLike) -> Path:
@@ -150,8 +150,8 @@ def save_profile(profile: HeadProfile, out: str | os.PathLike) -> Path:
     twin["score"] = profile.score.tolist()
     twin["steps"] = profile.stats.steps.tolist()
     temps = [
-        (_atomic_write_bytes(tensors_path, payload), tensors_path),
-        (_atomic_write_bytes(json_path, (json.dumps(twin, indent=1, sort_keys=True) + "\n").encode()), json_path),
+        (stage(tensors_path, payload), tensors_path),
+        (stage(json_path, readable_json(twin) + "\n"), json_path),
     ]
     try:
         for temp, final in temps:
@@ -181,7 +181,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         if len(head) < 8:
             raise ProfileError(f"{path}: not a profile (file too short; truncated?)")
         (header_size,) = struct.unpack("<Q", head)
-        if header_size <= 0 or 8 + header_size > size:
+        if header_size <= 0 or header_size > MAX_HEADER_BYTES or 8 + header_size > size:
             raise ProfileError(f"{path}: not a profile (bad or truncated safetensors header)")
         raw = handle.read(header_size)
     try:

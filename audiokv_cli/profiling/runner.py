@@ -12,7 +12,6 @@ import logging
 import os
 import warnings
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 import torch

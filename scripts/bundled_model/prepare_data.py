@@ -81,7 +81,8 @@ class SentenceStream:
         return " ".join(words[:n_words]).rstrip(",;:")
 
 
-def plan_jobs(docs: list[corpus.Document], n: int, heldout: bool, seed: int) -> list[dict]:
+def plan_jobs(docs: list[corpus.Document], n: int, heldout: bool, seed: int, buckets=LENGTH_BUCKETS) -> list[dict]:
+    """Seeded clip plans: text, voice setting (from the requested side of the split), augmentation flag."""
     rng = random.Random(seed)
     stream = SentenceStream(docs, random.Random(seed + 1))
     vocabulary = sorted({w.strip(".,;:!?'") for d in docs[:4000] for s in d.sentences for w in s.split()})
@@ -90,7 +91,7 @@ def plan_jobs(docs: list[corpus.Document], n: int, heldout: bool, seed: int) -> 
     for i in range(n):
         voice = sample_voice(rng, heldout=heldout)
         share = rng.random()
-        for bucket_share, lo, hi in LENGTH_BUCKETS:
+        for bucket_share, lo, hi in buckets:
             if share < bucket_share:
                 break
             share -= bucket_share

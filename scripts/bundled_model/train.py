@@ -58,9 +58,19 @@ class Shards:
     """All clips of one split: metadata list and one float16 feature matrix per shard."""
 
     def __init__(self, data_dir: Path, prefix: str):
+        self.data_dir, self.prefix = data_dir, prefix
         self.metas: list[dict] = []
         self.arrays: list[np.ndarray] = []
-        for meta_path in sorted(data_dir.glob(f"{prefix}-*.jsonl")):
+        self.loaded: set[str] = set()
+        self.refresh()
+
+    def refresh(self) -> int:
+        """Load shards written since the last call (data preparation may still be running); returns new clips."""
+        before = len(self.metas)
+        for meta_path in sorted(self.data_dir.glob(f"{self.prefix}-*.jsonl")):
+            if meta_path.name in self.loaded:
+                continue
+            self.loaded.add(meta_path.name)
             array = np.load(meta_path.with_suffix(".npy"))
             shard = len(self.arrays)
             self.arrays.append(array)
@@ -68,6 +78,7 @@ class Shards:
                 m = json.loads(line)
                 m["shard"] = shard
                 self.metas.append(m)
+        return len(self.metas) - before
 
     def features(self, i: int) -> np.ndarray:
         m = self.metas[i]
@@ -92,8 +103,15 @@ class Examples:
         full = hf_tok(ASR_PROMPT, add_special_tokens=False).input_ids
         assert full == [self.audio_bos, self.audio_id, self.audio_eos] + self.prompt_tail, "prompt tokenization drift"
         self.eos = hf_tok.eos_token_id
-        self.targets = [hf_tok(m["text"], add_special_tokens=False).input_ids[:max_target] + [self.eos]
-                        for m in shards.metas]
+        self.hf_tok, self.max_target = hf_tok, max_target
+        self.targets: list[list[int]] = []
+        self.sync()
+
+    def sync(self) -> None:
+        """Tokenize targets of clips the shards gained since the last call."""
+        for m in self.shards.metas[len(self.targets) :]:
+            ids = self.hf_tok(m["text"], add_special_tokens=False).input_ids[: self.max_target]
+            self.targets.append(ids + [self.eos])
 
     def length(self, i: int) -> int:
         return self.shards.metas[i]["n_tokens"] + 2 + len(self.prompt_tail) + len(self.targets[i])
@@ -171,7 +189,9 @@ def forward_loss(model, inputs, mask, labels, smoothing: float) -> tuple[torch.T
 
 
 @torch.inference_mode()
-def greedy_transcribe(model, examples: Examples, i: int, max_new_tokens: int = 300) -> list[int]:
+def greedy_transcribe(model, examples: Examples, i: int) -> list[int]:
+    # ~3 words/s * ~1.5 tokens/word at most; a generous cap keeps repetition loops from eating the eval budget.
+    max_new_tokens = int(examples.shards.metas[i]["seconds"] * 8) + 10
     embed = model.get_input_embeddings()
     feats = torch.from_numpy(examples.shards.features(i).astype(np.float32))
     prompt = torch.cat(
@@ -299,7 +319,7 @@ def main() -> None:
     parser.add_argument("--short-first-frac", type=float, default=0.1, help="budget share trained on clips < 12 s")
     parser.add_argument("--save-every-min", type=float, default=10.0)
     parser.add_argument("--eval-every-min", type=float, default=8.0)
-    parser.add_argument("--eval-decode", type=int, default=24)
+    parser.add_argument("--eval-decode", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
@@ -347,8 +367,6 @@ def main() -> None:
         progress = (frac - args.warmup_frac) / (1 - args.warmup_frac)
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    all_idx = list(range(len(train.targets)))
-    short_idx = [i for i in all_idx if train.shards.metas[i]["seconds"] < 12]
     metrics_path = args.out / "metrics.jsonl"
     step, epoch, ema, seen = 0, 0, None, 0
     last_save = last_eval = time.time()
@@ -365,6 +383,11 @@ def main() -> None:
                 phase = want_phase
             else:
                 epoch += 1
+            if train.shards.refresh():
+                train.sync()
+                print(f"train clips now {len(train.targets)}", flush=True)
+            all_idx = list(range(len(train.targets)))
+            short_idx = [i for i in all_idx if train.shards.metas[i]["seconds"] < 12]
             batches = make_batches(train, short_idx if phase == "short" else all_idx, args.token_budget, rng)
         batch = batches.pop()
         lr = lr_at(frac)
@@ -378,7 +401,8 @@ def main() -> None:
         optim.step()
         step += 1
         seen += len(batch)
-        ema = float(loss) if ema is None else 0.98 * ema + 0.02 * float(loss)
+        loss_value = float(loss.detach())
+        ema = loss_value if ema is None else 0.98 * ema + 0.02 * loss_value
         if step % 25 == 0:
             print(f"step {step} ep {epoch} {phase} min {(time.time() - start) / 60:.1f} lr {lr:.2e} loss {ema:.3f} "
                   f"gnorm {grad_norm:.2f} clips {seen}", flush=True)

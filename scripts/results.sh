@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Make the results of docs/results/ for the bundled model: a seeded synthetic evaluation set, then the full sweep
+# of eviction methods x retentions x scopes. Same installed files and seed give the same numbers (timings aside).
+#
+#   scripts/results.sh              # defaults below
+#   EVAL_CLIPS=50 scripts/results.sh
+#
+# Runs in one process: `audiokv eval` prefills each clip once and reuses it for every cell; on CPU it uses one
+# torch thread for small models (faster than several on a shared machine, see docs/evaluation.md).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SEED="${SEED:-0}"
+EVAL_DIR="${EVAL_DIR:-.build/eval-set}"
+EVAL_CLIPS="${EVAL_CLIPS:-100}"
+OUT="${OUT:-docs/results}"
+MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-96}"
+METHODS="full,streamingllm,h2o,snapkv,pyramidkv,adakv,snapkv+sss,audiokv-nosss,audiokv,stride,random"
+# audiokv and audiokv-nosss need a head profile of the bundled model: found in profiles/ when empty.
+PROFILE="${PROFILE:-}"
+
+# (a) The evaluation set: held-out sentences and voices, written as a manifest.jsonl directory.
+MAKE_EVAL_SET="scripts/bundled_model/make_eval_set.py"
+if [[ ! -f "$EVAL_DIR/manifest.jsonl" ]]; then
+    if [[ ! -f "$MAKE_EVAL_SET" ]]; then
+        echo "error: $MAKE_EVAL_SET is missing; build the evaluation set into $EVAL_DIR first" >&2
+        exit 1
+    fi
+    # TODO(bundled model): check these flags against `python $MAKE_EVAL_SET --help` once it exists.
+    python "$MAKE_EVAL_SET" --out "$EVAL_DIR" --num "$EVAL_CLIPS" --seed "$SEED"
+fi
+
+# (b) The sweep: every method at every retention, evicting from the whole prompt and from audio tokens only.
+profile_args=()
+if [[ -n "$PROFILE" ]]; then
+    profile_args=(--profile "$PROFILE")
+fi
+audiokv eval --model tiny --data "$EVAL_DIR" \
+    --methods "$METHODS" \
+    --retention 0.8,0.6,0.4,0.2 \
+    --scope all,audio \
+    --max-new-tokens "$MAX_NEW_TOKENS" \
+    --device cpu --dtype float32 \
+    --out "$OUT" "${profile_args[@]}"
