@@ -142,3 +142,10 @@ def test_not_a_model_directory(tmp_path, tone_wav):
 
 def test_unknown_hub_model_offline(tone_wav):
     _one_line_error(invoke("infer", tone_wav, "--model", "someone/no-such-audio-model"), "not in the local Hugging Face cache")
+
+
+def test_infer_accepts_the_eval_method_names(tiny_model_dir, tone_wav):
+    result = invoke("infer", tone_wav, "--model", tiny_model_dir, "--json", "--max-new-tokens", "2",
+                    "--method", "snapkv+sss", "--retention", "0.5")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout.strip().splitlines()[-1])["method"] == "snapkv+sss"

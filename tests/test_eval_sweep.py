@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from audiokv_cli.audio import load_audio
 from audiokv_cli.cli import app
-from audiokv_cli.compression.methods import MethodOptions
+from audiokv_cli.compression.methods import MethodOptions, resolve_method
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.evaluation.datasets import Example
 from audiokv_cli.evaluation.sweep import (
@@ -15,7 +15,6 @@ from audiokv_cli.evaluation.sweep import (
     parse_retentions,
     parse_scopes,
     plan_cells,
-    resolve_method,
     run_sweep,
 )
 from audiokv_cli.inference import run_clip

@@ -28,23 +28,20 @@ def bench(
 
     from audiokv_cli.benchmark import bench_policy, synthetic_clip
     from audiokv_cli.commands.infer import resolve_head_scores
-    from audiokv_cli.compression.methods import MethodOptions, build_policy, method_uses_profile
+    from audiokv_cli.compression.methods import MethodOptions, resolve_method
 
     check_range("--retention", retention, 0.0, 1.0, low_open=True)
     check_range("--seconds", seconds, 0.0, 3600.0, low_open=True)
-    names = [name.strip() for name in methods.split(",") if name.strip()]
+    specs = [resolve_method(name) for name in methods.split(",") if name.strip()]  # fail before loading anything
     options = MethodOptions()
-    for name in names:  # fail on a bad name before loading anything
-        if not method_uses_profile(name):
-            build_policy(name, retention, options)
     adapter = load_model(model, device, dtype)
-    if any(method_uses_profile(name) for name in names):
+    if any(spec.uses_profile for spec in specs):
         options.head_scores = resolve_head_scores(adapter, Path(profile) if profile else None)
     prepared = adapter.prepare(synthetic_clip(min(seconds, adapter.max_audio_seconds)))
     rows = []
-    for name in names:
-        policy = build_policy(name, 1.0 if name == "full" else retention, options)
-        with console.status(f"{name} ..."):
+    for spec in specs:
+        policy = spec.policy(1.0 if spec.is_full else retention, options)
+        with console.status(f"{spec.label} ..."):
             rows.append(bench_policy(adapter, prepared, policy, new_tokens, repeats))
     reference = next((row for row in rows if row.method == "full"), rows[0])
     if as_json:

@@ -69,7 +69,7 @@ def infer(
     model: str = typer.Option("tiny", "--model", "-m", help="Short name (tiny, qwen2-audio, qwen2-audio-base), local directory or Hub id."),
     prompt: Optional[str] = typer.Option(None, help="Instruction instead of the default transcription prompt."),
     max_new_tokens: int = typer.Option(256, min=1, help="Stop after this many generated tokens."),
-    method: str = typer.Option("full", help="Eviction method: full, streamingllm, h2o, snapkv, pyramidkv, adakv, random, stride, audiokv."),
+    method: str = typer.Option("full", help="Eviction method: full, streamingllm, h2o, snapkv, pyramidkv, adakv, random, stride, audiokv, or a composition such as snapkv+sss."),
     retention: float = typer.Option(1.0, help="Fraction of the prompt's KV entries to keep, in (0, 1]."),
     profile: Optional[Path] = typer.Option(None, help="Head profile for --method audiokv (default: a matching one from profiles/)."),
     scope: Scope = typer.Option(Scope.all, help="all: any prompt token may be evicted; audio: text tokens are always kept."),
@@ -88,7 +88,7 @@ def infer(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
 ) -> None:
     """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
-    from audiokv_cli.compression.methods import MethodOptions, build_policy, method_uses_profile
+    from audiokv_cli.compression.methods import MethodOptions, resolve_method
     from audiokv_cli.inference import run_clip
 
     check_range("--retention", retention, 0.0, 1.0, low_open=True)
@@ -96,9 +96,10 @@ def infer(
     check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
     # Validate the method and its parts before paying for audio decoding or model loading.
     options = MethodOptions(window=window, scope=scope.value, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho)
-    needs_profile = method_uses_profile(method, budget)
+    spec = resolve_method(method).with_parts(scorer, smoother, budget)
+    needs_profile = spec.uses_profile
     if not needs_profile:
-        policy = build_policy(method, retention, options, scorer=scorer, smoother=smoother, budget=budget)
+        policy = spec.policy(retention, options)
     elif profile is not None and not profile.is_file():
         raise AudiokvError(f"{profile}: no such profile file")
 
@@ -113,7 +114,7 @@ def infer(
         console.print("[dim]model: tiny, the bundled small Qwen2-Audio (pass --model qwen2-audio for the real 7B)[/]")
     if needs_profile:
         options.head_scores = resolve_head_scores(adapter, profile)
-        policy = build_policy(method, retention, options, scorer=scorer, smoother=smoother, budget=budget)
+        policy = spec.policy(retention, options)
     for path, samples in zip(clips, audio):
         with console.status(f"{path.name}: {samples.shape[0] / 16000:.1f} s of audio ..."):
             result = run_clip(adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path))

@@ -17,74 +17,13 @@ from dataclasses import dataclass, field
 import torch
 
 from audiokv_cli.attention import sdpa_attention, use_attention_handler
-from audiokv_cli.compression.methods import METHODS, MethodOptions, build_policy, method_uses_profile
+from audiokv_cli.compression.methods import MethodOptions, MethodSpec, build_policy, resolve_method
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
 from audiokv_cli.compression.selection import SCOPES
-from audiokv_cli.compression.smoothers import SMOOTHER_NAMES
-from audiokv_cli.compression.scorers import SCORER_NAMES
-from audiokv_cli.compression.budgets import BUDGET_NAMES
 from audiokv_cli.decoding import decode_greedy, synchronize
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.evaluation.metrics import aggregate, is_degenerate, score_clip
 from audiokv_cli.evaluation.report import FULL_METHOD
-
-# Named compositions beyond compression.methods.METHODS: name -> (base method, scorer, smoother, budget overrides).
-# Besides these, any "METHOD+SMOOTHER" (e.g. "pyramidkv+sss") and any explicit "SCORER+SMOOTHER+BUDGET"
-# (e.g. "window+sss+profile", the policy name build_policy gives an overridden method) are accepted.
-METHOD_ALIASES: dict[str, tuple[str, str | None, str | None, str | None]] = {
-    # SnapKV's window scores, smoothed by SSS instead of average pooling (the smoother ablation).
-    "snapkv+sss": ("snapkv", None, "sss", None),
-    # AudioKV's profile head budgets with SnapKV's pooling: the "head budgets only" ablation.
-    "audiokv-nosss": ("audiokv", None, "avgpool", None),
-}
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """A method as named on the command line and the build_policy() call it stands for."""
-
-    label: str
-    method: str
-    scorer: str | None = None
-    smoother: str | None = None
-    budget: str | None = None
-
-    @property
-    def is_full(self) -> bool:
-        return self.method == FULL_METHOD and self.scorer is None
-
-    @property
-    def uses_profile(self) -> bool:
-        return method_uses_profile(self.method, self.budget)
-
-    def policy(self, retention: float, options: MethodOptions) -> CompressionPolicy:
-        return build_policy(
-            self.method, retention, options, scorer=self.scorer, smoother=self.smoother, budget=self.budget
-        )
-
-
-def known_method_names() -> list[str]:
-    return [*METHODS, *METHOD_ALIASES]
-
-
-def resolve_method(name: str) -> MethodSpec:
-    """The MethodSpec for a method name, an alias, METHOD+SMOOTHER or SCORER+SMOOTHER+BUDGET."""
-    name = name.strip()
-    if name in METHODS:
-        return MethodSpec(name, name)
-    if name in METHOD_ALIASES:
-        base, scorer, smoother, budget = METHOD_ALIASES[name]
-        return MethodSpec(name, base, scorer, smoother, budget)
-    parts = name.split("+")
-    if len(parts) == 2 and parts[0] in METHODS and parts[0] != FULL_METHOD and parts[1] in SMOOTHER_NAMES:
-        return MethodSpec(name, parts[0], smoother=parts[1])
-    if len(parts) == 3 and parts[0] in SCORER_NAMES and parts[1] in SMOOTHER_NAMES and parts[2] in BUDGET_NAMES:
-        return MethodSpec(name, "snapkv", scorer=parts[0], smoother=parts[1], budget=parts[2])
-    raise AudiokvError(
-        f"unknown method {name!r}; choose from {', '.join(known_method_names())}, METHOD+SMOOTHER "
-        f"(smoothers: {', '.join(SMOOTHER_NAMES)}) or SCORER+SMOOTHER+BUDGET"
-    )
-
 
 def parse_methods(text: str) -> list[MethodSpec]:
     names = [part.strip() for part in text.split(",") if part.strip()]

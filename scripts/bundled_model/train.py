@@ -310,9 +310,9 @@ def main() -> None:
     parser.add_argument("--end-utc", default=None, help="HH:MM (UTC, today) when training must end")
     parser.add_argument("--minutes", type=float, default=60.0)
     parser.add_argument("--vocab-size", type=int, default=2000)
-    parser.add_argument("--token-budget", type=int, default=4500)
+    parser.add_argument("--token-budget", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1.5e-3)
-    parser.add_argument("--warmup-frac", type=float, default=0.03)
+    parser.add_argument("--warmup-frac", type=float, default=0.05)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--feat-dropout", type=float, default=0.1)
@@ -389,6 +389,9 @@ def main() -> None:
             all_idx = list(range(len(train.targets)))
             short_idx = [i for i in all_idx if train.shards.metas[i]["seconds"] < 12]
             batches = make_batches(train, short_idx if phase == "short" else all_idx, args.token_budget, rng)
+            if not batches:  # data preparation has not written a training shard yet
+                time.sleep(15)
+                continue
         batch = batches.pop()
         lr = lr_at(frac)
         for group in optim.param_groups:
