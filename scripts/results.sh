@@ -26,8 +26,7 @@ if [[ ! -f "$EVAL_DIR/manifest.jsonl" ]]; then
         echo "error: $MAKE_EVAL_SET is missing; build the evaluation set into $EVAL_DIR first" >&2
         exit 1
     fi
-    # TODO(bundled model): check these flags against `python $MAKE_EVAL_SET --help` once it exists.
-    python "$MAKE_EVAL_SET" --out "$EVAL_DIR" --num "$EVAL_CLIPS" --seed "$SEED"
+    python "$MAKE_EVAL_SET" --out "$EVAL_DIR" --num "$EVAL_CLIPS" --min-seconds 20 --max-seconds 30 --seed "$SEED"
 fi
 
 # (b) The sweep: every method at every retention, evicting from the whole prompt and from audio tokens only.
