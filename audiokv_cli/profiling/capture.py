@@ -35,10 +35,10 @@ def last_row_attention(
     group = q.shape[0] // k.shape[0]
     if group * k.shape[0] != q.shape[0]:
         raise AudiokvError(f"{q.shape[0]} query heads do not divide into {k.shape[0]} KV heads")
-    k = k.repeat_interleave(group, dim=0)  # [Hq, kv_len, D]
-    logits = torch.einsum("hd,hkd->hk", q, k) * scaling
+    # Query head h reads KV head h // group: group the queries instead of copying the keys per query head.
+    logits = torch.einsum("ngd,nkd->ngk", q.view(k.shape[0], group, -1), k).reshape(q.shape[0], -1) * scaling
     if attention_mask is not None:
-        row = attention_mask[0, :, -1, -k.shape[1] :]  # [1 or Hq, kv_len]
+        row = attention_mask[0, :, -1, -logits.shape[1] :]  # [1 or Hq, kv_len]
         if row.dtype == torch.bool:
             logits = logits.masked_fill(~row, float("-inf"))
         else:

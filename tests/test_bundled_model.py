@@ -1,0 +1,89 @@
+"""The bundled ``tiny`` model: ships complete, loads offline through the registry and transcribes an example."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ASSET_DIR = REPO / "audiokv_cli" / "assets" / "tiny"
+EXAMPLES = REPO / "examples"
+# The example clip the tests transcribe: short, so the test stays fast on CPU.
+EXAMPLE = "clip1"
+
+
+def _normalize(text: str) -> list[str]:
+    import re
+
+    return re.sub(r"[^a-z' ]+", " ", text.lower()).split()
+
+
+def test_bundled_folder_is_complete_and_small():
+    names = {p.name for p in ASSET_DIR.iterdir()}
+    for required in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json",
+                     "chat_template.jinja", "LICENSE-whisper.txt", "README.md"):
+        assert required in names, required
+    total = sum(p.stat().st_size for p in ASSET_DIR.rglob("*") if p.is_file())
+    assert total <= 40 * 1024 * 1024
+    assert "MIT License" in (ASSET_DIR / "LICENSE-whisper.txt").read_text()
+    config = json.loads((ASSET_DIR / "config.json").read_text())
+    text = config["text_config"]
+    assert config["model_type"] == "qwen2_audio"
+    assert text["num_attention_heads"] > text["num_key_value_heads"]  # grouped-query attention
+    assert config["audio_config"]["d_model"] == 384 and config["audio_config"]["num_mel_bins"] == 80
+
+
+def test_chat_template_equals_base_asr_prompt():
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(ASSET_DIR)
+    instruction = "Detect the language and recognize the speech: <|en|>"
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio_url": "clip.wav"},
+                                                 {"type": "text", "text": instruction}]}]
+    rendered = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    assert rendered == "<|audio_bos|><|AUDIO|><|audio_eos|>" + instruction
+    tokenizer = processor.tokenizer
+    for token in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|en|>", "<|endoftext|>"):
+        assert tokenizer.convert_tokens_to_ids(token) is not None
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token is not None
+
+
+def test_examples_have_transcripts():
+    clips = sorted(EXAMPLES.glob("*.wav"))
+    assert 3 <= len(clips) <= 4
+    for clip in clips:
+        import soundfile
+
+        info = soundfile.info(str(clip))
+        assert info.samplerate == 16000 and info.channels == 1
+        assert clip.with_suffix(".txt").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # conftest sets HF_HUB_OFFLINE=1: the bundled model must load without any network access.
+    from audiokv_cli.models.registry import load_adapter
+
+    return load_adapter("tiny", device="cpu")
+
+
+def test_loads_offline_as_float32_with_gqa_geometry(tiny):
+    import torch
+
+    assert tiny.dtype == torch.float32
+    geometry = tiny.geometry
+    assert geometry.num_query_heads > geometry.num_kv_heads
+    assert tiny.seconds_per_audio_token == pytest.approx(0.04)
+
+
+def test_transcribes_example_clip(tiny):
+    from audiokv_cli.audio import load_audio
+    from audiokv_cli.inference import run_clip
+
+    audio = load_audio(EXAMPLES / f"{EXAMPLE}.wav")
+    result = run_clip(tiny, audio, max_new_tokens=64)
+    expected = (EXAMPLES / f"{EXAMPLE}.txt").read_text()
+    assert _normalize(result.text) == _normalize(expected)
+    assert not result.hit_token_limit
