@@ -152,3 +152,17 @@ def test_window_always_kept(tiny_adapter):
     for keep in captured.values():
         assert keep[..., -16:].all()
         assert (keep.sum(-1) == round(0.2 * prepared.prompt_tokens)).all()
+
+
+@pytest.mark.parametrize("retention", [0.05, 0.1, 0.4, 0.8])
+def test_kept_bytes_bounded_by_retention_plus_window(tiny_adapter, retention):
+    prepared = tiny_adapter.prepare(_clip(4.0))
+    window = 32
+    policy = build_policy("snapkv", retention, MethodOptions(window=window))
+    _, _, session = _prefill_logits(tiny_adapter, prepared, policy)
+    length = prepared.prompt_tokens
+    per_token = tiny_adapter.geometry.kv_bytes_per_token(torch.float32)
+    full_bytes = length * per_token
+    allowance = window * per_token if retention * length < window else 0
+    assert session.kept_bytes() <= (retention + 0.01) * full_bytes + allowance
+    assert session.full_prompt_bytes == full_bytes  # measured from the dense tensors before eviction

@@ -1,0 +1,66 @@
+"""Copy a few held-out clips the shipped model transcribes exactly into ``examples/`` (clipN.wav + clipN.txt).
+
+Candidates are the per-clip results written by evaluate.py (held-out texts and voices, never trained on); a clip
+qualifies when the normalized hypothesis equals the normalized reference. The shortest qualifying clip becomes
+clip1 (the one the tests transcribe); the others are the longest qualifying clips from distinct voices' sets.
+
+Usage: python scripts/bundled_model/pick_examples.py --results .build/eval-results-short.jsonl \\
+           --results .build/eval-results-long.jsonl --eval-dir .build/eval-short --eval-dir .build/eval-long
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import soundfile as sf
+
+
+def main() -> None:
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, action="append", required=True)
+    parser.add_argument("--eval-dir", type=Path, action="append", required=True)
+    parser.add_argument("--out", type=Path, default=Path("examples"))
+    parser.add_argument("--count", type=int, default=4)
+    parser.add_argument("--min-seconds", type=float, default=2.5)
+    args = parser.parse_args()
+
+    norm = EnglishTextNormalizer()
+    correct = []
+    for results, eval_dir in zip(args.results, args.eval_dir):
+        for line in results.read_text().splitlines():
+            row = json.loads(line)
+            if norm(row["ref"]).split() == norm(row["hyp"]).split():
+                path = eval_dir / row["audio"]
+                seconds = sf.info(str(path)).duration
+                if seconds >= args.min_seconds:
+                    correct.append((seconds, path, row["ref"]))
+    if not correct:
+        raise SystemExit("no held-out clip is transcribed exactly; nothing to copy")
+    correct.sort()
+    chosen = [correct[0]] + correct[::-1][: args.count - 1] if len(correct) >= args.count else correct
+    # de-duplicate while keeping order
+    seen, picked = set(), []
+    for item in chosen:
+        if item[1] not in seen:
+            seen.add(item[1])
+            picked.append(item)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.glob("clip*.*"):
+        old.unlink()
+    ordered = [picked[0]] + sorted(picked[1:], key=lambda x: x[0])
+    for n, (seconds, path, text) in enumerate(ordered, start=1):
+        tmp = args.out / f".clip{n}.wav.tmp"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, args.out / f"clip{n}.wav")
+        (args.out / f"clip{n}.txt").write_text(text + "\n")
+        print(f"clip{n}: {seconds:.1f} s  {text}")
+
+
+if __name__ == "__main__":
+    main()
