@@ -34,7 +34,7 @@ profile_args=()
 if [[ -n "$PROFILE" ]]; then
     profile_args=(--profile "$PROFILE")
 fi
-audiokv eval --model tiny --data "$EVAL_DIR" \
+audiokv eval --model tiny --data "$EVAL_DIR" --workers "${WORKERS:-2}" \
     --methods "$METHODS" \
     --retention 0.8,0.6,0.4,0.2 \
     --scope all,audio \

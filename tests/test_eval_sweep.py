@@ -217,6 +217,27 @@ def test_eval_is_reproducible(tiny_model_dir, tmp_path):
     assert outputs[0] == outputs[1]
 
 
+def test_parallel_workers_give_the_serial_rows(tiny_model_dir, tmp_path):
+    data = make_paired(tmp_path / "data")
+    write_tone(data / "c9.wav", seconds=2.0)
+    (data / "c9.txt").write_text("a third clip\n")
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        result = invoke("eval", "--model", tiny_model_dir, "--data", data, "--methods", "full,snapkv,h2o",
+                        "--retention", "0.6,0.3", "--scope", "all,audio", "--max-new-tokens", "4",
+                        "--workers", workers, "--out", out)
+        assert result.exit_code == 0, result.output
+        rows = json.loads((out / "results.json").read_text())["clips"]
+        cells = json.loads((out / "summary.json").read_text())["cells"]
+        outputs.append((
+            [{k: v for k, v in row.items() if k not in TIMING} for row in rows],
+            [{k: v for k, v in cell.items() if k not in TIMING} for cell in cells],
+        ))
+    assert len(outputs[0][0]) == 3 * 9
+    assert outputs[0] == outputs[1]
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -72,6 +72,7 @@ def evaluate(
     kernel: int = typer.Option(7, min=1, help="Pooling kernel for avgpool/maxpool smoothing (odd)."),
     metric: Metric = typer.Option(Metric.wer, help="What the printed tables and the plot show."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: auto, 1 for small models on CPU, else one per core)."),
+    workers: int = typer.Option(1, min=1, help="Processes sharing the clips (CPU: one per core for small models)."),
     device: Device = typer.Option(Device.auto, help="auto picks CUDA when present."),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
@@ -79,7 +80,7 @@ def evaluate(
     """Evaluate eviction methods at several retentions on a transcribed data set (one prefill per clip)."""
     from audiokv_cli.compression.methods import MethodOptions
     from audiokv_cli.evaluation.datasets import load_dataset
-    from audiokv_cli.evaluation.sweep import parse_methods, parse_retentions, parse_scopes, plan_cells
+    from audiokv_cli.evaluation.sweep import ModelSource, parse_methods, parse_retentions, parse_scopes, plan_cells
 
     # Everything the user typed is checked before the model is loaded.
     specs = parse_methods(methods)
@@ -108,7 +109,8 @@ def evaluate(
         profile_path = profile if profile is not None else find_profile(adapter)
         options.head_scores = resolve_head_scores(adapter, profile)
     cells = plan_cells(specs, retentions, scopes, options)
-    result = _run(adapter, examples, cells, max_new_tokens)
+    source = ModelSource(model, device.value, dtype.value, trust_remote_code)
+    result = _run(adapter, source, examples, cells, max_new_tokens, workers)
 
     from audiokv_cli import __version__
     from audiokv_cli.evaluation.report import METRICS, table1, write_report
@@ -149,8 +151,8 @@ def evaluate(
     console.print(f"wrote {', '.join(sorted(paths))} to {out}/", highlight=False)
 
 
-def _run(adapter, examples, cells, max_new_tokens):
-    from audiokv_cli.evaluation.sweep import run_sweep
+def _run(adapter, source, examples, cells, max_new_tokens, workers):
+    from audiokv_cli.evaluation.sweep import run_sweep, run_sweep_parallel
 
     with _progress() as progress:
         task = progress.add_task("", total=len(examples) * len(cells))
@@ -159,17 +161,6 @@ def _run(adapter, examples, cells, max_new_tokens):
             label = cell.method if cell.scope is None else f"{cell.method} @ {cell.retention:g} ({cell.scope})"
             progress.update(task, advance=1, description=f"{clip_id}: {label}")
 
-        return run_sweep(adapter, examples, cells, max_new_tokens, load_audio=_clip_loader(adapter), on_step=step)
-
-
-def _clip_loader(adapter):
-    """Read one clip, refusing one longer than the model takes (it would be cut, and its reference would not fit)."""
-    from audiokv_cli.audio import load_audio
-    from audiokv_cli.commands.common import check_duration
-
-    def load(path):
-        samples = load_audio(path)
-        check_duration(path, samples, adapter.max_audio_seconds)
-        return samples
-
-    return load
+        if workers > 1 and len(examples) > 1:
+            return run_sweep_parallel(source, examples, cells, max_new_tokens, workers, on_step=step)
+        return run_sweep(adapter, examples, cells, max_new_tokens, on_step=step)

@@ -227,10 +227,9 @@ def run_sweep(
     cell order; numbers other than the ``seconds_*`` fields are deterministic for the same inputs.
     """
     if load_audio is None:
-        from audiokv_cli.audio import load_audio
+        load_audio = clip_loader(adapter)
     full_bytes_per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
     policies = [cell.policy for cell in cells]
-    by_cell: dict[tuple, list[dict]] = {cell.key: [] for cell in cells}
     rows: list[dict] = []
     for example in examples:
         prepared = adapter.prepare(load_audio(example.audio_path), None)
@@ -269,12 +268,84 @@ def run_sweep(
                 }
             )
             rows.append(row)
-            by_cell[cell.key].append(row)
             if on_step is not None:
                 on_step(example.id, cell)
         del record  # the dense K/V of one clip is the sweep's largest allocation
-    summary = [
+    return SweepResult(rows, summarize(cells, rows))
+
+
+def summarize(cells: Sequence[Cell], rows: Sequence[dict]) -> list[dict]:
+    """One row per cell: its key plus metrics.aggregate() over that cell's clips."""
+    by_cell: dict[tuple, list[dict]] = {cell.key: [] for cell in cells}
+    for row in rows:
+        by_cell[(row["method"], row["retention"], row["scope"])].append(row)
+    return [
         {"method": cell.method, "retention": cell.retention, "scope": cell.scope, **aggregate(by_cell[cell.key])}
         for cell in cells
     ]
-    return SweepResult(rows, summary)
+
+
+def clip_loader(adapter) -> Callable:
+    """Read a clip, refusing one longer than the model takes (it would be cut, and its reference would not fit)."""
+    from audiokv_cli.audio import load_audio
+
+    return lambda path: load_audio(path, max_seconds=adapter.max_audio_seconds)
+
+
+# ------------------------------------------------------------------------------------------- several processes
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """How a worker process loads the same model as the parent."""
+
+    name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, progress) -> list[dict]:
+    from audiokv_cli.models.registry import load_adapter
+
+    # One thread per process: the processes share the cores instead of the threads of one process.
+    torch.set_num_threads(1)
+    adapter = load_adapter(source.name, source.device, source.dtype, source.trust_remote_code)
+    step = (lambda clip, cell: progress.put((clip, cell.method, cell.retention, cell.scope))) if progress else None
+    return run_sweep(adapter, examples, cells, max_new_tokens, on_step=step).clips
+
+
+def run_sweep_parallel(
+    source: ModelSource,
+    examples: Sequence,
+    cells: Sequence[Cell],
+    max_new_tokens: int,
+    workers: int,
+    on_step: Callable[[str, Cell], None] | None = None,
+) -> SweepResult:
+    """run_sweep split over ``workers`` processes (clips dealt round-robin); same rows, same order, same numbers."""
+    import multiprocessing
+    import queue as queue_module
+    from concurrent.futures import ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools in an unknown state
+    shards = [list(examples[index::workers]) for index in range(workers)]
+    shards = [shard for shard in shards if shard]
+    cell_by_key = {cell.key: cell for cell in cells}
+    with context.Manager() as manager, ProcessPoolExecutor(len(shards), mp_context=context) as pool:
+        progress = manager.Queue() if on_step else None
+        futures = [pool.submit(_sweep_worker, source, shard, cells, max_new_tokens, progress) for shard in shards]
+        pending = set(futures)
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            while progress is not None:
+                try:
+                    clip, *key = progress.get_nowait()
+                except queue_module.Empty:
+                    break
+                on_step(clip, cell_by_key[tuple(key)])
+        rows = [row for future in futures for row in future.result()]
+    clip_order = {example.id: index for index, example in enumerate(examples)}
+    cell_order = {key: index for index, key in enumerate(cell_by_key)}
+    rows.sort(key=lambda row: (clip_order[row["clip"]], cell_order[(row["method"], row["retention"], row["scope"])]))
+    return SweepResult(rows, summarize(cells, rows))

@@ -18,15 +18,35 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--metrics", type=Path, default=Path(".build/train/metrics.jsonl"))
+    parser.add_argument("--metrics", action="append", default=None,
+                        help="PATH[,OFFSET_MIN[,UNTIL_MIN]] (repeatable): a run continued from another run's checkpoint "
+                             "is drawn after it, shifted by OFFSET_MIN; rows after UNTIL_MIN are dropped")
     parser.add_argument("--out", type=Path, default=Path("docs/bundled-model-training.png"))
     args = parser.parse_args()
 
-    rows = [json.loads(line) for line in args.metrics.read_text().splitlines() if line.strip()]
+    rows = []
+    for spec in args.metrics or [".build/train/metrics.jsonl"]:
+        path, *rest = spec.split(",")
+        offset = float(rest[0]) if rest else 0.0
+        until = float(rest[1]) if len(rest) > 1 else float("inf")
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                if row["minutes"] <= until:
+                    row["minutes"] += offset
+                    row["phase"] = path
+                    rows.append(row)
     train = [r for r in rows if "heldout_loss" not in r]
     evals = [r for r in rows if "heldout_loss" in r]
     fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot([r["minutes"] for r in train], [r["train_loss"] for r in train], label="train loss (EMA, smoothed labels)")
+    phases = list(dict.fromkeys(r["phase"] for r in rows))
+    for n, phase in enumerate(phases, start=1):
+        part = [r for r in train if r["phase"] == phase]
+        label = "train loss (EMA)" if len(phases) == 1 else f"train loss, run {n} (EMA)"
+        ax_loss.plot([r["minutes"] for r in part], [r["train_loss"] for r in part], label=label)
+        if n > 1 and part:
+            for ax in (ax_loss, ax_err):
+                ax.axvline(min(r["minutes"] for r in rows if r["phase"] == phase), color="grey", ls=":", lw=1)
     ax_loss.plot([r["minutes"] for r in evals], [r["heldout_loss"] for r in evals], "o-", label="held-out loss")
     ax_loss.set_xlabel("training minutes (2 shared CPU cores)")
     ax_loss.set_ylabel("cross-entropy per token")

@@ -177,11 +177,28 @@ def collate(model, examples: Examples, batch: list[int], train: bool, rng: rando
     return inputs, mask, lab_out
 
 
-def forward_loss(model, inputs, mask, labels, smoothing: float) -> tuple[torch.Tensor, int]:
-    hidden = model.model.language_model(inputs_embeds=inputs, attention_mask=mask).last_hidden_state
+def forward_loss(model, inputs, mask, labels, smoothing: float, ctc=None) -> tuple[torch.Tensor, int]:
+    """Next-token cross-entropy on the transcript; plus, when ``ctc`` is given, the auxiliary CTC loss.
+
+    ``ctc`` = (head, layer, weight, blank, audio lengths, targets). The CTC head reads the audio positions of an
+    intermediate decoder layer and must spell the transcript from them in order: this makes the audio positions
+    carry "which token is said here" early, so the decoder's attention finds the audio much sooner. The head is
+    training-only and is not exported.
+    """
+    out = model.model.language_model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=ctc is not None)
+    hidden = out.last_hidden_state
     keep = labels != -100
     logits = model.lm_head(hidden[keep])
     loss = F.cross_entropy(logits, labels[keep], label_smoothing=smoothing)
+    if ctc is not None:
+        head, layer, weight, blank, audio_lengths, targets = ctc
+        mid = out.hidden_states[layer]
+        longest = max(audio_lengths)
+        log_probs = head(mid[:, 1 : 1 + longest]).log_softmax(-1).transpose(0, 1)  # [T, B, C]
+        flat = torch.tensor([t for tgt in targets for t in tgt], dtype=torch.long)
+        ctc_loss = F.ctc_loss(log_probs, flat, torch.tensor(audio_lengths), torch.tensor([len(t) for t in targets]),
+                              blank=blank, zero_infinity=True)
+        loss = loss + weight * ctc_loss
     return loss, int(keep.sum())
 
 
@@ -317,6 +334,9 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--feat-dropout", type=float, default=0.1)
     parser.add_argument("--short-first-frac", type=float, default=0.1, help="budget share trained on clips < 12 s")
+    parser.add_argument("--init-from", type=Path, default=None, help="checkpoint folder to continue from")
+    parser.add_argument("--ctc-weight", type=float, default=0.0, help="auxiliary CTC loss weight (0 = off)")
+    parser.add_argument("--ctc-layer", type=int, default=2, help="decoder layer whose audio positions feed CTC")
     parser.add_argument("--save-every-min", type=float, default=10.0)
     parser.add_argument("--eval-every-min", type=float, default=8.0)
     parser.add_argument("--eval-decode", type=int, default=16)
@@ -333,11 +353,23 @@ def main() -> None:
     budget = end - start
     args.out.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = train_tokenizer(load_corpus_texts(args.corpus_cache) + [ASR_TEXT.split("<")[0]] * 50, args.vocab_size)
-    processor = build_processor(tokenizer)
-    hf_tok = processor.tokenizer
-    ids = hf_tok.convert_tokens_to_ids
-    model = build_model(len(hf_tok), hf_tok.eos_token_id, hf_tok.pad_token_id, ids(AUDIO))
+    if args.init_from:
+        # Continue from a checkpoint folder (weights + its tokenizer) with a fresh optimizer and schedule.
+        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+        processor = AutoProcessor.from_pretrained(args.init_from)
+        hf_tok = processor.tokenizer
+        model = Qwen2AudioForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        for p in model.model.audio_tower.parameters():
+            p.requires_grad_(False)
+        print(f"initialized from {args.init_from}", flush=True)
+    else:
+        tokenizer = train_tokenizer(load_corpus_texts(args.corpus_cache) + [ASR_TEXT.split("<")[0]] * 50,
+                                    args.vocab_size)
+        processor = build_processor(tokenizer)
+        hf_tok = processor.tokenizer
+        ids = hf_tok.convert_tokens_to_ids
+        model = build_model(len(hf_tok), hf_tok.eos_token_id, hf_tok.pad_token_id, ids(AUDIO))
     model.train()
 
     train = Examples(Shards(args.data, "train"), hf_tok)
@@ -353,7 +385,10 @@ def main() -> None:
     half = args.eval_decode // 2
     decode_idx = ho_rng.sample(longs, min(half, len(longs))) + ho_rng.sample(shorts, min(half, len(shorts)))
 
+    ctc_head = torch.nn.Linear(TEXT_CONFIG["hidden_size"], len(hf_tok)) if args.ctc_weight > 0 else None
     params = [p for p in model.parameters() if p.requires_grad]
+    if ctc_head is not None:
+        params += list(ctc_head.parameters())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     optim = torch.optim.AdamW(
@@ -397,7 +432,12 @@ def main() -> None:
         for group in optim.param_groups:
             group["lr"] = lr
         inputs, mask, labels = collate(model, train, batch, True, rng, args.feat_dropout)
-        loss, _ = forward_loss(model, inputs, mask, labels, args.label_smoothing)
+        ctc = None
+        if ctc_head is not None:
+            lengths = [train.shards.metas[i]["n_tokens"] for i in batch]
+            targets = [train.targets[i][:-1] or [train.eos] for i in batch]
+            ctc = (ctc_head, args.ctc_layer, args.ctc_weight, hf_tok.pad_token_id, lengths, targets)
+        loss, _ = forward_loss(model, inputs, mask, labels, args.label_smoothing, ctc)
         optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
