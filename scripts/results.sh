@@ -12,10 +12,10 @@ cd "$(dirname "$0")/.."
 
 SEED="${SEED:-0}"
 EVAL_DIR="${EVAL_DIR:-.build/eval-set}"
-EVAL_CLIPS="${EVAL_CLIPS:-100}"
+EVAL_CLIPS="${EVAL_CLIPS:-60}"
 OUT="${OUT:-docs/results}"
-MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-96}"
-METHODS="full,streamingllm,h2o,snapkv,pyramidkv,adakv,snapkv+sss,audiokv-nosss,audiokv,stride,random"
+MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-128}"
+METHODS="full,streamingllm,h2o,snapkv,pyramidkv,adakv,snapkv+sss,audiokv-nosss,audiokv,stride"
 # audiokv and audiokv-nosss need a head profile of the bundled model: found in profiles/ when empty.
 PROFILE="${PROFILE:-}"
 

@@ -2,7 +2,7 @@
 
 Candidates are the per-clip results written by evaluate.py (held-out texts and voices, never trained on); a clip
 qualifies when the normalized hypothesis equals the normalized reference. The shortest qualifying clip becomes
-clip1 (the one the tests transcribe); the others are the longest qualifying clips from distinct voices' sets.
+clip1 (the one the tests transcribe).
 
 Usage: python scripts/bundled_model/pick_examples.py --results .build/eval-results-short.jsonl \\
            --results .build/eval-results-long.jsonl --eval-dir .build/eval-short --eval-dir .build/eval-long
@@ -31,8 +31,10 @@ def main() -> None:
     args = parser.parse_args()
 
     norm = EnglishTextNormalizer()
-    correct = []
+    picked: list[tuple[float, Path, str]] = []
+    # Earlier --results files are preferred (list held-out candidates first); within a file, longer clips first.
     for results, eval_dir in zip(args.results, args.eval_dir):
+        correct = []
         for line in results.read_text().splitlines():
             row = json.loads(line)
             if norm(row["ref"]).split() == norm(row["hyp"]).split():
@@ -40,20 +42,13 @@ def main() -> None:
                 seconds = sf.info(str(path)).duration
                 if seconds >= args.min_seconds:
                     correct.append((seconds, path, row["ref"]))
-    if not correct:
-        raise SystemExit("no held-out clip is transcribed exactly; nothing to copy")
-    correct.sort()
-    chosen = [correct[0]] + correct[::-1][: args.count - 1] if len(correct) >= args.count else correct
-    # de-duplicate while keeping order
-    seen, picked = set(), []
-    for item in chosen:
-        if item[1] not in seen:
-            seen.add(item[1])
-            picked.append(item)
+        picked += sorted(correct, reverse=True)[: args.count - len(picked)]
+    if len(picked) < 3:
+        raise SystemExit(f"only {len(picked)} clips are transcribed exactly; need at least 3")
+    ordered = sorted(picked)  # clip1 = the shortest (the one the tests transcribe)
     args.out.mkdir(parents=True, exist_ok=True)
     for old in args.out.glob("clip*.*"):
         old.unlink()
-    ordered = [picked[0]] + sorted(picked[1:], key=lambda x: x[0])
     for n, (seconds, path, text) in enumerate(ordered, start=1):
         tmp = args.out / f".clip{n}.wav.tmp"
         shutil.copyfile(path, tmp)
