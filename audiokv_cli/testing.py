@@ -92,3 +92,18 @@ def build_tiny_qwen2_audio(
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m audiokv_cli.testing DIR`: write a tiny random Qwen2-Audio to DIR (a demo model that runs anywhere)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_qwen2_audio(args.out, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -13,6 +13,12 @@ EXAMPLES = REPO / "examples"
 # The example clip the tests transcribe: short, so the test stays fast on CPU.
 EXAMPLE = "clip1"
 
+# The weights are produced by scripts/bundled_model/ and ship only once they meet the quality bar of
+# docs/bundled-model.md; until then these checks have nothing to check.
+pytestmark = pytest.mark.skipif(
+    not (ASSET_DIR / "model.safetensors").is_file(), reason="bundled model not built (scripts/bundled_model)"
+)
+
 
 def _normalize(text: str) -> list[str]:
     import re
@@ -48,17 +54,6 @@ def test_chat_template_equals_base_asr_prompt():
     for token in ("<|AUDIO|>", "<|audio_bos|>", "<|audio_eos|>", "<|en|>", "<|endoftext|>"):
         assert tokenizer.convert_tokens_to_ids(token) is not None
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token is not None
-
-
-def test_examples_have_transcripts():
-    clips = sorted(EXAMPLES.glob("*.wav"))
-    assert 3 <= len(clips) <= 4
-    for clip in clips:
-        import soundfile
-
-        info = soundfile.info(str(clip))
-        assert info.samplerate == 16000 and info.channels == 1
-        assert clip.with_suffix(".txt").read_text().strip()
 
 
 @pytest.fixture(scope="module")

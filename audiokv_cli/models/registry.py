@@ -103,7 +103,10 @@ def load_adapter(
     target = alias.target if alias else name_or_path
     options = dict(alias.options) if alias else {}
     if name_or_path == "tiny" and not (BUNDLED_MODEL_DIR / "config.json").exists():
-        raise AudiokvError("the bundled model is missing from this installation (audiokv_cli/assets/tiny)")
+        raise AudiokvError(
+            "the bundled model is not part of this installation (audiokv_cli/assets/tiny, built by "
+            "scripts/bundled_model); pass --model with a Qwen2-Audio directory or Hub id"
+        )
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_type, local_only = _load_model_type(target, revision)
