@@ -56,14 +56,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(".build/example-candidates"))
     parser.add_argument("--num", type=int, default=40)
     parser.add_argument("--num-seen", type=int, default=120)
+    parser.add_argument("--min-words", type=int, default=3)
+    parser.add_argument("--max-words", type=int, default=7)
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--corpus-cache", type=Path, default=Path(".build/corpus.json"))
     args = parser.parse_args()
     rng = random.Random(args.seed)
     train_docs, heldout_docs = corpus_cached(args.corpus_cache)
-    heldout = [(t, sample_voice(rng, heldout=True)) for t in short_sentences(heldout_docs, rng, args.num)]
+    heldout = [(t, sample_voice(rng, heldout=True))
+               for t in short_sentences(heldout_docs, rng, args.num, args.min_words, args.max_words)]
     seen = [(t, CLEAN_TRAIN_VOICES[i % len(CLEAN_TRAIN_VOICES)])
-            for i, t in enumerate(short_sentences(train_docs, rng, args.num_seen, min_words=3, max_words=7))]
+            for i, t in enumerate(short_sentences(train_docs, rng, args.num_seen, args.min_words, args.max_words))]
     write_set(args.out, "heldout", heldout)
     write_set(args.out, "seen-text", seen)
 
