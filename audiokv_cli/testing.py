@@ -15,24 +15,28 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_character_tokenizer():
-    """A character-level tokenizer with Qwen2-Audio's special tokens, built locally (no Hub)."""
+def build_character_tokenizer(
+    special_tokens=SPECIAL_TOKENS,
+    eos_token: str = "<|endoftext|>",
+    pad_token: str = "<|endoftext|>",
+    with_newline: bool = False,
+    **tokenizer_kwargs,
+):
+    """A character-level tokenizer with a model family's special tokens, built locally (no Hub)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    characters = sorted(set(string.printable) - set("\t\n\r\x0b\x0c"))
+    excluded = set("\t\r\x0b\x0c") | (set() if with_newline else {"\n"})
+    characters = sorted(set(string.printable) - excluded)
     vocab = {"<unk>": 0}
-    for token in SPECIAL_TOKENS + characters:
+    for token in list(special_tokens) + characters:
         vocab.setdefault(token, len(vocab))
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIAL_TOKENS)
+    backend.add_special_tokens(list(special_tokens))
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+        tokenizer_object=backend, unk_token="<unk>", eos_token=eos_token, pad_token=pad_token, **tokenizer_kwargs
     )
 
 

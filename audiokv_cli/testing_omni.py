@@ -10,7 +10,6 @@ installed and the adapter's audio-only processor reads them everywhere.
 from __future__ import annotations
 
 import json
-import string
 from pathlib import Path
 
 # The special tokens Qwen2.5-Omni's processor and chat template use, in the order of the released tokenizer.
@@ -73,22 +72,13 @@ IMAGE_PROCESSOR_CONFIG = {
 
 def build_omni_character_tokenizer():
     """A character-level tokenizer (newline included: the chat template emits it) with Qwen2.5-Omni's tokens."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from audiokv_cli.testing import build_character_tokenizer
 
-    characters = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
-    vocab = {"<unk>": 0}
-    for token in SPECIAL_TOKENS + characters:
-        vocab.setdefault(token, len(vocab))
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_special_tokens(SPECIAL_TOKENS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        unk_token="<unk>",
+    return build_character_tokenizer(
+        SPECIAL_TOKENS,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
+        with_newline=True,
         extra_special_tokens=EXTRA_SPECIAL_TOKENS,
     )
 

@@ -9,7 +9,23 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from audiokv_cli.audio import SAMPLE_RATE
+
 ASR_INSTRUCTION = "Detect the language and recognize the speech: <|en|>"
+
+
+def audio_spans(input_ids: torch.Tensor, audio_token_id: int) -> list[tuple[int, int]]:
+    """Contiguous runs of the audio placeholder token, as [start, end) index pairs."""
+    is_audio = (input_ids.reshape(-1) == audio_token_id).tolist()
+    spans: list[tuple[int, int]] = []
+    start = None
+    for index, flag in enumerate(is_audio + [False]):
+        if flag and start is None:
+            start = index
+        elif not flag and start is not None:
+            spans.append((start, index))
+            start = None
+    return spans
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,22 @@ class ModelAdapter(ABC):
     @abstractmethod
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
         """Tokenize one clip with an ASR prompt (prompt None) or a free-form instruction."""
+
+    def prepared_input(self, batch, audio: np.ndarray, text: str, audio_token_id: int) -> PreparedInput:
+        """Processor output moved to the model (floating tensors in its dtype) with the audio spans located."""
+        inputs: dict[str, torch.Tensor] = {}
+        for key, value in batch.items():
+            if not isinstance(value, torch.Tensor) or key == "num_audio_tokens":
+                continue
+            value = value.to(self.device)
+            inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
+        return PreparedInput(
+            inputs=inputs,
+            input_ids=inputs["input_ids"],
+            audio_spans=audio_spans(inputs["input_ids"], audio_token_id),
+            audio_seconds=len(audio) / SAMPLE_RATE,
+            prompt=text,
+        )
 
     @property
     @abstractmethod

@@ -6,14 +6,12 @@ The talker and vocoder that turn the answer into speech never touch the text dec
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import numpy as np
 import torch
 
 from audiokv_cli.audio import SAMPLE_RATE
 from audiokv_cli.models.base import ModelAdapter, PreparedInput
-from audiokv_cli.models.qwen2_audio import audio_spans
 
 # Qwen's own speech-recognition wording for Qwen2.5-Omni (system and user turn of its audio-understanding cookbook).
 # Qwen2-Audio's "Detect the language ...: <|en|>" is that model's task format; `<|en|>` is not a token here.
@@ -235,19 +233,7 @@ class Qwen2_5OmniAdapter(ModelAdapter):
         audio = audio[: int(round(self.max_audio_seconds * SAMPLE_RATE))]
         text = self.prompt_text(prompt)
         batch = self.processor(text=text, audio=[audio], sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        inputs: dict[str, Any] = {}
-        for key, value in batch.items():
-            if not isinstance(value, torch.Tensor) or key == "num_audio_tokens":
-                continue
-            value = value.to(self.device)
-            inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
-        return PreparedInput(
-            inputs=inputs,
-            input_ids=inputs["input_ids"],
-            audio_spans=audio_spans(inputs["input_ids"], self.audio_token_id),
-            audio_seconds=len(audio) / SAMPLE_RATE,
-            prompt=text,
-        )
+        return self.prepared_input(batch, audio, text, self.audio_token_id)
 
     @property
     def eos_token_ids(self) -> list[int]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
@@ -11,20 +9,6 @@ from audiokv_cli.audio import SAMPLE_RATE
 from audiokv_cli.models.base import ASR_INSTRUCTION, ModelAdapter, PreparedInput
 
 BASE_PROMPT_PREFIX = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-
-
-def audio_spans(input_ids: torch.Tensor, audio_token_id: int) -> list[tuple[int, int]]:
-    """Contiguous runs of the audio placeholder token, as [start, end) index pairs."""
-    is_audio = (input_ids.reshape(-1) == audio_token_id).tolist()
-    spans: list[tuple[int, int]] = []
-    start = None
-    for index, flag in enumerate(is_audio + [False]):
-        if flag and start is None:
-            start = index
-        elif not flag and start is not None:
-            spans.append((start, index))
-            start = None
-    return spans
 
 
 class Qwen2AudioAdapter(ModelAdapter):
@@ -88,19 +72,7 @@ class Qwen2AudioAdapter(ModelAdapter):
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
         text = self.prompt_text(prompt)
         batch = self.processor(text=text, audio=audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        inputs: dict[str, Any] = {}
-        for key, value in batch.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            value = value.to(self.device)
-            inputs[key] = value.to(self.dtype) if value.is_floating_point() else value
-        return PreparedInput(
-            inputs=inputs,
-            input_ids=inputs["input_ids"],
-            audio_spans=audio_spans(inputs["input_ids"], self.audio_token_id),
-            audio_seconds=len(audio) / SAMPLE_RATE,
-            prompt=text,
-        )
+        return self.prepared_input(batch, audio, text, self.audio_token_id)
 
     @property
     def eos_token_ids(self) -> list[int]:
