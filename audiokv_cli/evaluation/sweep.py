@@ -306,8 +306,13 @@ class ModelSource:
 
 
 def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, progress) -> list[dict]:
+    import transformers
+
     from audiokv_cli.models.registry import load_adapter
 
+    # The parent shows the progress; library bars and advice from each worker would interleave with it.
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     # One thread per process: the processes share the cores instead of the threads of one process.
     torch.set_num_threads(1)
     adapter = load_adapter(source.name, source.device, source.dtype, source.trust_remote_code)
