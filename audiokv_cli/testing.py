@@ -40,6 +40,18 @@ def build_character_tokenizer(
     )
 
 
+def tiny_audio_encoder_config(audio_hidden: int) -> dict:
+    """A one-layer Whisper-style audio encoder over 80 mel bins and 30 s windows (Qwen2-Audio and Omni towers)."""
+    return {
+        "num_mel_bins": 80,
+        "d_model": audio_hidden,
+        "encoder_layers": 1,
+        "encoder_attention_heads": 2,
+        "encoder_ffn_dim": 2 * audio_hidden,
+        "max_source_positions": 1500,
+    }
+
+
 def build_tiny_qwen2_audio(
     out_dir: str | Path,
     seed: int = 0,
@@ -66,14 +78,7 @@ def build_tiny_qwen2_audio(
         chat_template=CHAT_TEMPLATE,
     )
     config = Qwen2AudioConfig(
-        audio_config={
-            "num_mel_bins": 80,
-            "d_model": audio_hidden,
-            "encoder_layers": 1,
-            "encoder_attention_heads": 2,
-            "encoder_ffn_dim": 2 * audio_hidden,
-            "max_source_positions": 1500,
-        },
+        audio_config=tiny_audio_encoder_config(audio_hidden),
         text_config={
             "model_type": "qwen2",
             "vocab_size": len(tokenizer),

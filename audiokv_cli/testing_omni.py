@@ -94,6 +94,8 @@ def tiny_thinker_config(
     """A Qwen2_5OmniThinkerConfig with tiny audio, vision and text parts (GQA, M-RoPE) for ``tokenizer``."""
     from transformers import Qwen2_5OmniThinkerConfig
 
+    from audiokv_cli.testing import tiny_audio_encoder_config
+
     head_dim = hidden // num_heads
     # M-RoPE splits the head_dim / 2 rotary frequencies into temporal, height and width sections, in the released
     # model's 16:24:24 proportion.
@@ -102,16 +104,7 @@ def tiny_thinker_config(
     mrope_section = [half - 2 * spatial, spatial, spatial]
     token = tokenizer.convert_tokens_to_ids
     return Qwen2_5OmniThinkerConfig(
-        audio_config={
-            "num_mel_bins": 80,
-            "d_model": audio_hidden,
-            "encoder_layers": 1,
-            "encoder_attention_heads": 2,
-            "encoder_ffn_dim": 2 * audio_hidden,
-            "max_source_positions": 1500,
-            "n_window": 100,
-            "output_dim": hidden,
-        },
+        audio_config={**tiny_audio_encoder_config(audio_hidden), "n_window": 100, "output_dim": hidden},
         vision_config={
             "depth": 1,
             "hidden_size": 16,
