@@ -52,6 +52,19 @@ def tiny_audio_encoder_config(audio_hidden: int) -> dict:
     }
 
 
+def tiny_text_geometry(vocab_size: int, hidden: int, num_layers: int, num_heads: int, num_kv_heads: int) -> dict:
+    """Size of a tiny text decoder; fewer KV heads than query heads keeps the GQA paths exercised."""
+    return {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden,
+        "intermediate_size": 2 * hidden,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+        "max_position_embeddings": 4096,
+    }
+
+
 def build_tiny_qwen2_audio(
     out_dir: str | Path,
     seed: int = 0,
@@ -81,13 +94,7 @@ def build_tiny_qwen2_audio(
         audio_config=tiny_audio_encoder_config(audio_hidden),
         text_config={
             "model_type": "qwen2",
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_kv_heads,
-            "max_position_embeddings": 4096,
+            **tiny_text_geometry(len(tokenizer), hidden, num_layers, num_heads, num_kv_heads),
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.eos_token_id,
             "pad_token_id": tokenizer.pad_token_id,

@@ -94,7 +94,7 @@ def tiny_thinker_config(
     """A Qwen2_5OmniThinkerConfig with tiny audio, vision and text parts (GQA, M-RoPE) for ``tokenizer``."""
     from transformers import Qwen2_5OmniThinkerConfig
 
-    from audiokv_cli.testing import tiny_audio_encoder_config
+    from audiokv_cli.testing import tiny_audio_encoder_config, tiny_text_geometry
 
     head_dim = hidden // num_heads
     # M-RoPE splits the head_dim / 2 rotary frequencies into temporal, height and width sections, in the released
@@ -117,13 +117,7 @@ def tiny_thinker_config(
             "temporal_patch_size": 2,
         },
         text_config={
-            "vocab_size": len(tokenizer),
-            "hidden_size": hidden,
-            "intermediate_size": 2 * hidden,
-            "num_hidden_layers": num_layers,
-            "num_attention_heads": num_heads,
-            "num_key_value_heads": num_kv_heads,
-            "max_position_embeddings": 4096,
+            **tiny_text_geometry(len(tokenizer), hidden, num_layers, num_heads, num_kv_heads),
             "rope_theta": 1000000.0,
             "rope_scaling": {"type": "default", "rope_type": "default", "mrope_section": mrope_section},
             "eos_token_id": token("<|im_end|>"),
