@@ -82,3 +82,30 @@ def test_transcribes_example_clip(tiny):
     expected = (EXAMPLES / f"{EXAMPLE}.txt").read_text()
     assert _normalize(result.text) == _normalize(expected)
     assert not result.hit_token_limit
+
+
+def test_readme_first_command_prints_the_transcript():
+    # `audiokv infer examples/clip1.wav` with no --model: the bundled model, announced in one line.
+    from typer.testing import CliRunner
+
+    from audiokv_cli.cli import app
+
+    result = CliRunner().invoke(app, ["infer", str(EXAMPLES / f"{EXAMPLE}.wav")])
+    assert result.exit_code == 0, result.output
+    assert "model: tiny" in result.output
+    expected = " ".join(_normalize((EXAMPLES / f"{EXAMPLE}.txt").read_text()))
+    assert expected in " ".join(_normalize(result.output))
+
+
+def test_shipped_profile_is_found_for_audiokv():
+    # The README's second command: `--method audiokv` finds profiles/tiny.safetensors by the model's fingerprint.
+    from typer.testing import CliRunner
+
+    from audiokv_cli.cli import app
+
+    result = CliRunner().invoke(app, ["infer", str(EXAMPLES / f"{EXAMPLE}.wav"), "--method", "audiokv",
+                                      "--retention", "0.4", "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
+    assert record["method"] == "audiokv" and "tiny.safetensors" in result.output
+    assert record["kv_bytes_kept"] <= 0.41 * record["kv_bytes_full"]

@@ -65,9 +65,9 @@ A small Qwen2-Audio model (`Qwen2AudioForConditionalGeneration`) so audiokv runs
   speech: <|en|>`; output is lowercase words without punctuation, ended by `<|endoftext|>`.
 - Weights stored in float16, loaded as float32.
 
-It is a demonstration model, trained for about 90 minutes on two CPU cores: it attends to the audio and gets parts
-of clear synthetic English right, but most transcripts of unseen speech are wrong (measured word error rates are in
-docs/bundled-model.md), and real-world recordings are beyond it. It exists so the KV-cache machinery runs end to end
+It is a small demonstration model, trained for about two hours on two CPU cores on synthesized English speech:
+it transcribes clear synthetic English with mistakes (held-out word error rates are measured in
+docs/bundled-model.md) and real-world recordings are beyond it. It exists so the KV-cache machinery runs end to end
 on a real audio-language model offline. Rebuild: scripts/bundled_model/.
 """
 

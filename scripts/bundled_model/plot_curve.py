@@ -42,7 +42,7 @@ def main() -> None:
     phases = list(dict.fromkeys(r["phase"] for r in rows))
     for n, phase in enumerate(phases, start=1):
         part = [r for r in train if r["phase"] == phase]
-        label = "train loss (EMA)" if len(phases) == 1 else f"train loss, run {n} (EMA)"
+        label = "train loss (EMA)" if len(phases) == 1 else f"train loss, stage {n} (EMA)"
         ax_loss.plot([r["minutes"] for r in part], [r["train_loss"] for r in part], label=label)
         if n > 1 and part:
             for ax in (ax_loss, ax_err):
@@ -55,7 +55,7 @@ def main() -> None:
     for key, label in (("wer_short", "WER < 10 s"), ("wer_long", "WER 20-30 s"), ("cer", "CER (all)")):
         ax_err.plot([r["minutes"] for r in evals], [min(r[key], 1.5) for r in evals], "o-", label=label)
     ax_err.set_xlabel("training minutes")
-    ax_err.set_ylabel("greedy error rate on held-out subset (capped at 1.5)")
+    ax_err.set_ylabel("greedy error rate, 12-16 held-out clips (cap 1.5)")
     ax_err.legend()
     ax_err.grid(alpha=0.3)
     fig.suptitle("audiokv bundled tiny model: training curve")

@@ -105,13 +105,19 @@ class Examples:
         self.eos = hf_tok.eos_token_id
         self.hf_tok, self.max_target = hf_tok, max_target
         self.targets: list[list[int]] = []
+        # Where each target token sits in its transcript, as a fraction of the characters (token centre): speech runs
+        # at a roughly even rate, so this times the number of audio tokens is a rough guess of where it is spoken.
+        self.text_fractions: list[np.ndarray] = []
         self.sync()
 
     def sync(self) -> None:
         """Tokenize targets of clips the shards gained since the last call."""
         for m in self.shards.metas[len(self.targets) :]:
-            ids = self.hf_tok(m["text"], add_special_tokens=False).input_ids[: self.max_target]
+            enc = self.hf_tok(m["text"], add_special_tokens=False, return_offsets_mapping=True)
+            ids = enc.input_ids[: self.max_target]
             self.targets.append(ids + [self.eos])
+            centres = [(a + b) / 2 for a, b in enc["offset_mapping"][: len(ids)]]
+            self.text_fractions.append(np.asarray(centres, dtype=np.float32) / max(1, len(m["text"])))
 
     def length(self, i: int) -> int:
         return self.shards.metas[i]["n_tokens"] + 2 + len(self.prompt_tail) + len(self.targets[i])
@@ -177,7 +183,30 @@ def collate(model, examples: Examples, batch: list[int], train: bool, rng: rando
     return inputs, mask, lab_out
 
 
-def forward_loss(model, inputs, mask, labels, smoothing: float, ctc=None) -> tuple[torch.Tensor, int]:
+def guided_attention_loss(attentions, heads: list[tuple[int, int]], rows: list[tuple[int, np.ndarray, np.ndarray, int]]
+                          ) -> torch.Tensor:
+    """-log of the attention mass that chosen heads put near where the token they predict is spoken.
+
+    ``rows``: per batch item (b, sequence positions that predict transcript tokens, the guessed audio index of each
+    of those tokens, number of audio tokens); audio tokens start at sequence index 1. The window is wide (a Gaussian
+    of 4 % of the clip + 4 tokens) because the guess assumes an even speaking rate. A decoder trained from scratch
+    otherwise needs a long time to discover the alignment by itself; this only gets the search started and is
+    switched off for the last part of training.
+    """
+    losses = []
+    for b, positions, centres, n_audio in rows:
+        sigma = 0.04 * n_audio + 4.0
+        frames = torch.arange(n_audio, dtype=torch.float32)
+        window = torch.exp(-((frames[None, :] - torch.from_numpy(centres)[:, None]) ** 2) / (2 * sigma**2))
+        pos = torch.from_numpy(positions)
+        for layer, head in heads:
+            attn = attentions[layer][b, head, pos, 1 : 1 + n_audio]  # [tokens, audio]
+            losses.append(-torch.log((attn * window).sum(-1) + 1e-4))
+    return torch.cat(losses).mean()
+
+
+def forward_loss(model, inputs, mask, labels, smoothing: float, ctc=None, parts: dict | None = None, guide=None
+                 ) -> tuple[torch.Tensor, int]:
     """Next-token cross-entropy on the transcript; plus, when ``ctc`` is given, the auxiliary CTC loss.
 
     ``ctc`` = (head, layer, weight, blank, audio lengths, targets). The CTC head reads the audio positions of an
@@ -185,7 +214,8 @@ def forward_loss(model, inputs, mask, labels, smoothing: float, ctc=None) -> tup
     carry "which token is said here" early, so the decoder's attention finds the audio much sooner. The head is
     training-only and is not exported.
     """
-    out = model.model.language_model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=ctc is not None)
+    out = model.model.language_model(inputs_embeds=inputs, attention_mask=mask, output_hidden_states=ctc is not None,
+                                     output_attentions=guide is not None)
     hidden = out.last_hidden_state
     keep = labels != -100
     logits = model.lm_head(hidden[keep])
@@ -198,7 +228,14 @@ def forward_loss(model, inputs, mask, labels, smoothing: float, ctc=None) -> tup
         flat = torch.tensor([t for tgt in targets for t in tgt], dtype=torch.long)
         ctc_loss = F.ctc_loss(log_probs, flat, torch.tensor(audio_lengths), torch.tensor([len(t) for t in targets]),
                               blank=blank, zero_infinity=True)
+        if parts is not None:
+            parts["ctc"] = float(ctc_loss.detach())
         loss = loss + weight * ctc_loss
+    if guide is not None:
+        guide_loss = guided_attention_loss(out.attentions, *guide[1:])
+        if parts is not None:
+            parts["guide"] = float(guide_loss.detach())
+        loss = loss + guide[0] * guide_loss
     return loss, int(keep.sum())
 
 
@@ -333,10 +370,16 @@ def main() -> None:
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--label-smoothing", type=float, default=0.05)
     parser.add_argument("--feat-dropout", type=float, default=0.1)
-    parser.add_argument("--short-first-frac", type=float, default=0.1, help="budget share trained on clips < 12 s")
+    parser.add_argument("--short-first-frac", type=float, default=0.1,
+                        help="budget share trained on short clips only (alignment is found on short clips first)")
+    parser.add_argument("--short-seconds", type=float, default=12.0, help="what counts as a short clip")
     parser.add_argument("--init-from", type=Path, default=None, help="checkpoint folder to continue from")
     parser.add_argument("--ctc-weight", type=float, default=0.0, help="auxiliary CTC loss weight (0 = off)")
     parser.add_argument("--ctc-layer", type=int, default=2, help="decoder layer whose audio positions feed CTC")
+    parser.add_argument("--guide-weight", type=float, default=0.0, help="guided-attention loss weight (0 = off)")
+    parser.add_argument("--guide-until-frac", type=float, default=0.6,
+                        help="budget share after which the guided-attention weight has decayed to zero")
+    parser.add_argument("--guide-heads", default="2:0,2:1,3:0,3:1", help="layer:head pairs that are guided")
     parser.add_argument("--save-every-min", type=float, default=10.0)
     parser.add_argument("--eval-every-min", type=float, default=8.0)
     parser.add_argument("--eval-decode", type=int, default=16)
@@ -370,6 +413,8 @@ def main() -> None:
         hf_tok = processor.tokenizer
         ids = hf_tok.convert_tokens_to_ids
         model = build_model(len(hf_tok), hf_tok.eos_token_id, hf_tok.pad_token_id, ids(AUDIO))
+    if args.guide_weight > 0:
+        model.set_attn_implementation("eager")  # attention weights are needed for the guided-attention loss
     model.train()
 
     train = Examples(Shards(args.data, "train"), hf_tok)
@@ -403,7 +448,8 @@ def main() -> None:
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     metrics_path = args.out / "metrics.jsonl"
-    step, epoch, ema, seen = 0, 0, None, 0
+    step, epoch, ema, seen, ctc_ema, guide_ema = 0, 0, None, 0, None, None
+    guide_heads = [tuple(int(x) for x in pair.split(":")) for pair in args.guide_heads.split(",")]
     last_save = last_eval = time.time()
     batches: list[list[int]] = []
     phase = None
@@ -422,7 +468,7 @@ def main() -> None:
                 train.sync()
                 print(f"train clips now {len(train.targets)}", flush=True)
             all_idx = list(range(len(train.targets)))
-            short_idx = [i for i in all_idx if train.shards.metas[i]["seconds"] < 12]
+            short_idx = [i for i in all_idx if train.shards.metas[i]["seconds"] < args.short_seconds]
             batches = make_batches(train, short_idx if phase == "short" else all_idx, args.token_budget, rng)
             if not batches:  # data preparation has not written a training shard yet
                 time.sleep(15)
@@ -437,7 +483,24 @@ def main() -> None:
             lengths = [train.shards.metas[i]["n_tokens"] for i in batch]
             targets = [train.targets[i][:-1] or [train.eos] for i in batch]
             ctc = (ctc_head, args.ctc_layer, args.ctc_weight, hf_tok.pad_token_id, lengths, targets)
-        loss, _ = forward_loss(model, inputs, mask, labels, args.label_smoothing, ctc)
+        guide = None
+        guide_weight = args.guide_weight * max(0.0, 1.0 - frac / args.guide_until_frac)
+        if guide_weight > 0:
+            rows = []
+            for b, i in enumerate(batch):
+                n_audio = train.shards.metas[i]["n_tokens"]
+                n_target = len(train.targets[i])
+                seq_len = n_audio + 2 + len(train.prompt_tail) + n_target
+                # position seq_len - n_target - 1 + k predicts target token k; the end token is not guided
+                positions = np.arange(n_target - 1) + seq_len - n_target - 1
+                rows.append((b, positions, train.text_fractions[i] * n_audio, n_audio))
+            guide = (guide_weight, guide_heads, rows)
+        parts: dict = {}
+        loss, _ = forward_loss(model, inputs, mask, labels, args.label_smoothing, ctc, parts, guide)
+        if "guide" in parts:
+            guide_ema = parts["guide"] if guide_ema is None else 0.98 * guide_ema + 0.02 * parts["guide"]
+        if "ctc" in parts:
+            ctc_ema = parts["ctc"] if ctc_ema is None else 0.98 * ctc_ema + 0.02 * parts["ctc"]
         optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -448,10 +511,12 @@ def main() -> None:
         ema = loss_value if ema is None else 0.98 * ema + 0.02 * loss_value
         if step % 25 == 0:
             print(f"step {step} ep {epoch} {phase} min {(time.time() - start) / 60:.1f} lr {lr:.2e} loss {ema:.3f} "
-                  f"gnorm {grad_norm:.2f} clips {seen}", flush=True)
+                  f"gnorm {grad_norm:.2f} clips {seen}" + (f" ctc {ctc_ema:.3f}" if ctc_ema is not None else "")
+                  + (f" guide {guide_ema:.3f}" if guide_ema is not None else ""), flush=True)
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps({"step": step, "minutes": (time.time() - start) / 60, "lr": lr,
-                                     "train_loss": ema, "clips_seen": seen}) + "\n")
+                                     "train_loss": ema, "ctc_loss": ctc_ema, "guide_loss": guide_ema,
+                                     "clips_seen": seen}) + "\n")
         if time.time() - last_eval > args.eval_every_min * 60:
             result = evaluate(model, heldout, loss_idx, decode_idx, hf_tok)
             result.update(step=step, minutes=(time.time() - start) / 60, train_loss=ema, clips_seen=seen)
