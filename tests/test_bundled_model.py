@@ -98,14 +98,16 @@ def test_readme_first_command_prints_the_transcript():
 
 
 def test_shipped_profile_is_found_for_audiokv():
-    # The README's second command: `--method audiokv` finds profiles/tiny.safetensors by the model's fingerprint.
+    # The README's second command: `--method audiokv` finds profiles/tiny.safetensors by the model's fingerprint
+    # and, keeping 70 % of the prompt cache, still gets the example right.
     from typer.testing import CliRunner
 
     from audiokv_cli.cli import app
 
     result = CliRunner().invoke(app, ["infer", str(EXAMPLES / f"{EXAMPLE}.wav"), "--method", "audiokv",
-                                      "--retention", "0.4", "--json"])
+                                      "--retention", "0.7", "--json"])
     assert result.exit_code == 0, result.output
     record = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("{")))
     assert record["method"] == "audiokv" and "tiny.safetensors" in result.output
-    assert record["kv_bytes_kept"] <= 0.41 * record["kv_bytes_full"]
+    assert record["kv_bytes_kept"] <= 0.71 * record["kv_bytes_full"]
+    assert _normalize(record["text"]) == _normalize((EXAMPLES / f"{EXAMPLE}.txt").read_text())
