@@ -145,7 +145,8 @@ def evaluate(
     seconds = sum(row["seconds_compress"] + row["seconds_decode"] for row in result.clips)
     prefill = sum({row["clip"]: row["seconds_prefill"] for row in result.clips}.values())
     console.print(
-        f"[dim]{len(examples)} clips x {len(cells)} cells; prefill {prefill:.1f} s once per clip, "
+        f"[dim]{len(examples)} clips x {len(cells)} cells; one prefill per clip "
+        f"({prefill / max(len(examples), 1):.2f} s each, {prefill:.1f} s in all), "
         f"{seconds / max(cells_run, 1):.3f} s per clip-cell (compress + decode)[/]"
     )
     console.print(f"wrote {', '.join(sorted(paths))} to {out}/", highlight=False)
