@@ -10,6 +10,7 @@ Usage: python scripts/bundled_model/alignment_heads.py .build/stage3/final [--da
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train import Examples, Shards  # noqa: E402
+from train import Examples, Shards, collate  # noqa: E402
 
 
 def main() -> None:
@@ -36,14 +37,11 @@ def main() -> None:
                                                                attn_implementation="eager").eval()
     heldout = Examples(Shards(args.data, "heldout"), tokenizer)
     clip = next(k for k, m in enumerate(heldout.shards.metas) if args.min_seconds < m["seconds"] < args.max_seconds)
-    embed = model.get_input_embeddings()
-    feats = torch.from_numpy(heldout.shards.features(clip).astype(np.float32))
-    tail = [heldout.audio_eos] + heldout.prompt_tail + heldout.targets[clip]
     with torch.no_grad():
-        inputs = torch.cat([embed(torch.tensor([heldout.audio_bos])), model.model.multi_modal_projector(feats),
-                            embed(torch.tensor(tail))])[None]
+        # the training sequence of the clip, without augmentation
+        inputs, _, _ = collate(model, heldout, [clip], False, random.Random(0), 0.0)
         out = model.model.language_model(inputs_embeds=inputs, output_attentions=True)
-    n_audio, n_target, length = feats.shape[0], len(heldout.targets[clip]), inputs.shape[1]
+    n_audio, n_target, length = heldout.shards.metas[clip]["n_tokens"], len(heldout.targets[clip]), inputs.shape[1]
     print(f"clip {clip}: {heldout.shards.metas[clip]['seconds']:.1f} s, {n_audio} audio tokens, {n_target} targets")
     steps = np.arange(n_target)
     for layer, attn in enumerate(out.attentions):

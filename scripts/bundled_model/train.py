@@ -345,6 +345,13 @@ def save_checkpoint(model, processor, out: Path, name: str, info: dict) -> None:
 # ---------------------------------------------------------------------------------------------- main
 
 
+def moving_average(average: float | None, value: float | None) -> float | None:
+    """Exponential moving average of a logged loss (0.98 decay); a missing value leaves it unchanged."""
+    if value is None:
+        return average
+    return value if average is None else 0.98 * average + 0.02 * value
+
+
 def end_timestamp(args) -> float:
     if args.end_utc:
         now = dt.datetime.now(dt.timezone.utc)
@@ -490,17 +497,14 @@ def main() -> None:
             for b, i in enumerate(batch):
                 n_audio = train.shards.metas[i]["n_tokens"]
                 n_target = len(train.targets[i])
-                seq_len = n_audio + 2 + len(train.prompt_tail) + n_target
-                # position seq_len - n_target - 1 + k predicts target token k; the end token is not guided
-                positions = np.arange(n_target - 1) + seq_len - n_target - 1
+                # as in collate: position length - n_target - 1 + k predicts target token k; the end token is not guided
+                positions = np.arange(n_target - 1) + train.length(i) - n_target - 1
                 rows.append((b, positions, train.text_fractions[i] * n_audio, n_audio))
             guide = (guide_weight, guide_heads, rows)
         parts: dict = {}
         loss, _ = forward_loss(model, inputs, mask, labels, args.label_smoothing, ctc, parts, guide)
-        if "guide" in parts:
-            guide_ema = parts["guide"] if guide_ema is None else 0.98 * guide_ema + 0.02 * parts["guide"]
-        if "ctc" in parts:
-            ctc_ema = parts["ctc"] if ctc_ema is None else 0.98 * ctc_ema + 0.02 * parts["ctc"]
+        guide_ema = moving_average(guide_ema, parts.get("guide"))
+        ctc_ema = moving_average(ctc_ema, parts.get("ctc"))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
@@ -508,7 +512,7 @@ def main() -> None:
         step += 1
         seen += len(batch)
         loss_value = float(loss.detach())
-        ema = loss_value if ema is None else 0.98 * ema + 0.02 * loss_value
+        ema = moving_average(ema, loss_value)
         if step % 25 == 0:
             print(f"step {step} ep {epoch} {phase} min {(time.time() - start) / 60:.1f} lr {lr:.2e} loss {ema:.3f} "
                   f"gnorm {grad_norm:.2f} clips {seen}" + (f" ctc {ctc_ema:.3f}" if ctc_ema is not None else "")
