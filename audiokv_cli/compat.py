@@ -21,12 +21,15 @@ def _cache_argument_of(function: Callable) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
-def cache_argument(callable_: Callable) -> str:
-    """"cache" where `callable_` (a model's forward, `generate`, ...) takes it, else "past_key_values"."""
-    function = getattr(callable_, "__func__", callable_)
-    return _cache_argument_of(function)
+def cache_argument(model: Any) -> str:
+    """"cache" where the model's forward takes it, else "past_key_values".
+
+    `generate` takes **kwargs and renamed the argument in the same release, so the forward decides for both.
+    """
+    forward = getattr(model, "forward", model)
+    return _cache_argument_of(getattr(forward, "__func__", forward))
 
 
-def cache_kwargs(callable_: Callable, cache: Any) -> dict[str, Any]:
-    """``{name: cache}`` with the argument name `callable_` expects."""
-    return {cache_argument(callable_): cache}
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for `model(...)` and `model.generate(...)` with the name the installed release expects."""
+    return {cache_argument(model): cache}
