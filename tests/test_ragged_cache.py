@@ -8,6 +8,7 @@ from audiokv_cli.compression.cache import RaggedLayer, ragged_decode_attention
 from audiokv_cli.compression.methods import METHODS, MethodOptions, build_policy
 from audiokv_cli.compression.policy import CompressionSession, apply_policy
 from audiokv_cli.attention import use_attention_handler
+from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.decoding import prefill
 
 
@@ -96,7 +97,7 @@ def test_retention_one_is_lossless(tiny_adapter):
         torch.testing.assert_close(step, base_step, atol=1e-5, rtol=0)
         with apply_policy(policy, tiny_adapter, prepared) as generating:
             out = tiny_adapter.model.generate(
-                **prepared.inputs, past_key_values=generating.cache, max_new_tokens=12, do_sample=False
+                **prepared.inputs, **cache_kwargs(tiny_adapter.model, generating.cache), max_new_tokens=12, do_sample=False
             )
         assert out.tolist() == reference.tolist()
 

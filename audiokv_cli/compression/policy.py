@@ -17,8 +17,12 @@ from audiokv_cli.attention import sdpa_attention, use_attention_handler
 from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
 from audiokv_cli.compression.scorers import Scorer
-from audiokv_cli.compression.selection import SCOPES, forced_mask, select_positions
+from audiokv_cli.compression.selection import SCOPES, select_positions
 from audiokv_cli.compression.smoothers import NoSmoothing, Smoother
+
+
+# Which positions the smoother filters: every evictable one, or only the evictable audio tokens.
+SMOOTH_OVER = ("evictable", "audio")
 
 
 @dataclass
@@ -32,8 +36,11 @@ class CompressionPolicy:
     retention: float = 1.0
     window: int = 32
     scope: str = "all"
+    smooth_over: str = "evictable"
 
     def __post_init__(self) -> None:
+        if self.smooth_over not in SMOOTH_OVER:
+            raise ValueError(f"smooth_over must be one of {', '.join(SMOOTH_OVER)}, got {self.smooth_over!r}")
         if not 0.0 < self.retention <= 1.0:
             raise ValueError(f"retention must be in (0, 1], got {self.retention}")
         if self.scope not in SCOPES:
@@ -52,20 +59,41 @@ class CompressionPolicy:
         keys: torch.Tensor,
         scaling: float,
         ctx: BudgetContext,
-        audio_spans: list[tuple[int, int]],
         scores: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Boolean ``[B, Hkv, L]`` of the prompt entries this layer keeps (batch rows share the same budgets)."""
         if scores is None:
             scores = self.scorer.score(queries, keys, scaling)
-        scores = self.smoother.smooth(scores.float())
-        length = keys.shape[-2]
-        forced = forced_mask(length, ctx.effective_window, audio_spans, self.scope).to(keys.device)
+        forced = ctx.forced.to(keys.device)
+        scores = self.smooth_evictable(scores.float(), self.smoothed_positions(ctx).to(keys.device))
         masks = []
         for row in range(scores.shape[0]):
             budgets = self.budget.allocate(layer_idx, scores[row : row + 1], ctx).to(keys.device)
             masks.append(select_positions(scores[row], budgets, forced))
         return torch.stack(masks)
+
+    def smoothed_positions(self, ctx: BudgetContext) -> torch.Tensor:
+        """bool[L]: the positions whose scores form the sequence the smoother filters.
+
+        Only evictable positions: the forced ones (the window; text under scope audio) are kept whatever their
+        score, and left in they dominate the spectrum and the pooling beside them. ``smooth_over="audio"`` also
+        leaves text positions (sinks, instruction) out under scope all: they keep their raw scores.
+        """
+        positions = ~ctx.forced
+        if self.smooth_over == "audio":
+            audio = torch.zeros(ctx.prompt_len, dtype=torch.bool)
+            for start, end in ctx.audio_spans:
+                audio[start:end] = True
+            positions &= audio
+        return positions
+
+    def smooth_evictable(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Smooth the scores of ``positions`` as one sequence (gathered in order); the others stay as they are."""
+        if positions.all():
+            return self.smoother.smooth(scores)
+        smoothed = scores.clone()
+        smoothed[..., positions] = self.smoother.smooth(scores[..., positions].contiguous())
+        return smoothed
 
 
 @dataclass
@@ -93,6 +121,8 @@ class CompressionSession:
             num_layers=geometry.num_layers,
             num_kv_heads=geometry.num_kv_heads,
             num_query_heads=geometry.num_query_heads,
+            scope=policy.scope,
+            audio_spans=tuple(prepared.audio_spans),
         )
         self.layer_stats: dict[int, LayerKeepStats] = {}
         self.full_prompt_bytes = 0
@@ -109,9 +139,7 @@ class CompressionSession:
         layer = self.cache.layers[layer_idx]
         self.full_prompt_bytes += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         self.peak_prefill_bytes = max(self.peak_prefill_bytes, self.cache.physical_bytes(include_tail=False))
-        keep = self.policy.keep_mask(
-            layer_idx, queries, keys, scaling, self.context, self.prepared.audio_spans, scores=scores
-        )
+        keep = self.policy.keep_mask(layer_idx, queries, keys, scaling, self.context, scores=scores)
         audio = self.audio_position_mask(keep.shape[-1], keep.device)
         self.layer_stats[layer_idx] = LayerKeepStats(
             kept=keep[0].sum(-1).tolist(),
@@ -148,7 +176,7 @@ def apply_policy(policy: CompressionPolicy, adapter, prepared) -> Iterator[Compr
     """Compress the KV cache of ``prepared``'s prompt while the block runs.
 
     >>> with apply_policy(policy, adapter, prepared) as session:
-    ...     adapter.model.generate(**prepared.inputs, past_key_values=session.cache, max_new_tokens=64)
+    ...     adapter.model.generate(**prepared.inputs, **cache_kwargs(adapter.model, session.cache), max_new_tokens=64)
     """
     session = CompressionSession(policy, adapter, prepared)
     with use_attention_handler(adapter, session):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.compat import cache_kwargs
 
 ASR_INSTRUCTION = "Detect the language and recognize the speech: <|en|>"
 
@@ -146,7 +147,7 @@ class ModelAdapter(ABC):
 
     def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
         """Logits for the position after the last input token, ``[batch, vocab]``, extending ``cache``."""
-        return self.model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]
+        return self.model(**inputs, **cache_kwargs(self.model, cache), use_cache=True).logits[:, -1]
 
     def decode(self, token_ids) -> str:
         tokenizer = getattr(self.processor, "tokenizer", self.processor)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.models.base import ModelAdapter, PreparedInput
 
 # Qwen's own speech-recognition wording for Qwen2.5-Omni (system and user turn of its audio-understanding cookbook).
@@ -201,10 +202,10 @@ class Qwen2_5OmniAdapter(ModelAdapter):
             position_ids = (steps[None, :] + deltas.to(input_ids.device)).unsqueeze(0).expand(3, -1, -1)
         body = self._multimodal_model()
         if body is None:
-            outputs = self.model(**inputs, position_ids=position_ids, past_key_values=cache, use_cache=True)
+            outputs = self.model(**inputs, position_ids=position_ids, **cache_kwargs(self.model, cache), use_cache=True)
             return outputs.logits[:, -1]
         # Project only the last position: the full [L, vocab] logits of a 7B prompt cost hundreds of MB.
-        hidden = body(**inputs, position_ids=position_ids, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = body(**inputs, position_ids=position_ids, **cache_kwargs(body, cache), use_cache=True).last_hidden_state
         return self.model.lm_head(hidden[:, -1])
 
     @property

@@ -1,11 +1,16 @@
-"""Qwen2-Audio (base and Instruct): a Whisper-style audio tower feeding a Qwen2 text decoder."""
+"""Qwen2-Audio (base and Instruct): a Whisper-style audio tower feeding a Qwen2 text decoder.
+
+The tower encodes one 30 s window per audio item (the feature extractor pads or cuts to it), so a longer clip is
+given as consecutive segments of at most 30 s, each its own audio item in the same prompt: nothing is cut.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.audio import SAMPLE_RATE, split_audio
+from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.models.base import ASR_INSTRUCTION, ModelAdapter, PreparedInput
 
 BASE_PROMPT_PREFIX = "<|audio_bos|><|AUDIO|><|audio_eos|>"
@@ -15,7 +20,8 @@ class Qwen2AudioAdapter(ModelAdapter):
     model_types = ("qwen2_audio",)
     # The tower makes one frame per 20 ms and average-pools by two.
     seconds_per_audio_token = 0.04
-    max_audio_seconds = 30.0
+    # Longer clips are segmented; this bounds the prompt (15,000 audio tokens) and is checked before loading.
+    max_audio_seconds = 600.0
 
     def __init__(self, model, processor, name, revision=None, prompt_style: str = "auto"):
         super().__init__(model, processor, name, revision)
@@ -50,29 +56,34 @@ class Qwen2AudioAdapter(ModelAdapter):
 
     def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
         # Project only the last position: the full [L, vocab] logits of a 7B model's prompt cost hundreds of MB.
-        hidden = self.model.model(**inputs, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = self.model.model(**inputs, **cache_kwargs(self.model.model, cache), use_cache=True).last_hidden_state
         return self.model.lm_head(hidden[:, -1])
 
     @property
     def audio_token_id(self) -> int:
         return int(self.model.config.audio_token_id)
 
-    def prompt_text(self, prompt: str | None) -> str:
+    @property
+    def segment_seconds(self) -> float:
+        """The feature extractor's window: the most audio one audio item holds."""
+        extractor = self.processor.feature_extractor
+        return extractor.n_samples / extractor.sampling_rate
+
+    def prompt_text(self, prompt: str | None, segments: int = 1) -> str:
         instruction = prompt if prompt is not None else ASR_INSTRUCTION
         if self.prompt_style == "raw":
-            return BASE_PROMPT_PREFIX + instruction
-        conversation = [
-            {
-                "role": "user",
-                "content": [{"type": "audio", "audio_url": "clip.wav"}, {"type": "text", "text": instruction}],
-            }
-        ]
+            return BASE_PROMPT_PREFIX * segments + instruction
+        audio_items = [{"type": "audio", "audio_url": f"segment{index}.wav"} for index in range(segments)]
+        conversation = [{"role": "user", "content": audio_items + [{"type": "text", "text": instruction}]}]
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
-        text = self.prompt_text(prompt)
-        batch = self.processor(text=text, audio=audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        return self.prepared_input(batch, audio, text, self.audio_token_id)
+        segments = split_audio(audio, self.segment_seconds)
+        text = self.prompt_text(prompt, len(segments))
+        batch = self.processor(text=text, audio=segments, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        prepared = self.prepared_input(batch, audio, text, self.audio_token_id)
+        prepared.extra["audio_segments"] = len(segments)
+        return prepared
 
     @property
     def eos_token_ids(self) -> list[int]:
