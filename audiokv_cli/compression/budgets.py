@@ -1,12 +1,14 @@
-"""Per-head KV budgets: how many prompt entries each (layer, KV head) keeps, the observation window included.
+"""Per-head KV budgets: how many prompt entries each (layer, KV head) keeps, the forced positions included.
 
-All allocators start from the same nominal per-head budget, round(retention * L) clamped to [min(w, L), L], and
-differ only in how they move entries between layers and heads. Totals are conserved exactly in integers.
+All allocators start from the same nominal per-head budget, round(retention * L) clamped to [f, L] where f counts
+the forced positions (the observation window; under scope audio every text token too), and differ only in how they
+move the evictable rest between layers and heads. Totals are conserved exactly in integers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from os import PathLike
@@ -16,17 +18,23 @@ import torch
 from torch import Tensor
 
 from audiokv_cli.compression.scorers import _build
+from audiokv_cli.compression.selection import forced_mask
 from audiokv_cli.errors import AudiokvError
 
 
 @dataclass(frozen=True)
 class BudgetContext:
+    """One prompt's budget setting. The scope and audio spans decide which positions are forced (always kept);
+    every allocator counts the forced positions inside each head's budget, so the retention target holds."""
+
     retention: float
     prompt_len: int
     window: int = 32
     num_layers: int = 1
     num_kv_heads: int = 1
     num_query_heads: int = 1
+    scope: str = "all"
+    audio_spans: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.retention <= 1.0:
@@ -44,11 +52,21 @@ class BudgetContext:
     def effective_window(self) -> int:
         return min(self.window, self.prompt_len)
 
+    @functools.cached_property
+    def forced(self) -> Tensor:
+        """bool[L]: the positions every head keeps (the window; under scope audio every non-audio token too)."""
+        return forced_mask(self.prompt_len, self.window, list(self.audio_spans), self.scope)
+
+    @functools.cached_property
+    def num_forced(self) -> int:
+        return int(self.forced.sum())
+
     @property
     def per_head(self) -> int:
+        """Entries each head keeps on average: round(retention x L), never fewer than the forced positions."""
         # Round half up (not Python's banker's rounding) so budgets do not flip with the parity of the count.
         nominal = math.floor(self.retention * self.prompt_len + 0.5)
-        return max(self.effective_window, min(nominal, self.prompt_len))
+        return max(self.num_forced, min(nominal, self.prompt_len))
 
     @property
     def group_size(self) -> int:
@@ -106,8 +124,8 @@ class PyramidBudget:
     """PyramidKV: layer budgets shrink linearly with depth, uniform across the heads of a layer.
 
     Schedule from PyramidKV (Cai et al. 2024, arXiv 2406.02069; KVCache-Factory pyramidkv_utils.py): with
-    m = per_head - w evictable entries per head, the last layer keeps min = m // beta and the first
-    max = 2m - min (capped at L - w, min raised to keep the mean), linearly in between. Their integer step drops
+    m = per_head - f evictable entries per head (f forced positions), the last layer keeps min = m // beta and the
+    first max = 2m - min (capped at L - f, min raised to keep the mean), linearly in between. Their integer step drops
     entries; here the real-valued line is rounded by largest remainder so the sum over layers is exactly
     num_layers * per_head, and the ordering stays non-increasing with depth.
     """
@@ -121,19 +139,19 @@ class PyramidBudget:
 
     def layer_budgets(self, ctx: BudgetContext) -> Tensor:
         """LongTensor[num_layers]: the per-head budget of each layer."""
-        window = ctx.effective_window
-        evictable = ctx.per_head - window
+        forced = ctx.num_forced
+        evictable = ctx.per_head - forced
         layers = ctx.num_layers
         if layers == 1 or evictable == 0:
             return torch.full((layers,), ctx.per_head, dtype=torch.long)
         low = evictable // self.beta
         high = 2 * evictable - low
-        if high > ctx.prompt_len - window:
-            high = ctx.prompt_len - window
+        if high > ctx.prompt_len - forced:
+            high = ctx.prompt_len - forced
             low = 2 * evictable - high
         depth = torch.arange(layers, dtype=torch.float64) / (layers - 1)
         line = high - (high - low) * depth  # mean is exactly (high + low) / 2 = evictable
-        return largest_remainder(line, layers * evictable) + window
+        return largest_remainder(line, layers * evictable) + forced
 
     def allocate(self, layer: int, scores: Tensor | None, ctx: BudgetContext) -> Tensor:
         _check_layer(layer, ctx)
@@ -145,8 +163,8 @@ class PyramidBudget:
 class AdaptiveBudget:
     """AdaKV: layer-local head budgets from the layer's own scores.
 
-    The layer's total Hkv * per_head is conserved. Each head first gets a safeguard floor max(w, floor * per_head)
-    made of its window plus its best other positions (what selection keeps first); the rest of the layer's pool
+    The layer's total Hkv * per_head is conserved. Each head first gets a safeguard floor max(f, floor * per_head)
+    made of its f forced positions plus its best other positions (what selection keeps first); the rest of the layer's pool
     goes to the globally highest remaining scores across heads, and a head's budget is its floor plus its wins.
     """
 
@@ -158,7 +176,7 @@ class AdaptiveBudget:
             raise AudiokvError(f"adaptive floor must be in [0, 1], got {self.floor}")
 
     def floor_budget(self, ctx: BudgetContext) -> int:
-        return min(ctx.per_head, max(ctx.effective_window, math.floor(self.floor * ctx.per_head)))
+        return min(ctx.per_head, max(ctx.num_forced, math.floor(self.floor * ctx.per_head)))
 
     def allocate_batch(self, layer: int, scores: Tensor, ctx: BudgetContext) -> Tensor:
         """Budgets LongTensor[B, Hkv] for scores [B, Hkv, L]."""
@@ -170,12 +188,11 @@ class AdaptiveBudget:
             raise AudiokvError(f"scores shape {tuple(scores.shape)} does not match the budget context")
         floor = self.floor_budget(ctx)
         pool = heads * (ctx.per_head - floor)
-        # Real scores are squashed into the finite range so +-inf below can only mean "window" / "already in floor".
+        # Real scores are squashed into the finite range so +-inf below can only mean "forced" / "already in floor".
         finite = torch.finfo(torch.float32)
         ranked = torch.nan_to_num(scores.to(torch.float32), nan=finite.min, posinf=finite.max, neginf=finite.min)
-        window = ctx.effective_window
-        # The window is always kept, so it is part of every head's floor set.
-        ranked[..., length - window :] = float("inf")
+        # Forced positions are always kept, so they are part of every head's floor set.
+        ranked = ranked.masked_fill(ctx.forced.to(ranked.device), float("inf"))
         order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices
         in_floor = torch.zeros_like(ranked, dtype=torch.bool).scatter_(
             -1, order[..., :floor], torch.ones_like(order[..., :floor], dtype=torch.bool)
@@ -214,7 +231,8 @@ def profile_budget_table(
     """AudioKV eq. 1 over all layers and KV heads at once: LongTensor[num_layers, Hkv].
 
     head_scores [num_layers, num_query_heads] is summed within each GQA group (query head h -> KV head h // G).
-    Each head gets the window w plus a floor r = floor(floor_fraction * (per_head - w)); the rest of the total
+    Each head gets its f forced positions (the window w; under scope audio the text too) plus a floor
+    r = floor(floor_fraction * (per_head - f)); the rest of the total
     num_layers * Hkv * per_head is shared in proportion to the scores. A head that would pass L is capped at L and
     its excess shared again among the others (water-filling); integers come from largest remainder, so the
     total is exact. All-zero scores (or all-zero among the heads still open) share the pool evenly.
@@ -230,8 +248,8 @@ def profile_budget_table(
     kv_scores = scores.view(ctx.num_layers, ctx.num_kv_heads, ctx.group_size).sum(dim=-1).flatten()
 
     num_heads = kv_scores.numel()
-    window = ctx.effective_window
-    base = window + math.floor(floor_fraction * (ctx.per_head - window))
+    forced = ctx.num_forced
+    base = forced + math.floor(floor_fraction * (ctx.per_head - forced))
     pool = num_heads * (ctx.per_head - base)
     room = ctx.prompt_len - base  # how much score share a head can take before hitting L
 
