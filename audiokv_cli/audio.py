@@ -82,3 +82,28 @@ def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> np.
     if float(np.abs(samples).max()) < SILENCE_PEAK:
         warnings.warn(f"{path}: audio is silent", SilentAudioWarning, stacklevel=2)
     return samples
+
+
+def split_audio(samples: np.ndarray, segment_seconds: float) -> list[np.ndarray]:
+    """Consecutive segments of at most ``segment_seconds`` covering every sample, all of (nearly) equal length.
+
+    Equal lengths rather than full segments plus a remainder: a last segment of a fraction of a second would give
+    the model a handful of audio tokens with no context.
+    """
+    limit = int(segment_seconds * SAMPLE_RATE)
+    if limit < 1:
+        raise ValueError(f"segment length must be at least one sample, got {segment_seconds} s")
+    count = max(1, -(-samples.shape[0] // limit))
+    bounds = np.linspace(0, samples.shape[0], count + 1).round().astype(int)
+    return [samples[start:end] for start, end in zip(bounds[:-1], bounds[1:])]
+
+
+def audio_duration(path: str | os.PathLike) -> float | None:
+    """Seconds of audio from the file header alone (no decoding), or None where the header does not say."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except Exception:  # noqa: BLE001 - formats soundfile cannot read are measured when they are decoded
+        return None
+    return info.frames / info.samplerate if info.samplerate else None

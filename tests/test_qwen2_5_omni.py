@@ -247,3 +247,13 @@ def test_registry_finds_the_omni_adapter(omni_dir, full_omni_dir, tmp_path):
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["audio_tokens"] == 75
     assert 0.49 <= record["kv_bytes_kept"] / record["kv_bytes_full"] <= 0.51
+
+
+@pytest.mark.parametrize("method", ["snapkv", "audiokv"])
+def test_compressed_logits_equal_the_masked_dense_model(omni, method):
+    from audiokv_cli.testing_masked import assert_matches_masked_dense
+
+    prepared = omni.prepare(_clip(3.0, seed=3))
+    policy = build_policy(method, 0.4, MethodOptions(window=8, head_scores=_head_scores(omni)))
+    result = assert_matches_masked_dense(omni, prepared, policy, steps=4)
+    assert 0.55 < result.evicted_fraction < 0.65

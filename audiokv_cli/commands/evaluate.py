@@ -56,6 +56,21 @@ def _progress():
     )
 
 
+def _check_lengths(model: str, examples) -> None:
+    """Refuse a clip longer than the model family takes before the weights load (file headers, no decoding)."""
+    from audiokv_cli.audio import AudioError, audio_duration
+    from audiokv_cli.models.registry import adapter_class_for
+
+    limit = adapter_class_for(model).max_audio_seconds
+    for example in examples:
+        seconds = audio_duration(example.audio_path)
+        if seconds is not None and seconds > limit + 1e-6:
+            raise AudioError(
+                f"{example.audio_path}: {seconds:.1f} s of audio is longer than this model's limit of {limit:g} s "
+                "(split the file)"
+            )
+
+
 def evaluate(
     data: Path = typer.Option(..., "--data", "-d", help="Data set: a .jsonl manifest, a LibriSpeech tree, or audio files with same-named .txt transcripts.", show_default=False),
     model: str = typer.Option("tiny", "--model", "-m", help="Short name (tiny, qwen2-audio, qwen2-audio-base), local directory or Hub id."),
@@ -96,6 +111,7 @@ def evaluate(
     if out.exists() and not out.is_dir():
         raise AudiokvError(f"--out {out} exists and is not a directory")
     examples = load_dataset(data, limit=limit)
+    _check_lengths(model, examples)
 
     import torch
 

@@ -106,6 +106,13 @@ def infer(
     from audiokv_cli.models.base import ModelAdapter
 
     audio = load_clips(clips, max_seconds=max_seconds)
+    if max_seconds is None:
+        from audiokv_cli.models.registry import adapter_class_for
+
+        # The family's limit is known from the config alone: an over-long clip fails before the weights load.
+        family_limit = adapter_class_for(model).max_audio_seconds
+        for path, samples in zip(clips, audio):
+            check_duration(path, samples, family_limit)
     adapter: ModelAdapter = load_model(model, device, dtype, trust_remote_code)
     limit = max_seconds if max_seconds is not None else adapter.max_audio_seconds
     for path, samples in zip(clips, audio):

@@ -91,6 +91,25 @@ def _load_model_type(target: str, revision: str | None) -> tuple[str | None, boo
         ) from None
 
 
+def _adapter_for_type(target: str, model_type: str | None) -> type[ModelAdapter]:
+    adapter_class = next((cls for cls in ADAPTERS if model_type in cls.model_types), None)
+    if adapter_class is None:
+        supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
+        raise AudiokvError(f"{target}: model type {model_type!r} is not supported (supported: {supported})")
+    return adapter_class
+
+
+def adapter_class_for(name_or_path: str, revision: str | None = None) -> type[ModelAdapter]:
+    """The adapter class serving a model, from its config alone: limits such as the longest clip are checked with it
+    before any weights are read."""
+    alias = MODEL_ALIASES.get(name_or_path)
+    target = alias.target if alias else name_or_path
+    if name_or_path == "tiny" and not (BUNDLED_MODEL_DIR / "config.json").exists():
+        return Qwen2AudioAdapter
+    model_type, _ = _load_model_type(target, revision)
+    return _adapter_for_type(target, model_type)
+
+
 def load_adapter(
     name_or_path: str,
     device: str = "auto",
@@ -110,10 +129,7 @@ def load_adapter(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_type, local_only = _load_model_type(target, revision)
-    adapter_class = next((cls for cls in ADAPTERS if model_type in cls.model_types), None)
-    if adapter_class is None:
-        supported = ", ".join(t for cls in ADAPTERS for t in cls.model_types)
-        raise AudiokvError(f"{target}: model type {model_type!r} is not supported (supported: {supported})")
+    adapter_class = _adapter_for_type(target, model_type)
     try:
         return adapter_class.load(
             target,

@@ -1,0 +1,130 @@
+"""The end-to-end reference for compressed decoding: a dense cache with the evicted entries masked out.
+
+Eviction only removes entries from attention, so a compressed run must give, at every decode step, the logits of the
+same model run over a dense cache in which each KV head cannot see the prompt entries it evicted. The keep masks are
+taken from the compressed run itself (a cache that records them); the reference attends in float32 with an explicit
+per-head mask, independent of the ragged cache and its decode kernel. Every adapter's tests run this check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from audiokv_cli.attention import sdpa_attention, use_attention_handler
+from audiokv_cli.compression.cache import RaggedKVCache
+from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
+
+
+class RecordingRaggedCache(RaggedKVCache):
+    """A ragged cache that remembers which prompt entries each layer kept."""
+
+    def __init__(self, num_layers: int):
+        super().__init__(num_layers)
+        self.keep_masks: dict[int, torch.Tensor] = {}
+
+    def compress_layer(self, layer_idx: int, keep: torch.Tensor) -> None:
+        self.keep_masks[layer_idx] = keep.detach().clone()
+        super().compress_layer(layer_idx, keep)
+
+
+class MaskedDenseAttention:
+    """Attention handler: full attention over the prompt, then decode steps that skip each head's evicted entries.
+
+    ``kv_source`` maps a layer that reads another layer's cache (KV sharing) to that layer.
+    """
+
+    def __init__(self, keep_masks: dict[int, torch.Tensor], prompt_tokens: int, kv_source: dict[int, int] | None = None):
+        self.keep_masks = keep_masks
+        self.prompt_tokens = prompt_tokens
+        self.kv_source = kv_source or {}
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        layer = self.kv_source.get(module.layer_idx, module.layer_idx)
+        keep = self.keep_masks.get(layer)
+        length = key.shape[-2]
+        if keep is None or query.shape[-2] == length:
+            return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+        batch, query_heads, q_len, _ = query.shape
+        group = query_heads // key.shape[1]
+        allowed = torch.ones(batch, key.shape[1], q_len, length, dtype=torch.bool, device=query.device)
+        allowed[..., : self.prompt_tokens] = keep[:, :, None, :].to(query.device)
+        # Causal among the new tokens (a multi-token step sees only itself and earlier ones).
+        positions = torch.arange(length, device=query.device)
+        allowed &= positions[None, :] <= (positions[-q_len:])[:, None]
+        allowed = allowed.repeat_interleave(group, dim=1)
+        keys = key.float().repeat_interleave(group, dim=1)
+        values = value.float().repeat_interleave(group, dim=1)
+        scores = (query.float() @ keys.transpose(-1, -2)) * scaling
+        weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+        return (weights @ values).transpose(1, 2).to(query.dtype), None
+
+
+@dataclass
+class MaskedDenseComparison:
+    compressed: list[torch.Tensor]  # logits after prefill and after each decode step, compressed cache
+    masked_dense: list[torch.Tensor]  # the same steps over a dense cache with evicted entries masked
+    full: list[torch.Tensor]  # the same steps over the full cache (nothing masked)
+    keep_masks: dict[int, torch.Tensor]
+    tokens: list[int]
+
+    @property
+    def max_difference(self) -> float:
+        return max(float((a - b).abs().max()) for a, b in zip(self.compressed, self.masked_dense))
+
+    @property
+    def evicted_fraction(self) -> float:
+        kept = sum(int(mask.sum()) for mask in self.keep_masks.values())
+        total = sum(mask.numel() for mask in self.keep_masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+
+def _teacher_forced(adapter, inputs: dict, cache, tokens: list[int], handler) -> list[torch.Tensor]:
+    with torch.no_grad(), use_attention_handler(adapter, handler):
+        logits = [adapter.next_token_logits(inputs, cache)]
+        for token in tokens:
+            step = torch.tensor([[token]], device=adapter.device)
+            logits.append(adapter.next_token_logits({"input_ids": step}, cache))
+    return logits
+
+
+def compare_with_masked_dense(
+    adapter, prepared, policy: CompressionPolicy, steps: int = 4, dense_cache=None, kv_source: dict | None = None
+) -> MaskedDenseComparison:
+    """Greedy-decode ``steps`` tokens with ``policy``, then replay the same tokens over a masked dense cache.
+
+    ``dense_cache`` is the cache the reference and full runs use (default: a fresh `DynamicCache` each).
+    """
+    from transformers import DynamicCache
+
+    cache = RecordingRaggedCache(adapter.geometry.num_layers)
+    session = CompressionSession(policy, adapter, prepared, cache=cache)
+    tokens: list[int] = []
+    compressed: list[torch.Tensor] = []
+    with torch.no_grad(), use_attention_handler(adapter, session):
+        logits = adapter.next_token_logits(prepared.inputs, cache)
+        compressed.append(logits)
+        for _ in range(steps):
+            token = logits.argmax(-1)[:, None]
+            tokens.append(int(token[0, 0]))
+            logits = adapter.next_token_logits({"input_ids": token}, cache)
+            compressed.append(logits)
+    make_cache = dense_cache or DynamicCache
+    reference = MaskedDenseAttention(cache.keep_masks, prepared.prompt_tokens, kv_source)
+    masked = _teacher_forced(adapter, prepared.inputs, make_cache(), tokens, reference)
+    full = _teacher_forced(adapter, prepared.inputs, make_cache(), tokens, None)
+    return MaskedDenseComparison(compressed, masked, full, cache.keep_masks, tokens)
+
+
+def assert_matches_masked_dense(adapter, prepared, policy: CompressionPolicy, steps: int = 4, atol: float = 1e-5, **kwargs):
+    """The check every adapter's tests run: compressed logits equal the masked dense ones at every step, and the
+    comparison is not vacuous (entries were evicted in every layer, and they changed the logits)."""
+    result = compare_with_masked_dense(adapter, prepared, policy, steps, **kwargs)
+    assert sorted(result.keep_masks) == list(range(len(result.keep_masks))) and result.keep_masks
+    assert all(not bool(mask.all()) for mask in result.keep_masks.values()), "a layer evicted nothing"
+    assert result.max_difference <= atol, f"compressed vs masked dense: {result.max_difference:.2e} > {atol:g}"
+    # Prefill logits are exact either way; after it, eviction must show in the full-cache run's logits.
+    moved = max(float((a - b).abs().max()) for a, b in zip(result.compressed[1:], result.full[1:]))
+    assert moved > 10 * atol, "evicting entries did not change any logits: the comparison proves nothing"
+    return result
