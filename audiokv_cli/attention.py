@@ -7,6 +7,7 @@ is decided by the handler installed with `use_attention_handler`: compression, p
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Callable, Iterator, Protocol
@@ -29,7 +30,21 @@ class AttentionHandler(Protocol):
     ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 
-_active_handler: ContextVar[AttentionHandler | None] = ContextVar("audiokv_attention_handler", default=None)
+_UNSET = object()
+_active_handler: ContextVar = ContextVar("audiokv_attention_handler", default=_UNSET)
+
+# A thread started inside the block (generate behind a TextIteratorStreamer) does not inherit the ContextVar, yet
+# its attention modules read the config the block switched to "audiokv": the handler is found through that config.
+_handler_by_config: dict[int, AttentionHandler | None] = {}
+_config_lock = threading.Lock()
+
+
+def active_handler(module) -> AttentionHandler | None:
+    """This context's handler, else the one installed for the config ``module`` attends with."""
+    handler = _active_handler.get()
+    if handler is _UNSET:
+        handler = _handler_by_config.get(id(getattr(module, "config", None)))
+    return handler
 
 
 def sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs):
@@ -43,7 +58,7 @@ def sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
 def audiokv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    handler = _active_handler.get()
+    handler = active_handler(module)
     if handler is None:
         return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
     return handler(module, query, key, value, attention_mask, scaling, **kwargs)
@@ -64,8 +79,17 @@ def use_attention_handler(adapter, handler: AttentionHandler | Callable | None) 
     previous = text_config._attn_implementation
     text_config._attn_implementation = ATTENTION_NAME
     token = _active_handler.set(handler)
+    key = id(text_config)
+    with _config_lock:
+        had_outer, outer = key in _handler_by_config, _handler_by_config.get(key)
+        _handler_by_config[key] = handler
     try:
         yield
     finally:
         _active_handler.reset(token)
+        with _config_lock:
+            if had_outer:
+                _handler_by_config[key] = outer
+            else:
+                _handler_by_config.pop(key, None)
         text_config._attn_implementation = previous

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,11 +33,17 @@ def prefill(adapter, inputs: dict, cache) -> tuple[torch.Tensor, float]:
 
 
 def decode_greedy(
-    adapter, cache, first_logits: torch.Tensor, max_new_tokens: int, stop_at_eos: bool = True
+    adapter,
+    cache,
+    first_logits: torch.Tensor,
+    max_new_tokens: int,
+    stop_at_eos: bool = True,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> tuple[list[int], float, bool]:
     """Greedy tokens after prefill until EOS or the limit; returns ids (EOS excluded), seconds, limit reached.
 
     ``stop_at_eos=False`` always decodes ``max_new_tokens`` (benchmarks need a fixed amount of work).
+    ``on_token`` sees the ids so far after each new one (streaming output).
     """
     eos = set(adapter.eos_token_ids) if stop_at_eos else set()
     tokens: list[int] = []
@@ -49,6 +56,8 @@ def decode_greedy(
             if token in eos:
                 break
             tokens.append(token)
+            if on_token is not None:
+                on_token(tokens)
             if len(tokens) >= max_new_tokens:
                 break
             logits = adapter.next_token_logits({"input_ids": next_token[:, None]}, cache)

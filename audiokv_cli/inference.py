@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -55,8 +56,12 @@ def run_clip(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     clip: str = "",
     stop_at_eos: bool = True,
+    on_token: Callable[[list[int]], None] | None = None,
 ) -> ClipResult:
-    """Prefill with full attention, compress the cache as ``policy`` says, then decode greedily."""
+    """Prefill with full attention, compress the cache as ``policy`` says, then decode greedily.
+
+    ``on_token`` sees the generated ids so far after each step (for streaming output).
+    """
     policy = policy or build_policy("full")
     prepared = adapter.prepare(audio, prompt)
     session = CompressionSession(policy, adapter, prepared)
@@ -65,7 +70,7 @@ def run_clip(
         full_bytes = prepared.prompt_tokens * adapter.geometry.kv_bytes_per_token(adapter.dtype)
         kept_bytes = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
         tokens, seconds_decode, hit_limit = decode_greedy(
-            adapter, session.cache, logits, max_new_tokens, stop_at_eos
+            adapter, session.cache, logits, max_new_tokens, stop_at_eos, on_token
         )
     return ClipResult(
         clip=clip,

@@ -10,7 +10,8 @@ from rich.console import Console
 
 from audiokv_cli.errors import AudiokvError
 
-console = Console(stderr=True, highlight=False)
+# soft_wrap: a message is one line whatever the terminal width (wrapping split lines in logs and pipes).
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 stdout = Console(highlight=False, soft_wrap=True)
 
 

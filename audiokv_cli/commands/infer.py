@@ -21,6 +21,7 @@ from audiokv_cli.commands.common import (
     stdout,
 )
 from audiokv_cli.errors import AudiokvError
+from audiokv_cli.streaming import TextStream
 
 
 def _human_bytes(count: int) -> str:
@@ -84,6 +85,7 @@ def infer(
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
     max_seconds: Optional[float] = typer.Option(None, help="Longest clip accepted (default: the model's limit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per clip instead of text."),
+    stream: bool = typer.Option(False, "--stream", help="Print the text token by token as it is generated."),
     details: bool = typer.Option(False, help="With --json: add token ids and kept audio/text entries per layer and head."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
 ) -> None:
@@ -92,6 +94,8 @@ def infer(
     from audiokv_cli.inference import run_clip
 
     check_range("--retention", retention, 0.0, 1.0, low_open=True)
+    if stream and as_json:
+        raise AudiokvError("--stream prints text as it is generated; it does not combine with --json")
     check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
     check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
     # Validate the method and its parts before paying for audio decoding or model loading.
@@ -123,6 +127,15 @@ def infer(
         options.head_scores = resolve_head_scores(adapter, profile)
         policy = spec.policy(retention, options)
     for path, samples in zip(clips, audio):
+        if stream:
+            # No spinner: it would share the terminal line with the tokens being written.
+            text_stream = TextStream(adapter.decode, stdout.file)
+            result = run_clip(
+                adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path), on_token=text_stream
+            )
+            text_stream.finish(result.text)
+            console.print(_summary(result))
+            continue
         with console.status(f"{path.name}: {samples.shape[0] / 16000:.1f} s of audio ..."):
             result = run_clip(adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path))
         if as_json:
