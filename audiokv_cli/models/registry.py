@@ -10,6 +10,7 @@ import torch
 
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.models.base import ModelAdapter
+from audiokv_cli.models.audio_flamingo3 import AudioFlamingo3Adapter
 from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
 
@@ -29,9 +30,10 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
     "qwen2-audio-base": ModelAlias("Qwen/Qwen2-Audio-7B", "Qwen2-Audio 7B base (raw ASR prompt)", {"prompt_style": "raw"}),
     "qwen2.5-omni": ModelAlias("Qwen/Qwen2.5-Omni-7B", "Qwen2.5-Omni 7B thinker (audio + text in, text out)"),
     "qwen2.5-omni-3b": ModelAlias("Qwen/Qwen2.5-Omni-3B", "Qwen2.5-Omni 3B thinker (audio + text in, text out)"),
+    "audio-flamingo-3": ModelAlias("nvidia/audio-flamingo-3-hf", "Audio Flamingo 3 (Qwen2.5-7B decoder)"),
 }
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2AudioAdapter, Qwen2_5OmniAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2AudioAdapter, Qwen2_5OmniAdapter, AudioFlamingo3Adapter)
 
 
 def resolve_device(device: str) -> torch.device:
