@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bundled_model"))
-from ct2_reader import CT2FormatError, read_ct2  # noqa: E402
+from audiokv_cli.models.ct2 import CT2FormatError, read_ct2
 
 
 def _string(text: str) -> bytes:

@@ -11,6 +11,7 @@ Writes ``<out>/clips/NNNN.wav`` (16 kHz mono PCM) and ``<out>/manifest.jsonl`` w
 Usage:
   python scripts/bundled_model/make_eval_set.py --out .build/eval-long --num 80                    # 20-30 s clips
   python scripts/bundled_model/make_eval_set.py --out .build/eval-short --num 100 --min-seconds 2 --max-seconds 10
+  python scripts/bundled_model/make_eval_set.py --out .build/dev-long --split train --num 12 --seed 11
 """
 
 from __future__ import annotations
@@ -35,12 +36,16 @@ def main() -> None:
     parser.add_argument("--min-seconds", type=float, default=20.0)
     parser.add_argument("--max-seconds", type=float, default=29.5)
     parser.add_argument("--seed", type=int, default=2024)
+    parser.add_argument("--split", choices=("heldout", "train"), default="heldout",
+                        help="texts and voices from the held-out side (evaluation) or the training side (a "
+                             "development set for choosing settings, disjoint from every held-out clip)")
     parser.add_argument("--corpus-cache", type=Path, default=Path(".build/corpus.json"),
                         help="reuse the corpus split computed by prepare_data.py (built if missing)")
     args = parser.parse_args()
 
-    _, heldout_docs = corpus_cached(args.corpus_cache)
-    jobs = plan_jobs(heldout_docs, args.num * 2, heldout=True, seed=args.seed,
+    train_docs, heldout_docs = corpus_cached(args.corpus_cache)
+    heldout = args.split == "heldout"
+    jobs = plan_jobs(heldout_docs if heldout else train_docs, args.num * 2, heldout=heldout, seed=args.seed,
                      buckets=((1.0, args.min_seconds, args.max_seconds),))
     clips_dir = args.out / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
@@ -49,7 +54,7 @@ def main() -> None:
         if len(lines) >= args.num:
             break
         voice = VoiceSetting(**job["voice"])
-        assert is_heldout_voice(voice)
+        assert is_heldout_voice(voice) == heldout
         text, audio = speak_within_limit(job["text"], voice, limit=args.max_seconds)
         seconds = len(audio) / SAMPLE_RATE
         if not args.min_seconds <= seconds <= args.max_seconds:
