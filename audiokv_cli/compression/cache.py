@@ -3,13 +3,16 @@
 Per layer the kept prompt entries of all (batch row, KV head) segments are stored flattened, `[N, head_dim]`, in
 segment order with positions ascending inside a segment, plus one length per segment (AdaKV's layout). Tokens
 generated after compression are appended to every head, so they form a dense `[B, Hkv, T, head_dim]` tail that grows
-in chunks. Nothing evicted survives: after `compress` the dense prompt tensors are released.
+in chunks. Nothing evicted survives: after `compress` the dense prompt tensors are released. The segment layout the
+decode kernels need (`decode_kernels.SegmentLayout`) is built once, at compress time.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from audiokv_cli.compression.decode_kernels import SegmentLayout, decode_attention
 
 # The generated-token tail grows by this many positions at a time, so appending a token is not a full copy.
 TAIL_CHUNK = 64
@@ -26,6 +29,7 @@ class RaggedLayer(CacheLayerMixin):
         self.flat_keys: torch.Tensor | None = None
         self.flat_values: torch.Tensor | None = None
         self.segment_lengths: torch.Tensor | None = None
+        self.layout: SegmentLayout | None = None
         self.tail_keys: torch.Tensor | None = None
         self.tail_values: torch.Tensor | None = None
         self.tail_length = 0
@@ -75,6 +79,7 @@ class RaggedLayer(CacheLayerMixin):
         self.flat_keys = self.keys[rows, kv_heads, positions].contiguous()
         self.flat_values = self.values[rows, kv_heads, positions].contiguous()
         self.segment_lengths = keep.sum(-1).reshape(-1)
+        self.layout = SegmentLayout.from_lengths(self.segment_lengths)
         self.prompt_length = length
         self.num_kv_heads = heads
         self.batch = batch
@@ -125,48 +130,22 @@ class RaggedKVCache(Cache):
         return sum(layer.physical_bytes(include_tail) for layer in self.layers)
 
 
-def ragged_decode_attention(layer: RaggedLayer, query: torch.Tensor, scaling: float) -> torch.Tensor:
+def ragged_decode_attention(
+    layer: RaggedLayer, query: torch.Tensor, scaling: float, kernel: str | None = None
+) -> torch.Tensor:
     """Attention of new queries over a compressed layer: per-head softmax over that head's kept keys plus the tail.
 
     query: [B, Hq, q_len, D] post-rotary. Returns [B, q_len, Hq, D] like transformers' attention functions.
-    Each new query sees every kept prompt entry of its KV head and the tail up to itself (causal inside the tail).
-
-    All kept keys are scored against all queries in one GEMM and entries of other heads are masked out: this reads
-    each kept key and value once (decode is memory-bound) and needs no varlen kernel. The masked score matrix is
-    [N, B*Hq*q_len], a fraction of the size of the keys themselves.
+    Each new query sees every kept prompt entry of its KV head and the tail up to itself (causal inside the tail);
+    a layer whose tail is empty (cross-attention) is attended over its kept entries alone. ``kernel`` forces a
+    backend of `decode_kernels` (default: ``--decode-kernel``, else chosen automatically).
     """
-    batch, query_heads, q_len, dim = query.shape
-    kv_heads = layer.num_kv_heads
-    group = query_heads // kv_heads
-    segments = batch * kv_heads
-    width = group * q_len  # queries reading each (batch row, KV head) segment; query head h reads KV head h // group
-    work = torch.float32
-    q = query.to(work).reshape(segments, width, dim) * scaling
-    segment_of = torch.repeat_interleave(torch.arange(segments, device=query.device), layer.segment_lengths)
-    keys = layer.flat_keys.to(work)
-    values = layer.flat_values.to(work)
-    count = keys.shape[0]
-
-    scores = (keys @ q.reshape(segments * width, dim).T).view(count, segments, width)
-    foreign = segment_of[:, None] != torch.arange(segments, device=query.device)[None, :]
-    scores = scores.masked_fill(foreign[:, :, None], float("-inf"))
-
-    tail_k = layer.tail_keys[:, :, : layer.tail_length].to(work).reshape(segments, layer.tail_length, dim)
-    tail_v = layer.tail_values[:, :, : layer.tail_length].to(work).reshape(segments, layer.tail_length, dim)
-    tail_scores = torch.bmm(q, tail_k.transpose(1, 2))  # [S, width, T]
-    if q_len > 1:
-        # The last q_len tail entries are the queries themselves: causal among them.
-        query_pos = torch.arange(q_len, device=query.device).repeat(group) + layer.tail_length - q_len
-        tail_pos = torch.arange(layer.tail_length, device=query.device)
-        tail_scores = tail_scores.masked_fill(tail_pos[None, None, :] > query_pos[None, :, None], float("-inf"))
-    # The tail always holds the current token, so every row has a finite maximum.
-    row_max = torch.maximum(scores.amax(0), tail_scores.amax(-1)) if count else tail_scores.amax(-1)
-
-    weights = torch.exp(scores - row_max)  # masked entries become exactly 0
-    tail_weights = torch.exp(tail_scores - row_max[..., None])
-    denominator = weights.sum(0) + tail_weights.sum(-1)
-    numerator = (weights.reshape(count, segments * width).T @ values).view(segments, width, dim)
-    numerator = numerator + torch.bmm(tail_weights, tail_v)
-    out = numerator / denominator[..., None]
-    out = out.reshape(batch, kv_heads, group, q_len, dim).reshape(batch, query_heads, q_len, dim)
-    return out.transpose(1, 2).to(query.dtype)
+    tail_keys = tail_values = None
+    if layer.tail_length:
+        segments, capacity, dim = layer.layout.segments, layer.tail_keys.shape[2], layer.tail_keys.shape[3]
+        # Views of the tail buffer: [B, Hkv, capacity, D] is [S, capacity, D] in memory.
+        tail_keys = layer.tail_keys.view(segments, capacity, dim)[:, : layer.tail_length]
+        tail_values = layer.tail_values.view(segments, capacity, dim)[:, : layer.tail_length]
+    return decode_attention(
+        layer.layout, layer.flat_keys, layer.flat_values, tail_keys, tail_values, query, scaling, kernel
+    )

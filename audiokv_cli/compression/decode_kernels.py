@@ -1,0 +1,350 @@
+"""Attention of new queries over a compressed layer, where every KV head keeps its own number of prompt entries.
+
+A compressed layer holds its kept prompt entries packed, ``[N, head_dim]``, one segment per (batch row, KV head) in
+row-major order, plus a dense ``[B, Hkv, capacity, head_dim]`` tail of tokens generated since. `SegmentLayout` is built
+once at compress time (the only host sync): segment lengths on the host, consecutive segments of equal length
+grouped into runs (one batched call each), and cumulative offsets on the device for varlen kernels. Decode then
+never syncs, never copies the cache to float32 (products in the cache's dtype, softmax and sums in float32) and lets
+each query head read only its own KV head's segment.
+
+Backends (``--decode-kernel``; `AUDIOKV_DECODE_KERNEL` carries the choice into worker processes):
+
+- ``matmul``: per run, one batched matmul for scores and one for values; one softmax over all segments at once.
+- ``sdpa``: per run, PyTorch's CPU flash-attention kernel, merged with the tail by log-sum-exp (CPU only).
+- ``varlen``: PyTorch's own varlen flash attention (``torch.nn.attention.varlen``; CUDA, half precision).
+- ``flash-attn``: ``flash_attn_varlen_func`` from the optional flash-attn package (CUDA, half precision).
+- ``padded``: kept entries gathered into a padded ``[segments, longest, head_dim]`` copy every step, then SDPA with a
+  mask: the fallback that runs anywhere but copies what it reads.
+
+``auto`` picks varlen, else flash-attn, else padded on CUDA; on CPU the one of sdpa and matmul that measured faster
+for the run structure at hand (see `cpu_choice`).
+
+A layer whose tail stays empty (cross-attention over a compressed encoder memory) is attended without a tail and
+without a causal mask.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from audiokv_cli.errors import AudiokvError
+
+KERNEL_ENV = "AUDIOKV_DECODE_KERNEL"
+KERNEL_NAMES = ("auto", "matmul", "sdpa", "varlen", "flash-attn", "padded")
+HALF = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class SegmentLayout:
+    """Where each (batch row, KV head) segment sits in the packed cache; built once per compressed layer."""
+
+    lengths: tuple[int, ...]
+    # (first segment, end segment, length, offset of the first entry): consecutive segments of equal length.
+    runs: tuple[tuple[int, int, int, int], ...]
+    max_length: int
+    cu_seqlens: torch.Tensor  # int32 [segments + 1] on the cache's device, for varlen kernels
+    _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_lengths(cls, lengths: torch.Tensor) -> "SegmentLayout":
+        host = [int(n) for n in lengths.reshape(-1).tolist()]
+        runs, offset, first = [], 0, 0
+        for index in range(1, len(host) + 1):
+            if index == len(host) or host[index] != host[first]:
+                runs.append((first, index, host[first], offset))
+                offset += (index - first) * host[first]
+                first = index
+        starts = [0]
+        for n in host:
+            starts.append(starts[-1] + n)
+        cu = torch.tensor(starts, dtype=torch.int32, device=lengths.device)
+        return cls(tuple(host), tuple(runs), max(host, default=0), cu)
+
+    @property
+    def segments(self) -> int:
+        return len(self.lengths)
+
+    def padded_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[S, longest]`` indices into the packed cache and the mask of real (not padding) entries."""
+        if self._padded is None:
+            device = self.cu_seqlens.device
+            steps = torch.arange(self.max_length, device=device)
+            lengths = torch.tensor(self.lengths, device=device)
+            valid = steps[None, :] < lengths[:, None]
+            index = (self.cu_seqlens[:-1].long()[:, None] + steps[None, :]).masked_fill(~valid, 0)
+            self._padded = (index, valid)
+        return self._padded
+
+
+@dataclass
+class DecodeProblem:
+    """One call's tensors, shaped per segment: queries ``[S, W, D]`` (W = group x q_len) and tail views ``[S, T, D]``."""
+
+    layout: SegmentLayout
+    keys: torch.Tensor
+    values: torch.Tensor
+    queries: torch.Tensor
+    tail_keys: torch.Tensor | None
+    tail_values: torch.Tensor | None
+    q_len: int
+    scaling: float
+
+    @property
+    def tail_length(self) -> int:
+        return 0 if self.tail_keys is None else self.tail_keys.shape[1]
+
+    def tail_mask(self) -> torch.Tensor | None:
+        """True where a query may not see a tail entry: the last q_len tail entries are the queries themselves."""
+        if self.q_len == 1 or self.tail_length == 0:
+            return None
+        group = self.queries.shape[1] // self.q_len
+        device = self.queries.device
+        position = torch.arange(self.q_len, device=device).repeat(group) + self.tail_length - self.q_len
+        return torch.arange(self.tail_length, device=device)[None, :] > position[:, None]  # [W, T]
+
+    def run_views(self, first: int, end: int, length: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        count = (end - first) * length
+        shape = (end - first, length, self.keys.shape[-1])
+        return self.keys[offset : offset + count].view(shape), self.values[offset : offset + count].view(shape)
+
+
+def _tail_part(problem: DecodeProblem) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output and log-sum-exp ``[S, W]`` of the queries over the tail alone (float32)."""
+    scores = torch.bmm(problem.queries, problem.tail_keys.transpose(1, 2)).float() * problem.scaling
+    mask = problem.tail_mask()
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse[..., None]).to(problem.tail_values.dtype)
+    return torch.bmm(probs, problem.tail_values).float(), lse
+
+
+def _merge(kept: tuple[torch.Tensor, torch.Tensor], problem: DecodeProblem) -> torch.Tensor:
+    """Combine the kept-entry softmax with the tail's through their log-sum-exps (exact, like split-KV decoding)."""
+    out, lse = kept
+    if problem.tail_length == 0:
+        return out
+    tail_out, tail_lse = _tail_part(problem)
+    top = torch.maximum(lse, tail_lse)
+    weight, tail_weight = torch.exp(lse - top), torch.exp(tail_lse - top)
+    return (out * weight[..., None] + tail_out * tail_weight[..., None]) / (weight + tail_weight)[..., None]
+
+
+def matmul_kernel(problem: DecodeProblem) -> torch.Tensor:
+    """Batched matmuls per run of equal-length segments; one float32 softmax over kept and tail scores together."""
+    layout, queries = problem.layout, problem.queries
+    segments, width, dim = queries.shape
+    longest, tail = layout.max_length, problem.tail_length
+    whole = len(layout.runs) == 1 and layout.runs[0][2] == longest
+    if whole:  # uniform budgets: the packed cache is a [S, L, D] view, no score buffer needed
+        keys, values = problem.run_views(*layout.runs[0])
+        scores = torch.bmm(queries, keys.transpose(1, 2)).float()
+        if tail:
+            scores = torch.cat([scores, torch.bmm(queries, problem.tail_keys.transpose(1, 2)).float()], dim=-1)
+    else:
+        scores = torch.full((segments, width, longest + tail), float("-inf"), device=queries.device)
+        for first, end, length, offset in layout.runs:
+            if length:
+                keys, _ = problem.run_views(first, end, length, offset)
+                scores[first:end, :, :length] = torch.bmm(queries[first:end], keys.transpose(1, 2))
+        if tail:
+            scores[:, :, longest:] = torch.bmm(queries, problem.tail_keys.transpose(1, 2))
+    scores = scores * problem.scaling
+    mask = problem.tail_mask()
+    if mask is not None:
+        scores[:, :, longest:].masked_fill_(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(problem.values.dtype)
+    if whole:
+        out = torch.bmm(probs[:, :, :longest], values).float()
+    else:
+        out = queries.new_zeros(segments, width, dim, dtype=torch.float32)
+        for first, end, length, offset in layout.runs:
+            if length:
+                _, values = problem.run_views(first, end, length, offset)
+                out[first:end] = torch.bmm(probs[first:end, :, :length], values)
+    if tail:
+        out += torch.bmm(probs[:, :, longest:], problem.tail_values).float()
+    return out
+
+
+def sdpa_kernel(problem: DecodeProblem) -> torch.Tensor:
+    """PyTorch's CPU flash kernel per run (it returns the log-sum-exp), merged with the tail."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    queries, layout = problem.queries, problem.layout
+    segments, width, dim = queries.shape
+    out = queries.new_zeros(segments, width, dim, dtype=torch.float32)
+    lse = queries.new_full((segments, width), float("-inf"), dtype=torch.float32)
+    for first, end, length, offset in layout.runs:
+        if length:
+            keys, values = problem.run_views(first, end, length, offset)
+            run_out, run_lse = flash(
+                queries[first:end, None], keys[:, None], values[:, None], 0.0, False, scale=problem.scaling
+            )
+            out[first:end] = run_out[:, 0]
+            lse[first:end] = run_lse[:, 0]
+    return _merge((out, lse), problem)
+
+
+def padded_kernel(problem: DecodeProblem) -> torch.Tensor:
+    """Kept entries gathered into a padded copy next to the tail, then one masked SDPA call for all segments."""
+    index, valid = problem.layout.padded_index()
+    keys, values = problem.keys[index], problem.values[index]  # [S, L, D]
+    mask = valid[:, None, :].expand(-1, problem.queries.shape[1], -1)
+    if problem.tail_length:
+        keys = torch.cat([keys, problem.tail_keys], dim=1)
+        values = torch.cat([values, problem.tail_values], dim=1)
+        tail_mask = problem.tail_mask()
+        tail_visible = torch.ones_like(mask[:, :, :1]).expand(-1, -1, problem.tail_length)
+        if tail_mask is not None:
+            tail_visible = tail_visible & ~tail_mask[None]
+        mask = torch.cat([mask, tail_visible], dim=-1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        problem.queries[:, None], keys[:, None], values[:, None], attn_mask=mask[:, None], scale=problem.scaling
+    )
+    return out[:, 0].float()
+
+
+def _varlen_inputs(problem: DecodeProblem):
+    segments, width, dim = problem.queries.shape
+    cu_q = torch.arange(0, (segments + 1) * width, width, dtype=torch.int32, device=problem.queries.device)
+    return problem.queries.reshape(segments * width, 1, dim), problem.keys[:, None], problem.values[:, None], cu_q
+
+
+def varlen_kernel(problem: DecodeProblem) -> torch.Tensor:
+    """torch.nn.attention.varlen: every segment is one sequence of one head, queries included (non-causal)."""
+    from torch.nn.attention.varlen import AuxRequest, varlen_attn
+
+    segments, width, dim = problem.queries.shape
+    queries, keys, values, cu_q = _varlen_inputs(problem)
+    out, lse = varlen_attn(
+        queries, keys, values, cu_q, problem.layout.cu_seqlens, width, problem.layout.max_length,
+        return_aux=AuxRequest(lse=True), scale=problem.scaling,
+    )
+    return _merge((out.reshape(segments, width, dim).float(), lse.reshape(segments, width).float()), problem)
+
+
+def flash_attn_kernel(problem: DecodeProblem) -> torch.Tensor:
+    """flash_attn_varlen_func, the kernel AdaKV and KVCache-Factory decode with."""
+    from flash_attn import flash_attn_varlen_func
+
+    segments, width, dim = problem.queries.shape
+    queries, keys, values, cu_q = _varlen_inputs(problem)
+    out, lse, _ = flash_attn_varlen_func(
+        queries, keys, values, cu_q, problem.layout.cu_seqlens, width, problem.layout.max_length,
+        softmax_scale=problem.scaling, causal=False, return_attn_probs=True,
+    )
+    return _merge((out.reshape(segments, width, dim).float(), lse.reshape(segments, width).float()), problem)
+
+
+KERNELS: dict[str, Callable[[DecodeProblem], torch.Tensor]] = {
+    "matmul": matmul_kernel,
+    "sdpa": sdpa_kernel,
+    "varlen": varlen_kernel,
+    "flash-attn": flash_attn_kernel,
+    "padded": padded_kernel,
+}
+
+
+def _has_torch_varlen() -> bool:
+    try:
+        from torch.nn.attention.varlen import AuxRequest, varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _has_flash_attn() -> bool:
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_kernels(device: torch.device | str, dtype: torch.dtype) -> list[str]:
+    """Backends that can run here for this cache dtype."""
+    device = torch.device(device)
+    names = ["matmul", "padded"]
+    if device.type == "cpu":
+        names.insert(1, "sdpa")
+    if device.type == "cuda" and dtype in HALF:
+        if _has_flash_attn():
+            names.insert(0, "flash-attn")
+        if _has_torch_varlen():
+            names.insert(0, "varlen")
+    return names
+
+
+def cpu_choice(layout: SegmentLayout) -> str:
+    """sdpa or matmul on CPU, from `audiokv bench --kernel` measurements (docs/performance.md).
+
+    One batched matmul pair beats the flash kernel when the segments form few runs (uniform budgets); when nearly
+    every segment is its own run (per-head budgets) the flash kernel's fused softmax does less work per run.
+    """
+    return "matmul" if len(layout.runs) <= 2 else "sdpa"
+
+
+def requested_kernel() -> str:
+    name = os.environ.get(KERNEL_ENV, "auto") or "auto"
+    if name not in KERNEL_NAMES:
+        raise AudiokvError(f"unknown decode kernel {name!r}: use {', '.join(KERNEL_NAMES)}")
+    return name
+
+
+def select_kernel(name: str) -> None:
+    """Force a backend for this process and the worker processes it starts (``auto`` restores the default)."""
+    if name not in KERNEL_NAMES:
+        raise AudiokvError(f"unknown decode kernel {name!r}: use {', '.join(KERNEL_NAMES)}")
+    os.environ[KERNEL_ENV] = name
+
+
+def check_kernel(name: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """One line, before any work, when a forced backend cannot run on this device and dtype."""
+    if name != "auto" and name not in available_kernels(device, dtype):
+        dtype_name = str(dtype).removeprefix("torch.")
+        raise AudiokvError(
+            f"decode kernel {name!r} is not available on {torch.device(device).type} with {dtype_name} "
+            f"(available: {', '.join(available_kernels(device, dtype))})"
+        )
+
+
+def resolve_kernel(name: str, layout: SegmentLayout, device: torch.device, dtype: torch.dtype) -> str:
+    if name != "auto":
+        return name
+    if device.type == "cpu":
+        return cpu_choice(layout)
+    return available_kernels(device, dtype)[0] if dtype in HALF else "padded"
+
+
+def decode_attention(
+    layout: SegmentLayout,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tail_keys: torch.Tensor | None,
+    tail_values: torch.Tensor | None,
+    query: torch.Tensor,
+    scaling: float,
+    kernel: str | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` ``[B, Hq, q_len, D]`` over packed kept entries plus an optional dense tail.
+
+    ``keys``/``values``: ``[N, D]`` packed per `layout`; ``tail_keys``/``tail_values``: ``[S, T, D]`` (views of the
+    tail buffer are fine) or None.
+    Returns ``[B, q_len, Hq, D]`` in the query's dtype, like transformers' attention functions.
+    """
+    batch, query_heads, q_len, dim = query.shape
+    segments = layout.segments
+    width = query_heads * batch // segments * q_len
+    # Query head h reads KV head h // group: [B, Hq, q, D] is already [B, Hkv, group, q, D] in memory order.
+    queries = query.to(keys.dtype).reshape(segments, width, dim)
+    if tail_keys is not None and not tail_keys.shape[1]:
+        tail_keys = tail_values = None
+    problem = DecodeProblem(layout, keys, values, queries, tail_keys, tail_values, q_len=q_len, scaling=scaling)
+    name = resolve_kernel(kernel or requested_kernel(), layout, query.device, keys.dtype)
+    out = KERNELS[name](problem)
+    out = out.reshape(batch, query_heads, q_len, dim)
+    return out.transpose(1, 2).to(query.dtype)
