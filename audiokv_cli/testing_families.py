@@ -77,3 +77,50 @@ def build_tiny_audio_flamingo3(
     torch.manual_seed(seed)
     model = AudioFlamingo3ForConditionalGeneration(config).eval()
     return _finish(model, tokenizer, processor, out_dir, seed)
+
+
+# Qwen3-ASR's audio tokens and the transcript marker, named as in the released tokenizer.
+QWEN3_ASR_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
+                    "<asr_text>"]
+
+
+def build_tiny_qwen3_asr(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64
+) -> Path:
+    """A random Qwen3ASRForConditionalGeneration (chunked encoder, Qwen3 decoder) and its processor."""
+    import torch
+    from transformers import (
+        Qwen3ASRConfig,
+        Qwen3ASRFeatureExtractor,
+        Qwen3ASRForConditionalGeneration,
+        Qwen3ASRProcessor,
+    )
+
+    from audiokv_cli.testing import build_character_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        QWEN3_ASR_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", with_newline=True,
+        extra_special_tokens={
+            "audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+        },
+    )
+    processor = Qwen3ASRProcessor(
+        feature_extractor=Qwen3ASRFeatureExtractor(feature_size=80),
+        tokenizer=tokenizer,
+        chat_template=chatml_template("<|audio_start|><|audio_pad|><|audio_end|>"),
+    )
+    config = Qwen3ASRConfig(
+        audio_config={
+            "num_mel_bins": 80, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+            "d_model": 32, "output_dim": hidden, "downsample_hidden_size": 8,
+        },
+        text_config=_text_config(tokenizer, "qwen3", num_layers, num_heads, num_kv_heads, hidden, head_dim=hidden // num_heads),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ASRForConditionalGeneration(config).eval()
+    return _finish(model, tokenizer, processor, out_dir, seed)

@@ -13,6 +13,7 @@ from audiokv_cli.models.base import ModelAdapter
 from audiokv_cli.models.audio_flamingo3 import AudioFlamingo3Adapter
 from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
+from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
@@ -31,9 +32,11 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
     "qwen2.5-omni": ModelAlias("Qwen/Qwen2.5-Omni-7B", "Qwen2.5-Omni 7B thinker (audio + text in, text out)"),
     "qwen2.5-omni-3b": ModelAlias("Qwen/Qwen2.5-Omni-3B", "Qwen2.5-Omni 3B thinker (audio + text in, text out)"),
     "audio-flamingo-3": ModelAlias("nvidia/audio-flamingo-3-hf", "Audio Flamingo 3 (Qwen2.5-7B decoder)"),
+    "qwen3-asr": ModelAlias("Qwen/Qwen3-ASR-1.7B", "Qwen3-ASR 1.7B (transcription; a prompt is context)"),
+    "qwen3-asr-0.6b": ModelAlias("Qwen/Qwen3-ASR-0.6B", "Qwen3-ASR 0.6B (transcription; a prompt is context)"),
 }
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2AudioAdapter, Qwen2_5OmniAdapter, AudioFlamingo3Adapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2AudioAdapter, Qwen2_5OmniAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,0 +1,69 @@
+"""The Qwen3-ASR adapter on a tiny random model: prompt and audio spans, long audio, compressed decoding."""
+
+import pytest
+
+from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
+from audiokv_cli.models.registry import load_adapter
+from audiokv_cli.testing_families import build_tiny_qwen3_asr
+from tests import adapter_checks as checks
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_qwen3_asr(tmp_path_factory.mktemp("tiny-qwen3-asr"))
+
+
+@pytest.fixture(scope="module")
+def adapter(model_dir):
+    return load_adapter(str(model_dir), device="cpu", dtype="float32")
+
+
+def test_registry_finds_the_family(model_dir, adapter):
+    checks.check_registry(model_dir, Qwen3ASRAdapter)
+    assert adapter.geometry.num_layers == 2 and adapter.geometry.group_size == 2
+
+
+@pytest.mark.parametrize("seconds, tokens", [(2.0, 26), (6.3, 82), (45.0, 585)])
+def test_prompt_and_exact_audio_span(adapter, seconds, tokens):
+    """13 tokens per full second, the last partial second through three stride-2 convolutions; no 30 s cut."""
+    prepared = adapter.prepare(checks.noise_clip(seconds))
+    ids = prepared.input_ids[0].tolist()
+    token = adapter.processor.tokenizer.convert_tokens_to_ids
+    start, end = prepared.audio_spans[0]
+    assert prepared.audio_spans == [(start, start + tokens)]
+    assert ids[start - 1] == token("<|audio_start|>") and ids[end] == token("<|audio_end|>")
+    assert prepared.prompt.endswith("<|im_start|>assistant\nlanguage English<asr_text>")
+    assert prepared.audio_seconds == pytest.approx(seconds)
+
+
+def test_free_form_prompt_is_context(adapter):
+    prepared = adapter.prepare(checks.noise_clip(1.0), prompt="audiokv, spectral")
+    assert prepared.prompt.startswith("<|im_start|>system\naudiokv, spectral<|im_end|>")
+    assert prepared.prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_decode_drops_the_language_header(adapter):
+    tokenizer = adapter.processor.tokenizer
+    ids = tokenizer("language English<asr_text>hello there")["input_ids"]
+    assert adapter.decode(ids) == "hello there"
+    assert adapter.decode(tokenizer("hello")["input_ids"]) == "hello"
+
+
+def test_retention_one_equals_generate(adapter):
+    checks.check_lossless_equals_generate(adapter, checks.noise_clip(3.0, seed=1))
+
+
+def test_compressed_logits_equal_the_masked_dense_model(adapter):
+    checks.check_masked_dense(adapter, checks.noise_clip(4.0, seed=2))
+
+
+def test_every_method_runs(adapter):
+    checks.check_every_method_runs(adapter, checks.noise_clip(3.0, seed=3))
+
+
+def test_positions_after_eviction(adapter):
+    checks.check_decode_positions(adapter, checks.noise_clip(3.0, seed=4))
+
+
+def test_profile_runs_and_matches(adapter, tmp_path):
+    checks.check_profile(adapter, tmp_path)
