@@ -124,3 +124,89 @@ def build_tiny_qwen3_asr(
     torch.manual_seed(seed)
     model = Qwen3ASRForConditionalGeneration(config).eval()
     return _finish(model, tokenizer, processor, out_dir, seed)
+
+
+# Qwen3-Omni's special tokens for audio and vision, named as in the released tokenizer.
+QWEN3_OMNI_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>",
+                     "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+
+def build_tiny_qwen3_omni_thinker(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+    hidden: int = 64, full_omni: bool = False,
+) -> Path:
+    """A random Qwen3-Omni-MoE thinker (chunked audio tower, MoE decoder with M-RoPE) and its processor files.
+
+    ``full_omni=True`` saves a `qwen3_omni_moe` checkpoint with the thinker's weights under `thinker.` and no talker.
+    """
+    import json
+
+    import torch
+    from transformers import (
+        Qwen3OmniMoeConfig,
+        Qwen3OmniMoeForConditionalGeneration,
+        Qwen3OmniMoeThinkerConfig,
+        Qwen3OmniMoeThinkerForConditionalGeneration,
+        WhisperFeatureExtractor,
+    )
+
+    from audiokv_cli.testing import build_character_tokenizer, tiny_text_geometry
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        QWEN3_OMNI_TOKENS, eos_token="<|im_end|>", pad_token="<|endoftext|>", with_newline=True,
+        extra_special_tokens={
+            "audio_token": "<|audio_pad|>", "audio_bos_token": "<|audio_start|>", "audio_eos_token": "<|audio_end|>",
+            "image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+            "vision_bos_token": "<|vision_start|>", "vision_eos_token": "<|vision_end|>",
+        },
+    )
+    token = tokenizer.convert_tokens_to_ids
+    head_dim = hidden // num_heads
+    half = head_dim // 2
+    spatial = (half - half // 4) // 2
+    thinker_config = Qwen3OmniMoeThinkerConfig(
+        audio_config={
+            "num_mel_bins": 80, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
+            "d_model": 32, "output_dim": hidden, "downsample_hidden_size": 8,
+        },
+        vision_config={
+            "depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": hidden,
+            "deepstack_visual_indexes": [0], "num_position_embeddings": 16,
+        },
+        text_config={
+            **tiny_text_geometry(len(tokenizer), hidden, num_layers, num_heads, num_kv_heads),
+            "head_dim": head_dim,
+            "moe_intermediate_size": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0,
+                                "mrope_section": [half - 2 * spatial, spatial, spatial], "mrope_interleaved": True},
+            "eos_token_id": token("<|im_end|>"),
+            "pad_token_id": token("<|endoftext|>"),
+        },
+        audio_token_id=token("<|audio_pad|>"),
+        image_token_id=token("<|image_pad|>"),
+        video_token_id=token("<|video_pad|>"),
+        audio_start_token_id=token("<|audio_start|>"),
+        vision_start_token_id=token("<|vision_start|>"),
+    )
+    torch.manual_seed(seed)
+    if full_omni:
+        config = Qwen3OmniMoeConfig(thinker_config=thinker_config.to_dict(), enable_audio_output=False)
+        model = Qwen3OmniMoeForConditionalGeneration(config).eval()
+        targets = (model.thinker.generation_config, model.generation_config)
+    else:
+        model = Qwen3OmniMoeThinkerForConditionalGeneration(thinker_config).eval()
+        targets = (model.generation_config,)
+    for target in targets:
+        target.eos_token_id = tokenizer.eos_token_id
+        target.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    preprocessor = WhisperFeatureExtractor(feature_size=80, return_attention_mask=True).to_dict()
+    preprocessor["processor_class"] = "Qwen3OmniMoeProcessor"
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2, sort_keys=True))
+    template = chatml_template("<|audio_start|><|audio_pad|><|audio_end|>")
+    (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
+    return out_dir

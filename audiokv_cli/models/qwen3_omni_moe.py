@@ -1,0 +1,120 @@
+"""Qwen3-Omni (MoE), text and audio in, text out: only the thinker (audio tower + MoE decoder with M-RoPE) is loaded.
+
+The thinker is laid out as Qwen2.5-Omni's (`model.language_model`, `get_rope_index`, M-RoPE positions), so the
+adapter is that one with Qwen3-Omni's classes, tokens and audio rate: the audio tower encodes 1 s chunks into 13
+tokens each and takes audio of any length (its feature extractor pads to the longest clip and never cuts).
+The talker and code2wav (speech output) never touch the thinker's cache and are not loaded.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.models.base import PreparedInput
+from audiokv_cli.models.qwen2_5_omni import OmniAudioProcessor, Qwen2_5OmniAdapter
+
+# Qwen's speech-recognition wording for Qwen3-Omni (its audio cookbook puts the instruction after the audio).
+ASR_INSTRUCTION_QWEN3_OMNI = "Transcribe the English audio into text."
+AUDIO_TOKEN = "<|audio_pad|>"
+
+
+def audio_token_count(feature_frames: int, n_window: int = 50) -> int:
+    """Audio tokens for ``feature_frames`` mel frames: 13 per full chunk of ``2 n_window`` frames, and the last
+    partial chunk through three stride-2 convolutions (transformers' `_get_feat_extract_output_lengths`)."""
+    chunk = 2 * n_window
+    rest = feature_frames % chunk
+    after_first = (rest - 1) // 2 + 1
+    return ((after_first - 1) // 2 + 1 - 1) // 2 + 1 + (feature_frames // chunk) * 13
+
+
+class Qwen3OmniAudioProcessor(OmniAudioProcessor):
+    """Qwen3-Omni's processor for audio-only prompts (the stock one needs torchvision for its video part)."""
+
+    def __init__(self, feature_extractor, tokenizer, chat_template: str | None):
+        super().__init__(feature_extractor, tokenizer, chat_template)
+        self.audio_token = getattr(tokenizer, "audio_token", None) or AUDIO_TOKEN
+
+    def __call__(self, text: str, audio, sampling_rate: int = SAMPLE_RATE, return_tensors: str = "pt", **kwargs):
+        clips = audio if isinstance(audio, (list, tuple)) else [audio]
+        if len(clips) != 1 or text.count(self.audio_token) != 1:
+            raise ValueError("the audio-only Qwen3-Omni processor takes exactly one clip and one audio placeholder")
+        # As the stock processor: pad to the clip itself, never cut at the extractor's 30 s window.
+        features = self.feature_extractor(
+            clips, sampling_rate=sampling_rate, return_attention_mask=True, padding=True, truncation=False,
+            return_tensors="pt",
+        )
+        frame_mask = features.pop("attention_mask")
+        count = audio_token_count(int(frame_mask[0].sum()))
+        tokens = self.tokenizer(text.replace(self.audio_token, self.audio_token * count, 1), return_tensors="pt")
+        return {
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "input_features": features["input_features"],
+            "feature_attention_mask": frame_mask,
+        }
+
+
+def load_qwen3_omni_processor(path: str, **kwargs):
+    from transformers.utils import is_torchvision_available
+
+    if is_torchvision_available():
+        from transformers import Qwen3OmniMoeProcessor
+
+        return Qwen3OmniMoeProcessor.from_pretrained(path, **kwargs)
+    return Qwen3OmniAudioProcessor.from_pretrained(path, **kwargs)
+
+
+def load_thinker_config(path: str, **kwargs):
+    """The thinker's config from a full Qwen3-Omni checkpoint or a thinker-only one."""
+    from transformers import PretrainedConfig, Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
+
+    hub = {key: kwargs[key] for key in ("revision", "local_files_only") if key in kwargs}
+    config_dict, _ = PretrainedConfig.get_config_dict(path, **hub)
+    if config_dict.get("model_type") == "qwen3_omni_moe":
+        return Qwen3OmniMoeConfig.from_pretrained(path, **kwargs).thinker_config
+    return Qwen3OmniMoeThinkerConfig.from_pretrained(path, **kwargs)
+
+
+class Qwen3OmniMoeAdapter(Qwen2_5OmniAdapter):
+    model_types = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")
+    seconds_per_audio_token = 1.0 / 13
+    # No window cuts the audio; this bounds one prompt at about 15,600 audio tokens.
+    max_audio_seconds = 1200.0
+
+    def __init__(self, model, processor, name, revision=None):
+        super().__init__(model, processor, name, revision)
+        # The parent reads the limit from the extractor's padding window, which this family does not cut at.
+        self.max_audio_seconds = type(self).max_audio_seconds
+
+    @classmethod
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, **kwargs):
+        from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
+
+        common = dict(trust_remote_code=trust_remote_code, revision=revision, **kwargs)
+        thinker_config = load_thinker_config(path, **common)
+        # A full checkpoint stores the thinker under `thinker.`; loading the thinker class from it reads only those.
+        model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(
+            path, config=thinker_config, dtype=dtype, **common
+        )
+        model.to(device).eval()
+        return cls(model, load_qwen3_omni_processor(path, **common), name, revision)
+
+    def conversation(self, prompt: str | None) -> list[dict]:
+        instruction = ASR_INSTRUCTION_QWEN3_OMNI if prompt is None else prompt
+        return [
+            {
+                "role": "user",
+                "content": [{"type": "audio", "audio_url": "clip.wav"}, {"type": "text", "text": instruction}],
+            },
+        ]
+
+    def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
+        seconds = len(audio) / SAMPLE_RATE
+        if seconds > self.max_audio_seconds + 1e-6:
+            from audiokv_cli.audio import AudioError
+
+            raise AudioError(f"{seconds:.1f} s of audio is longer than this model's limit of {self.max_audio_seconds:g} s")
+        text = self.prompt_text(prompt)
+        batch = self.processor(text=text, audio=[audio], sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        return self.prepared_input(batch, audio, text, self.audio_token_id)
