@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from audiokv_cli.compression.cache import RaggedLayer, ragged_decode_attention
+from audiokv_cli.compression.cache import RaggedLayer, layer_problem, ragged_decode_attention
 from audiokv_cli.compression.decode_kernels import (
     KERNEL_ENV,
     SegmentLayout,
@@ -119,12 +119,12 @@ def test_layout_built_once_at_compress():
     assert index[2].tolist() == [6, 7, 8, 9, 10] and valid.sum(-1).tolist() == [3, 3, 5, 0, 2, 2]
 
 
-def test_auto_picks_a_backend_that_exists():
-    uniform = SegmentLayout.from_lengths(torch.tensor([4, 4, 4, 4]))
-    varied = SegmentLayout.from_lengths(torch.tensor([1, 2, 3, 4]))
-    for layout in (uniform, varied):
-        assert resolve_kernel("auto", layout, torch.device("cpu"), torch.float32) in ("matmul", "sdpa")
-        assert resolve_kernel("padded", layout, torch.device("cpu"), torch.float32) == "padded"
+def test_auto_picks_a_measured_backend():
+    for keep in (torch.ones(1, 4, 40, dtype=torch.bool), torch.rand(1, 4, 40) < 0.5):
+        layer, *_ = compressed_layer(1, 4, 40, 8, keep, torch.float32, "cpu", 2, 1)
+        problem = layer_problem(layer, torch.randn(1, 8, 1, 8), 0.3)
+        assert resolve_kernel("auto", problem) in ("matmul", "sdpa")
+        assert resolve_kernel("padded", problem) == "padded"
 
 
 def test_forced_kernel_is_checked(monkeypatch):

@@ -18,14 +18,12 @@ def bench(
     seconds: float = typer.Option(30.0, help="Length of the synthetic clip."),
     new_tokens: int = typer.Option(64, min=2, help="Decode steps timed (EOS ignored)."),
     repeats: int = typer.Option(3, min=1, help="Best of this many runs."),
-    profile: Optional[str] = typer.Option(None, help="Head profile for audiokv (default: one from profiles/)."),
+    profile: Optional[str] = typer.Option(None, help="Head profile for audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: one from profiles/)."),
     device: Device = typer.Option(Device.auto),
     dtype: DType = typer.Option(DType.auto),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per method."),
 ) -> None:
     """Time prefill and decoding and measure the kept KV bytes of each method on the same clip."""
-    from pathlib import Path
-
     from audiokv_cli.benchmark import bench_policy, synthetic_clip
     from audiokv_cli.commands.infer import resolve_head_scores
     from audiokv_cli.compression.methods import MethodOptions, resolve_method
@@ -36,7 +34,7 @@ def bench(
     options = MethodOptions()
     adapter = load_model(model, device, dtype)
     if any(spec.uses_profile for spec in specs):
-        options.head_scores = resolve_head_scores(adapter, Path(profile) if profile else None)
+        options.head_scores = resolve_head_scores(adapter, profile)
     prepared = adapter.prepare(synthetic_clip(min(seconds, adapter.max_audio_seconds)))
     rows = []
     for spec in specs:

@@ -77,7 +77,7 @@ def evaluate(
     methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated methods; also METHOD+SMOOTHER (snapkv+sss), audiokv-nosss, SCORER+SMOOTHER+BUDGET."),
     retention: str = typer.Option("0.8,0.6,0.4,0.2", help="Comma-separated fractions of the prompt KV to keep, each in (0, 1]."),
     scope: str = typer.Option("all", help="Comma-separated eviction scopes: all, audio (text tokens always kept)."),
-    profile: Optional[Path] = typer.Option(None, help="Head profile for methods with profile budgets (default: a matching one from profiles/)."),
+    profile: Optional[str] = typer.Option(None, help="Head profile for methods with profile budgets: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
     max_new_tokens: int = typer.Option(128, min=1, help="Stop each transcript after this many tokens."),
     out: Path = typer.Option(Path("eval-out"), help="Output directory for results, summary and plot."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N clips."),
@@ -106,8 +106,10 @@ def evaluate(
     options = MethodOptions(window=window, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho)
     needs_profile = any(spec.uses_profile for spec in specs)
     plan_cells([s for s in specs if not s.uses_profile], retentions, scopes, options)  # validates the parts
-    if needs_profile and profile is not None and not profile.is_file():
-        raise AudiokvError(f"{profile}: no such profile file")
+    if needs_profile and profile is not None:
+        from audiokv_cli.profiling.reference import check_reference
+
+        check_reference(profile)
     if out.exists() and not out.is_dir():
         raise AudiokvError(f"--out {out} exists and is not a directory")
     examples = load_dataset(data, limit=limit)

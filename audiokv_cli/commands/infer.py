@@ -49,11 +49,16 @@ def _summary(result) -> Table:
     return table
 
 
-def resolve_head_scores(adapter, profile: Optional[Path]):
-    """The head profile for the audiokv method: the given file, or one in profiles/ made for this model."""
+def resolve_head_scores(adapter, profile: Optional[str]):
+    """The head profile for the audiokv method: the given file or Hub reference, or one in profiles/ made for this
+    model."""
     from audiokv_cli.profiling.profile_file import find_profile, load_head_scores
+    from audiokv_cli.profiling.reference import is_hub_reference, locate_profile
 
-    if profile is None:
+    if profile is not None and is_hub_reference(str(profile)):
+        profile = locate_profile(str(profile), adapter)
+        console.print(f"[dim]using head profile {profile}[/]")
+    elif profile is None:
         profile = find_profile(adapter)
         if profile is None:
             raise AudiokvError(
@@ -72,7 +77,7 @@ def infer(
     max_new_tokens: int = typer.Option(256, min=1, help="Stop after this many generated tokens."),
     method: str = typer.Option("full", help="Eviction method: full, streamingllm, h2o, snapkv, pyramidkv, adakv, random, stride, audiokv, or a composition such as snapkv+sss."),
     retention: float = typer.Option(1.0, help="Fraction of the prompt's KV entries to keep, in (0, 1]."),
-    profile: Optional[Path] = typer.Option(None, help="Head profile for --method audiokv (default: a matching one from profiles/)."),
+    profile: Optional[str] = typer.Option(None, help="Head profile for --method audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
     scope: Scope = typer.Option(Scope.all, help="all: any prompt token may be evicted; audio: text tokens are always kept."),
     window: int = typer.Option(32, min=1, help="Observation window: the last prompt tokens, always kept and used for scoring."),
     sss_alpha: float = typer.Option(0.5, help="Spectral smoothing mix (0 = raw scores, 1 = fully smoothed)."),
@@ -104,8 +109,10 @@ def infer(
     needs_profile = spec.uses_profile
     if not needs_profile:
         policy = spec.policy(retention, options)
-    elif profile is not None and not profile.is_file():
-        raise AudiokvError(f"{profile}: no such profile file")
+    elif profile is not None:
+        from audiokv_cli.profiling.reference import check_reference
+
+        check_reference(profile)
 
     from audiokv_cli.models.base import ModelAdapter
 

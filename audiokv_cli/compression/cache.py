@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from audiokv_cli.compression.decode_kernels import SegmentLayout, decode_attention
+from audiokv_cli.compression.decode_kernels import DecodeProblem, SegmentLayout, decode_attention, decode_problem
 
 # The generated-token tail grows by this many positions at a time, so appending a token is not a full copy.
 TAIL_CHUNK = 64
@@ -130,6 +130,17 @@ class RaggedKVCache(Cache):
         return sum(layer.physical_bytes(include_tail) for layer in self.layers)
 
 
+def layer_problem(layer: RaggedLayer, query: torch.Tensor, scaling: float) -> DecodeProblem:
+    """The decode-kernel inputs of a compressed layer: its packed entries and views of its tail, no copies."""
+    tail_keys = tail_values = None
+    if layer.tail_length:
+        segments, capacity, dim = layer.layout.segments, layer.tail_keys.shape[2], layer.tail_keys.shape[3]
+        # [B, Hkv, capacity, D] is [S, capacity, D] in memory.
+        tail_keys = layer.tail_keys.view(segments, capacity, dim)[:, : layer.tail_length]
+        tail_values = layer.tail_values.view(segments, capacity, dim)[:, : layer.tail_length]
+    return decode_problem(layer.layout, layer.flat_keys, layer.flat_values, tail_keys, tail_values, query, scaling)
+
+
 def ragged_decode_attention(
     layer: RaggedLayer, query: torch.Tensor, scaling: float, kernel: str | None = None
 ) -> torch.Tensor:
@@ -140,12 +151,4 @@ def ragged_decode_attention(
     a layer whose tail is empty (cross-attention) is attended over its kept entries alone. ``kernel`` forces a
     backend of `decode_kernels` (default: ``--decode-kernel``, else chosen automatically).
     """
-    tail_keys = tail_values = None
-    if layer.tail_length:
-        segments, capacity, dim = layer.layout.segments, layer.tail_keys.shape[2], layer.tail_keys.shape[3]
-        # Views of the tail buffer: [B, Hkv, capacity, D] is [S, capacity, D] in memory.
-        tail_keys = layer.tail_keys.view(segments, capacity, dim)[:, : layer.tail_length]
-        tail_values = layer.tail_values.view(segments, capacity, dim)[:, : layer.tail_length]
-    return decode_attention(
-        layer.layout, layer.flat_keys, layer.flat_values, tail_keys, tail_values, query, scaling, kernel
-    )
+    return decode_attention(layer_problem(layer, query, scaling), query, kernel)

@@ -16,8 +16,8 @@ Backends (``--decode-kernel``; `AUDIOKV_DECODE_KERNEL` carries the choice into w
 - ``padded``: kept entries gathered into a padded ``[segments, longest, head_dim]`` copy every step, then SDPA with a
   mask: the fallback that runs anywhere but copies what it reads.
 
-``auto`` picks varlen, else flash-attn, else padded on CUDA; on CPU the one of sdpa and matmul that measured faster
-for the run structure at hand (see `cpu_choice`).
+``auto`` picks varlen, else flash-attn, else padded on CUDA; on CPU the one of sdpa and matmul that runs faster,
+timed once per process on the first problem of each shape (`cpu_choice`).
 
 A layer whose tail stays empty (cross-attention over a compressed encoder memory) is attended without a tail and
 without a causal mask.
@@ -26,6 +26,7 @@ without a causal mask.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,6 +47,7 @@ class SegmentLayout:
     # (first segment, end segment, length, offset of the first entry): consecutive segments of equal length.
     runs: tuple[tuple[int, int, int, int], ...]
     max_length: int
+    total: int
     cu_seqlens: torch.Tensor  # int32 [segments + 1] on the cache's device, for varlen kernels
     _padded: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
@@ -62,7 +64,7 @@ class SegmentLayout:
         for n in host:
             starts.append(starts[-1] + n)
         cu = torch.tensor(starts, dtype=torch.int32, device=lengths.device)
-        return cls(tuple(host), tuple(runs), max(host, default=0), cu)
+        return cls(tuple(host), tuple(runs), max(host, default=0), starts[-1], cu)
 
     @property
     def segments(self) -> int:
@@ -279,13 +281,34 @@ def available_kernels(device: torch.device | str, dtype: torch.dtype) -> list[st
     return names
 
 
-def cpu_choice(layout: SegmentLayout) -> str:
-    """sdpa or matmul on CPU, from `audiokv bench --kernel` measurements (docs/performance.md).
+# CPU choice per problem shape, measured once per process: {shape key: backend name}.
+_CPU_CHOICES: dict[tuple, str] = {}
+CPU_CANDIDATES = ("matmul", "sdpa")
 
-    One batched matmul pair beats the flash kernel when the segments form few runs (uniform budgets); when nearly
-    every segment is its own run (per-head budgets) the flash kernel's fused softmax does less work per run.
+
+def _shape_key(problem: DecodeProblem) -> tuple:
+    layout = problem.layout
+    # Same segment count, query width, head size and dtype, one run or many, lengths within a factor of two.
+    return (*problem.queries.shape, problem.keys.dtype, len(layout.runs) == 1, layout.max_length.bit_length())
+
+
+def cpu_choice(problem: DecodeProblem) -> str:
+    """sdpa or matmul, whichever runs this problem faster here; timed on the first problem of each shape.
+
+    Neither wins everywhere (`audiokv bench --kernel`, docs/performance.md): the flash kernel's per-call setup
+    dominates short segments, its fused softmax can win on long ones; both give the same values to rounding.
     """
-    return "matmul" if len(layout.runs) <= 2 else "sdpa"
+    key = _shape_key(problem)
+    if key not in _CPU_CHOICES:
+        timings = {}
+        for name in CPU_CANDIDATES:
+            KERNELS[name](problem)  # warm-up
+            start = time.perf_counter()
+            for _ in range(3):
+                KERNELS[name](problem)
+            timings[name] = time.perf_counter() - start
+        _CPU_CHOICES[key] = min(timings, key=timings.get)
+    return _CPU_CHOICES[key]
 
 
 def requested_kernel() -> str:
@@ -312,15 +335,16 @@ def check_kernel(name: str, device: torch.device | str, dtype: torch.dtype) -> N
         )
 
 
-def resolve_kernel(name: str, layout: SegmentLayout, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_kernel(name: str, problem: DecodeProblem) -> str:
     if name != "auto":
         return name
+    device, dtype = problem.queries.device, problem.keys.dtype
     if device.type == "cpu":
-        return cpu_choice(layout)
+        return cpu_choice(problem)
     return available_kernels(device, dtype)[0] if dtype in HALF else "padded"
 
 
-def decode_attention(
+def decode_problem(
     layout: SegmentLayout,
     keys: torch.Tensor,
     values: torch.Tensor,
@@ -328,23 +352,20 @@ def decode_attention(
     tail_values: torch.Tensor | None,
     query: torch.Tensor,
     scaling: float,
-    kernel: str | None = None,
-) -> torch.Tensor:
-    """Attention of ``query`` ``[B, Hq, q_len, D]`` over packed kept entries plus an optional dense tail.
-
-    ``keys``/``values``: ``[N, D]`` packed per `layout`; ``tail_keys``/``tail_values``: ``[S, T, D]`` (views of the
-    tail buffer are fine) or None.
-    Returns ``[B, q_len, Hq, D]`` in the query's dtype, like transformers' attention functions.
-    """
+) -> DecodeProblem:
+    """``query`` ``[B, Hq, q_len, D]`` over packed kept entries ``[N, D]`` and an optional tail ``[S, T, D]``."""
     batch, query_heads, q_len, dim = query.shape
-    segments = layout.segments
-    width = query_heads * batch // segments * q_len
+    width = query_heads * batch // layout.segments * q_len
     # Query head h reads KV head h // group: [B, Hq, q, D] is already [B, Hkv, group, q, D] in memory order.
-    queries = query.to(keys.dtype).reshape(segments, width, dim)
+    queries = query.to(keys.dtype).reshape(layout.segments, width, dim)
     if tail_keys is not None and not tail_keys.shape[1]:
         tail_keys = tail_values = None
-    problem = DecodeProblem(layout, keys, values, queries, tail_keys, tail_values, q_len=q_len, scaling=scaling)
-    name = resolve_kernel(kernel or requested_kernel(), layout, query.device, keys.dtype)
-    out = KERNELS[name](problem)
-    out = out.reshape(batch, query_heads, q_len, dim)
-    return out.transpose(1, 2).to(query.dtype)
+    return DecodeProblem(layout, keys, values, queries, tail_keys, tail_values, q_len=q_len, scaling=scaling)
+
+
+def decode_attention(problem: DecodeProblem, query: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """Run ``problem`` on the forced or automatic backend; ``[B, q_len, Hq, D]`` in the query's dtype, like
+    transformers' attention functions."""
+    batch, query_heads, q_len, dim = query.shape
+    out = KERNELS[resolve_kernel(kernel or requested_kernel(), problem)](problem)
+    return out.reshape(batch, query_heads, q_len, dim).transpose(1, 2).to(query.dtype)

@@ -333,11 +333,12 @@ def _candidates(directories: Iterable[Path]) -> Iterable[Path]:
                 yield path
 
 
-def find_profile(adapter, profiles_dir: str | os.PathLike | None = None) -> Path | None:
-    """The best profile for ``adapter`` in ``profiles_dir`` (then the default folders): a full fingerprint match
-    first, else one with the same architecture; the one with most scored steps wins a tie. None if there is none."""
+def find_profile(adapter, profiles_dir: str | os.PathLike | None = None, defaults: bool = True) -> Path | None:
+    """The best profile for ``adapter`` in ``profiles_dir`` (then the default folders unless ``defaults`` is False): a
+    full fingerprint match first, else one with the same architecture; the one with most scored steps wins a tie.
+    None if there is none."""
     expected = adapter.fingerprint()
-    directories = ([Path(profiles_dir)] if profiles_dir is not None else []) + default_profile_dirs()
+    directories = ([Path(profiles_dir)] if profiles_dir is not None else []) + (default_profile_dirs() if defaults else [])
     best: tuple[tuple[int, int], Path] | None = None
     for path in _candidates(d for d in directories if Path(d).is_dir()):
         try:
