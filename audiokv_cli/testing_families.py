@@ -210,3 +210,37 @@ def build_tiny_qwen3_omni_thinker(
     template = chatml_template("<|audio_start|><|audio_pad|><|audio_end|>")
     (out_dir / "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2))
     return out_dir
+
+
+# Mistral's control tokens a Voxtral prompt uses, as in the released tokenizer.
+VOXTRAL_TOKENS = ["<pad>", "<s>", "</s>", "[INST]", "[/INST]", "[BEGIN_AUDIO]", "[AUDIO]", "[TRANSCRIBE]"]
+
+
+def build_tiny_voxtral(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64
+) -> Path:
+    """A random VoxtralForConditionalGeneration (Whisper-style encoder, Llama decoder), feature extractor, tokenizer."""
+    import torch
+    from transformers import VoxtralConfig, VoxtralForConditionalGeneration, WhisperFeatureExtractor
+
+    from audiokv_cli.testing import build_character_tokenizer, tiny_audio_encoder_config
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(VOXTRAL_TOKENS, eos_token="</s>", pad_token="<pad>", bos_token="<s>")
+    audio_hidden = 32
+    config = VoxtralConfig(
+        # The projector stacks four encoder frames per token: intermediate_size is 4 x d_model, as released.
+        audio_config={"model_type": "voxtral_encoder", **tiny_audio_encoder_config(audio_hidden),
+                      "encoder_ffn_dim": 4 * audio_hidden},
+        text_config=_text_config(tokenizer, "llama", num_layers, num_heads, num_kv_heads, hidden,
+                                 bos_token_id=tokenizer.bos_token_id, head_dim=hidden // num_heads),
+        audio_token_id=tokenizer.convert_tokens_to_ids("[AUDIO]"),
+    )
+    torch.manual_seed(seed)
+    model = VoxtralForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(out_dir)
+    return out_dir

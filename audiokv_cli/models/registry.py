@@ -15,6 +15,7 @@ from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
 from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
 from audiokv_cli.models.qwen3_omni_moe import Qwen3OmniMoeAdapter
+from audiokv_cli.models.voxtral import VoxtralAdapter
 from audiokv_cli.models.whisper import WhisperAdapter
 from audiokv_cli.models.whisper_assets import WHISPER_ASSETS, assemble
 
@@ -41,6 +42,8 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
     "qwen2.5-omni-3b": ModelAlias("Qwen/Qwen2.5-Omni-3B", "Qwen2.5-Omni 3B thinker (audio + text in, text out)"),
     "qwen3-omni": ModelAlias("Qwen/Qwen3-Omni-30B-A3B-Instruct", "Qwen3-Omni 30B-A3B MoE thinker (audio + text in, text out)"),
     "audio-flamingo-3": ModelAlias("nvidia/audio-flamingo-3-hf", "Audio Flamingo 3 (Qwen2.5-7B decoder)"),
+    "voxtral-mini": ModelAlias("mistralai/Voxtral-Mini-3B-2507", "Voxtral Mini 3B (needs mistral-common)"),
+    "voxtral-small": ModelAlias("mistralai/Voxtral-Small-24B-2507", "Voxtral Small 24B (needs mistral-common)"),
     "qwen3-asr": ModelAlias("Qwen/Qwen3-ASR-1.7B", "Qwen3-ASR 1.7B (transcription; a prompt is context)"),
     "qwen3-asr-0.6b": ModelAlias("Qwen/Qwen3-ASR-0.6B", "Qwen3-ASR 0.6B (transcription; a prompt is context)"),
     **{
@@ -50,7 +53,8 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
 }
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
-    Qwen2AudioAdapter, Qwen2_5OmniAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter, Qwen3OmniMoeAdapter, WhisperAdapter
+    Qwen2AudioAdapter, Qwen2_5OmniAdapter, Qwen3OmniMoeAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter,
+    VoxtralAdapter, WhisperAdapter,
 )
 
 
