@@ -244,3 +244,37 @@ def build_tiny_voxtral(
     tokenizer.save_pretrained(out_dir)
     WhisperFeatureExtractor(feature_size=80).save_pretrained(out_dir)
     return out_dir
+
+
+def build_tiny_glm_asr(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64
+) -> Path:
+    """A random GlmAsrForConditionalGeneration (rotary Whisper-style encoder, Llama decoder) and its processor."""
+    import torch
+    from transformers import GlmAsrConfig, GlmAsrForConditionalGeneration, GlmAsrProcessor, WhisperFeatureExtractor
+
+    from audiokv_cli.testing import build_character_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_audio|>", "<|end_of_audio|>", "<|pad|>"],
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", with_newline=True,
+    )
+    processor = GlmAsrProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=80, return_attention_mask=True),
+        tokenizer=tokenizer,
+        chat_template=chatml_template("<|begin_of_audio|><|pad|><|end_of_audio|>"),
+        max_audio_len=90,
+    )
+    audio_hidden = 32
+    config = GlmAsrConfig(
+        # The projector merges four encoder frames per token: intermediate_size is 4 x hidden_size, as released.
+        audio_config={"model_type": "glmasr_encoder", "hidden_size": audio_hidden, "intermediate_size": 4 * audio_hidden,
+                      "num_hidden_layers": 1, "num_attention_heads": 2, "num_mel_bins": 80},
+        text_config=_text_config(tokenizer, "llama", num_layers, num_heads, num_kv_heads, hidden, head_dim=hidden // num_heads),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|pad|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = GlmAsrForConditionalGeneration(config).eval()
+    return _finish(model, tokenizer, processor, out_dir, seed)

@@ -10,6 +10,7 @@ import torch
 
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.models.base import ModelAdapter
+from audiokv_cli.models.glm_asr import GlmAsrAdapter
 from audiokv_cli.models.audio_flamingo3 import AudioFlamingo3Adapter
 from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
@@ -44,8 +45,8 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
     "audio-flamingo-3": ModelAlias("nvidia/audio-flamingo-3-hf", "Audio Flamingo 3 (Qwen2.5-7B decoder)"),
     "voxtral-mini": ModelAlias("mistralai/Voxtral-Mini-3B-2507", "Voxtral Mini 3B (needs mistral-common)"),
     "voxtral-small": ModelAlias("mistralai/Voxtral-Small-24B-2507", "Voxtral Small 24B (needs mistral-common)"),
-    "qwen3-asr": ModelAlias("Qwen/Qwen3-ASR-1.7B", "Qwen3-ASR 1.7B (transcription; a prompt is context)"),
-    "qwen3-asr-0.6b": ModelAlias("Qwen/Qwen3-ASR-0.6B", "Qwen3-ASR 0.6B (transcription; a prompt is context)"),
+    "qwen3-asr": ModelAlias("Qwen/Qwen3-ASR-1.7B-hf", "Qwen3-ASR 1.7B (transcription; a prompt is context)"),
+    "glm-asr": ModelAlias("zai-org/GLM-ASR-Nano-2512", "GLM-ASR Nano (transcription)"),
     **{
         name: ModelAlias(f"pypi:{asset.requirement}", asset.description, asset=name)
         for name, asset in WHISPER_ASSETS.items()
@@ -54,7 +55,7 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2AudioAdapter, Qwen2_5OmniAdapter, Qwen3OmniMoeAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter,
-    VoxtralAdapter, WhisperAdapter,
+    VoxtralAdapter, GlmAsrAdapter, WhisperAdapter,
 )
 
 
