@@ -12,6 +12,7 @@ from audiokv_cli import __version__
 from audiokv_cli.commands.common import console
 from audiokv_cli.commands.bench import bench
 from audiokv_cli.commands.infer import infer
+from audiokv_cli.commands.models import models
 from audiokv_cli.errors import AudiokvError
 
 app = typer.Typer(
@@ -59,6 +60,7 @@ def _register(name: str, command: Callable) -> None:
 
 _register("infer", infer)
 _register("bench", bench)
+app.command("models")(user_errors(models))
 
 try:
     from audiokv_cli.commands import profile as _profile

@@ -6,7 +6,9 @@ from audiokv_cli.models.audio_lm import AudioLMAdapter
 
 
 class AudioFlamingo3Adapter(AudioLMAdapter):
+    family = "Audio Flamingo 3"
     model_types = ("audioflamingo3",)
+    tiny_model = "audiokv_cli.testing_families:build_tiny_audio_flamingo3"
     model_class = "AudioFlamingo3ForConditionalGeneration"
     # 10 ms mel frames, a stride-2 convolution, then stride-2 average pooling: 40 ms per token, as Qwen2-Audio.
     seconds_per_audio_token = 0.04

@@ -7,7 +7,9 @@ from audiokv_cli.models.audio_lm import AudioLMAdapter
 
 
 class GlmAsrAdapter(AudioLMAdapter):
+    family = "GLM-ASR"
     model_types = ("glmasr",)
+    tiny_model = "audiokv_cli.testing_families:build_tiny_glm_asr"
     model_class = "GlmAsrForConditionalGeneration"
     # 10 ms mel frames, a stride-2 convolution, then four frames merged: 80 ms per token.
     seconds_per_audio_token = 0.08

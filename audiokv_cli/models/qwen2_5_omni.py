@@ -127,7 +127,9 @@ def load_thinker_config(path: str, **kwargs):
 
 
 class Qwen2_5OmniAdapter(ModelAdapter):
+    family = "Qwen2.5-Omni thinker"
     model_types = ("qwen2_5_omni", "qwen2_5_omni_thinker")
+    tiny_model = "audiokv_cli.testing_omni:build_tiny_qwen2_5_omni_thinker"
     # Whisper-style mel frames every 10 ms, a stride-2 convolution, then stride-2 average pooling: 40 ms per token.
     seconds_per_audio_token = 0.04
     # The released feature extractor pads and truncates to a 300 s window (`n_samples` 4,800,000 at 16 kHz); the

@@ -17,7 +17,9 @@ BASE_PROMPT_PREFIX = "<|audio_bos|><|AUDIO|><|audio_eos|>"
 
 
 class Qwen2AudioAdapter(ModelAdapter):
+    family = "Qwen2-Audio"
     model_types = ("qwen2_audio",)
+    tiny_model = "audiokv_cli.testing:build_tiny_qwen2_audio"
     # The tower makes one frame per 20 ms and average-pools by two.
     seconds_per_audio_token = 0.04
     # Longer clips are segmented; this bounds the prompt (15,000 audio tokens) and is checked before loading.

@@ -15,7 +15,9 @@ ASR_TEXT_MARKER = "<asr_text>"
 
 
 class Qwen3ASRAdapter(AudioLMAdapter):
+    family = "Qwen3-ASR"
     model_types = ("qwen3_asr",)
+    tiny_model = "audiokv_cli.testing_families:build_tiny_qwen3_asr"
     model_class = "Qwen3ASRForConditionalGeneration"
     # 100 mel frames (1 s) per encoder chunk, three stride-2 convolutions: 13 tokens per full second.
     seconds_per_audio_token = 1.0 / 13

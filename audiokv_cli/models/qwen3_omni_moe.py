@@ -77,7 +77,9 @@ def load_thinker_config(path: str, **kwargs):
 
 
 class Qwen3OmniMoeAdapter(Qwen2_5OmniAdapter):
+    family = "Qwen3-Omni-MoE thinker"
     model_types = ("qwen3_omni_moe", "qwen3_omni_moe_thinker")
+    tiny_model = "audiokv_cli.testing_families:build_tiny_qwen3_omni_thinker"
     seconds_per_audio_token = 1.0 / 13
     # No window cuts the audio; this bounds one prompt at about 15,600 audio tokens.
     max_audio_seconds = 1200.0

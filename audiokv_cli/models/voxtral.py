@@ -69,7 +69,9 @@ class VoxtralAudioProcessor:
 
 
 class VoxtralAdapter(AudioLMAdapter):
+    family = "Voxtral"
     model_types = ("voxtral",)
+    tiny_model = "audiokv_cli.testing_families:build_tiny_voxtral"
     model_class = "VoxtralForConditionalGeneration"
     # 20 ms encoder frames, four stacked per token: 80 ms (375 tokens per 30 s chunk).
     seconds_per_audio_token = 0.08
