@@ -115,7 +115,9 @@ def build_tiny_qwen3_asr(
             "num_mel_bins": 80, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64,
             "d_model": 32, "output_dim": hidden, "downsample_hidden_size": 8,
         },
-        text_config=_text_config(tokenizer, "qwen3", num_layers, num_heads, num_kv_heads, hidden, head_dim=hidden // num_heads),
+        text_config=_text_config(
+            tokenizer, "qwen3", num_layers, num_heads, num_kv_heads, hidden, head_dim=hidden // num_heads
+        ),
         audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -269,9 +271,13 @@ def build_tiny_glm_asr(
     audio_hidden = 32
     config = GlmAsrConfig(
         # The projector merges four encoder frames per token: intermediate_size is 4 x hidden_size, as released.
-        audio_config={"model_type": "glmasr_encoder", "hidden_size": audio_hidden, "intermediate_size": 4 * audio_hidden,
-                      "num_hidden_layers": 1, "num_attention_heads": 2, "num_mel_bins": 80},
-        text_config=_text_config(tokenizer, "llama", num_layers, num_heads, num_kv_heads, hidden, head_dim=hidden // num_heads),
+        audio_config={
+            "model_type": "glmasr_encoder", "hidden_size": audio_hidden, "intermediate_size": 4 * audio_hidden,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "num_mel_bins": 80,
+        },
+        text_config=_text_config(
+            tokenizer, "llama", num_layers, num_heads, num_kv_heads, hidden, head_dim=hidden // num_heads
+        ),
         audio_token_id=tokenizer.convert_tokens_to_ids("<|pad|>"),
         tie_word_embeddings=False,
     )

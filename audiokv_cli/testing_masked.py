@@ -30,19 +30,14 @@ class RecordingRaggedCache(RaggedKVCache):
 
 
 class MaskedDenseAttention:
-    """Attention handler: full attention over the prompt, then decode steps that skip each head's evicted entries.
+    """Attention handler: full attention over the prompt, then decode steps that skip each head's evicted entries."""
 
-    ``kv_source`` maps a layer that reads another layer's cache (KV sharing) to that layer.
-    """
-
-    def __init__(self, keep_masks: dict[int, torch.Tensor], prompt_tokens: int, kv_source: dict[int, int] | None = None):
+    def __init__(self, keep_masks: dict[int, torch.Tensor], prompt_tokens: int):
         self.keep_masks = keep_masks
         self.prompt_tokens = prompt_tokens
-        self.kv_source = kv_source or {}
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        layer = self.kv_source.get(module.layer_idx, module.layer_idx)
-        keep = self.keep_masks.get(layer)
+        keep = self.keep_masks.get(module.layer_idx)
         length = key.shape[-2]
         if keep is None or query.shape[-2] == length:
             return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
@@ -89,13 +84,9 @@ def _teacher_forced(adapter, inputs: dict, cache, tokens: list[int], handler) ->
     return logits
 
 
-def compare_with_masked_dense(
-    adapter, prepared, policy: CompressionPolicy, steps: int = 4, dense_cache=None, kv_source: dict | None = None
-) -> MaskedDenseComparison:
-    """Greedy-decode ``steps`` tokens with ``policy``, then replay the same tokens over a masked dense cache.
-
-    ``dense_cache`` is the cache the reference and full runs use (default: a fresh `DynamicCache` each).
-    """
+def compare_with_masked_dense(adapter, prepared, policy: CompressionPolicy, steps: int = 4) -> MaskedDenseComparison:
+    """Greedy-decode ``steps`` tokens with ``policy``, then replay the same tokens over a masked dense cache and over
+    the full cache (both fresh `DynamicCache`s)."""
     from transformers import DynamicCache
 
     cache = RecordingRaggedCache(adapter.geometry.num_layers)
@@ -110,17 +101,16 @@ def compare_with_masked_dense(
             tokens.append(int(token[0, 0]))
             logits = adapter.next_token_logits({"input_ids": token}, cache)
             compressed.append(logits)
-    make_cache = dense_cache or DynamicCache
-    reference = MaskedDenseAttention(cache.keep_masks, prepared.prompt_tokens, kv_source)
-    masked = _teacher_forced(adapter, prepared.inputs, make_cache(), tokens, reference)
-    full = _teacher_forced(adapter, prepared.inputs, make_cache(), tokens, None)
+    reference = MaskedDenseAttention(cache.keep_masks, prepared.prompt_tokens)
+    masked = _teacher_forced(adapter, prepared.inputs, DynamicCache(), tokens, reference)
+    full = _teacher_forced(adapter, prepared.inputs, DynamicCache(), tokens, None)
     return MaskedDenseComparison(compressed, masked, full, cache.keep_masks, tokens)
 
 
-def assert_matches_masked_dense(adapter, prepared, policy: CompressionPolicy, steps: int = 4, atol: float = 1e-5, **kwargs):
+def assert_matches_masked_dense(adapter, prepared, policy: CompressionPolicy, steps: int = 4, atol: float = 1e-5):
     """The check every adapter's tests run: compressed logits equal the masked dense ones at every step, and the
     comparison is not vacuous (entries were evicted in every layer, and they changed the logits)."""
-    result = compare_with_masked_dense(adapter, prepared, policy, steps, **kwargs)
+    result = compare_with_masked_dense(adapter, prepared, policy, steps)
     assert sorted(result.keep_masks) == list(range(len(result.keep_masks))) and result.keep_masks
     assert all(not bool(mask.all()) for mask in result.keep_masks.values()), "a layer evicted nothing"
     assert result.max_difference <= atol, f"compressed vs masked dense: {result.max_difference:.2e} > {atol:g}"

@@ -49,12 +49,12 @@ def check_lossless_equals_generate(adapter, audio: np.ndarray, steps: int = 8) -
             )
 
 
-def check_masked_dense(adapter, audio: np.ndarray, steps: int = 4, **kwargs) -> None:
+def check_masked_dense(adapter, audio: np.ndarray, steps: int = 4) -> None:
     """At retention 0.4 the compressed logits equal the dense model's with the evicted entries masked out."""
     prepared = adapter.prepare(audio)
     for method in ("snapkv", "audiokv"):
         result = assert_matches_masked_dense(
-            adapter, prepared, build_policy(method, 0.4, options(adapter)), steps=steps, **kwargs
+            adapter, prepared, build_policy(method, 0.4, options(adapter)), steps=steps
         )
         assert 0.5 < result.evicted_fraction < 0.7, method
 

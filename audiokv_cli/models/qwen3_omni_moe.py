@@ -116,7 +116,8 @@ class Qwen3OmniMoeAdapter(Qwen2_5OmniAdapter):
         if seconds > self.max_audio_seconds + 1e-6:
             from audiokv_cli.audio import AudioError
 
-            raise AudioError(f"{seconds:.1f} s of audio is longer than this model's limit of {self.max_audio_seconds:g} s")
+            limit = self.max_audio_seconds
+            raise AudioError(f"{seconds:.1f} s of audio is longer than this model's limit of {limit:g} s")
         text = self.prompt_text(prompt)
         batch = self.processor(text=text, audio=[audio], sampling_rate=SAMPLE_RATE, return_tensors="pt")
         return self.prepared_input(batch, audio, text, self.audio_token_id)
