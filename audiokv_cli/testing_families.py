@@ -284,3 +284,41 @@ def build_tiny_glm_asr(
     torch.manual_seed(seed)
     model = GlmAsrForConditionalGeneration(config).eval()
     return _finish(model, tokenizer, processor, out_dir, seed)
+
+
+def build_tiny_music_flamingo(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64
+) -> Path:
+    """A random MusicFlamingoForConditionalGeneration (AF3 encoder + rotary time embedding, Qwen2 decoder)."""
+    import torch
+    from transformers import (
+        MusicFlamingoConfig,
+        MusicFlamingoForConditionalGeneration,
+        MusicFlamingoProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    from audiokv_cli.testing import build_character_tokenizer, tiny_audio_encoder_config
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<sound>", "<|sound_bos|>", "<|sound_eos|>"],
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", with_newline=True,
+    )
+    processor = MusicFlamingoProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=80, return_attention_mask=True),
+        tokenizer=tokenizer,
+        chat_template=chatml_template("<sound>"),
+        max_audio_len=90,
+    )
+    token = tokenizer.convert_tokens_to_ids
+    config = MusicFlamingoConfig(
+        audio_config={"model_type": "audioflamingo3_encoder", **tiny_audio_encoder_config(32)},
+        text_config=_text_config(tokenizer, "qwen2", num_layers, num_heads, num_kv_heads, hidden),
+        audio_token_id=token("<sound>"),
+        audio_bos_token_id=token("<|sound_bos|>"),
+        audio_eos_token_id=token("<|sound_eos|>"),
+    )
+    torch.manual_seed(seed)
+    model = MusicFlamingoForConditionalGeneration(config).eval()
+    return _finish(model, tokenizer, processor, out_dir, seed)

@@ -1,0 +1,65 @@
+"""The Music Flamingo adapter on a tiny random model: prompt and audio spans, long audio, compressed decoding."""
+
+import pytest
+
+from audiokv_cli.audio import AudioError
+from audiokv_cli.models.music_flamingo import MusicFlamingoAdapter
+from audiokv_cli.models.registry import load_adapter
+from audiokv_cli.testing_families import build_tiny_music_flamingo
+from tests import adapter_checks as checks
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_music_flamingo(tmp_path_factory.mktemp("tiny-music-flamingo"))
+
+
+@pytest.fixture(scope="module")
+def adapter(model_dir):
+    return load_adapter(str(model_dir), device="cpu", dtype="float32")
+
+
+def test_registry_finds_the_family(model_dir, adapter):
+    checks.check_registry(model_dir, MusicFlamingoAdapter)
+    assert adapter.geometry.num_layers == 2 and adapter.geometry.group_size == 2
+    assert adapter.max_audio_seconds == 90.0  # the tiny processor's max_audio_len; the released one is 1200 s
+
+
+@pytest.mark.parametrize("seconds, tokens", [(2.0, 50), (6.3, 157), (45.0, 1125)])
+def test_prompt_and_exact_audio_span(adapter, seconds, tokens):
+    prepared = adapter.prepare(checks.noise_clip(seconds))
+    ids = prepared.input_ids[0].tolist()
+    token = adapter.processor.tokenizer.convert_tokens_to_ids
+    start = ids.index(token("<sound>"))
+    # Over 30 s the processor encodes consecutive 30 s windows and joins their tokens into one audio item.
+    assert prepared.audio_spans == [(start, start + tokens)] and ids.count(token("<sound>")) == tokens
+    assert ids[start - 1] == token("<|sound_bos|>") and ids[start + tokens] == token("<|sound_eos|>")
+    assert prepared.prompt == "<|im_start|>user\n<sound>Transcribe the input speech.<|im_end|>\n<|im_start|>assistant\n"
+    assert prepared.audio_seconds == pytest.approx(seconds)
+    free = adapter.prepare(checks.noise_clip(1.0), prompt="What is the mood?")
+    assert "What is the mood?" in free.prompt and "Transcribe" not in free.prompt
+
+
+def test_audio_over_the_limit_is_refused_not_cut(adapter):
+    with pytest.raises(AudioError, match="longer than this model's limit of 90 s"):
+        adapter.prepare(checks.noise_clip(91.0))
+
+
+def test_retention_one_equals_generate(adapter):
+    checks.check_lossless_equals_generate(adapter, checks.noise_clip(3.0, seed=1))
+
+
+def test_compressed_logits_equal_the_masked_dense_model(adapter):
+    checks.check_masked_dense(adapter, checks.noise_clip(3.0, seed=2))
+
+
+def test_every_method_runs(adapter):
+    checks.check_every_method_runs(adapter, checks.noise_clip(2.5, seed=3))
+
+
+def test_positions_after_eviction(adapter):
+    checks.check_decode_positions(adapter, checks.noise_clip(2.0, seed=4))
+
+
+def test_profile_runs_and_matches(adapter, tmp_path):
+    checks.check_profile(adapter, tmp_path)
