@@ -9,54 +9,189 @@ import typer
 from rich.table import Table
 
 from audiokv_cli.commands.common import DType, Device, check_range, console, load_model, stdout
+from audiokv_cli.errors import AudiokvError
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise AudiokvError(f"--batch-sizes takes comma-separated whole numbers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise AudiokvError(f"--batch-sizes must list batch sizes of at least 1, got {text!r}")
+    return sizes
+
+
+def _print_rows(records: list[dict]) -> None:
+    for record in records:
+        stdout.print(json.dumps(record), markup=False, highlight=False)
 
 
 def bench(
     model: str = typer.Option("tiny", "--model", "-m", help="Short name, local directory or Hub id."),
     methods: str = typer.Option("full,snapkv,audiokv", help="Comma-separated methods (full is the reference)."),
     retention: float = typer.Option(0.4, help="Retention for every evicting method."),
-    seconds: float = typer.Option(30.0, help="Length of the synthetic clip."),
+    seconds: float = typer.Option(30.0, help="Length of the synthetic clip (without --prompt-tokens)."),
+    prompt_tokens: Optional[int] = typer.Option(None, min=2, help="A prompt of exactly N tokens: synthetic audio up to the model's limit, filler text for the rest."),
     new_tokens: int = typer.Option(64, min=2, help="Decode steps timed (EOS ignored)."),
-    repeats: int = typer.Option(3, min=1, help="Best of this many runs."),
+    repeats: int = typer.Option(3, min=1, help="Best of this many runs, interleaved across methods."),
+    batch_sizes: str = typer.Option("1", help="Decode tokens/s at each batch size (copies of the prompt), e.g. 1,4,8."),
+    kv_budget_gb: Optional[float] = typer.Option(None, help="Concurrent streams of this prompt whose KV fits in this many GB."),
+    kernel: bool = typer.Option(False, "--kernel", help="Time the decode attention alone on random tensors of --geometry."),
+    geometry: str = typer.Option("qwen2-audio-7b", help="Decoder geometry for --kernel: qwen2-audio-7b, qwen2.5-omni-7b, qwen2.5-omni-3b, qwen3-omni-30b, tiny."),
+    decode_kernel: str = typer.Option("auto", help="Decode attention backend: auto, matmul, sdpa, varlen, flash-attn, padded (--kernel: every one here)."),
+    memory: bool = typer.Option(True, help="CPU: measure peak tensor memory in one extra untimed run per method."),
+    threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: 1 for small models on CPU, else one per core)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: one from profiles/)."),
     device: Device = typer.Option(Device.auto),
     dtype: DType = typer.Option(DType.auto),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per method."),
 ) -> None:
-    """Time prefill and decoding and measure the kept KV bytes of each method on the same clip."""
-    from audiokv_cli.benchmark import bench_policy, synthetic_clip
-    from audiokv_cli.commands.infer import resolve_head_scores
+    """Time prefill and decoding and measure the kept KV bytes of each method on the same prompt."""
+    from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, select_kernel
     from audiokv_cli.compression.methods import MethodOptions, resolve_method
 
     check_range("--retention", retention, 0.0, 1.0, low_open=True)
     check_range("--seconds", seconds, 0.0, 3600.0, low_open=True)
+    if kv_budget_gb is not None and kv_budget_gb <= 0:
+        raise AudiokvError(f"--kv-budget-gb must be positive, got {kv_budget_gb:g}")
+    if decode_kernel not in KERNEL_NAMES:
+        raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")
+    sizes = _batch_sizes(batch_sizes)
     specs = [resolve_method(name) for name in methods.split(",") if name.strip()]  # fail before loading anything
+    if kernel:
+        _bench_kernel(geometry, specs, retention, prompt_tokens or 8192, sizes, repeats, decode_kernel, device, dtype, as_json)
+        return
+    _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
+                 decode_kernel, memory, threads, profile, device, dtype, as_json)
+
+
+def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
+                 decode_kernel, memory, threads, profile, device, dtype, as_json) -> None:
+    import torch
+
+    from audiokv_cli.benchmark import bench_policies, prompt_of, streams_in_budget, synthetic_clip
+    from audiokv_cli.commands.evaluate import _auto_threads
+    from audiokv_cli.commands.infer import resolve_head_scores
+    from audiokv_cli.compression.decode_kernels import check_kernel, select_kernel
+    from audiokv_cli.compression.methods import MethodOptions
+    from audiokv_cli.memory import peak_host_rss_bytes
+
     options = MethodOptions()
     adapter = load_model(model, device, dtype)
+    host_peak_loading = peak_host_rss_bytes()
+    check_kernel(decode_kernel, adapter.device, adapter.dtype)
+    select_kernel(decode_kernel)
+    torch.set_num_threads(threads or _auto_threads(adapter))
     if any(spec.uses_profile for spec in specs):
         options.head_scores = resolve_head_scores(adapter, profile)
-    prepared = adapter.prepare(synthetic_clip(min(seconds, adapter.max_audio_seconds)))
-    rows = []
-    for spec in specs:
-        policy = spec.policy(1.0 if spec.is_full else retention, options)
-        with console.status(f"{spec.label} ..."):
-            rows.append(bench_policy(adapter, prepared, policy, new_tokens, repeats))
-    reference = next((row for row in rows if row.method == "full"), rows[0])
-    if as_json:
-        for row in rows:
-            stdout.print(json.dumps({**row.__dict__, "kept_ratio": row.kept_ratio}), markup=False, highlight=False)
-        return
-    table = Table(title=f"{adapter.name} on {prepared.audio_seconds:.0f} s of audio, {prepared.prompt_tokens} prompt tokens, {adapter.device.type}")
-    for column in ("method", "kept KV", "of full", "peak prefill KV", "prefill s", "decode ms/token", "decode vs full"):
-        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
+    if prompt_tokens:
+        prepared = prompt_of(adapter, prompt_tokens, seconds if seconds != 30.0 else None)
+    else:
+        prepared = adapter.prepare(synthetic_clip(min(seconds, adapter.max_audio_seconds)))
+    policies = [spec.policy(1.0 if spec.is_full else retention, options) for spec in specs]
+    batches = tuple(size for size in sizes if size > 1 or len(sizes) > 1)
+    with console.status(f"timing {', '.join(spec.label for spec in specs)} ..."):
+        rows = bench_policies(adapter, prepared, policies, new_tokens, repeats, batches, measure_memory=memory)
+    reference = next((row for row in rows if row.method == "full"), None)
+    per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
+    budget = kv_budget_gb * 1e9 if kv_budget_gb else None
+    records = []
     for row in rows:
-        table.add_row(
+        plain = reference.seconds_prefill if reference else row.seconds_prefill - row.seconds_compress
+        record = {**row.__dict__, "kept_ratio": row.kept_ratio}
+        record.pop("tokens_per_second")
+        record.update(
+            model=adapter.name,
+            device=adapter.device.type,
+            dtype=str(adapter.dtype).removeprefix("torch."),
+            audio_seconds=round(prepared.audio_seconds, 3),
+            decode_vs_full=row.ms_per_token / reference.ms_per_token if reference else None,
+            prefill_overhead=row.seconds_compress / plain if plain > 0 else None,
+            peak_host_rss_loading_bytes=host_peak_loading,
+            decode_kernel=decode_kernel,
+            threads=torch.get_num_threads(),
+        )
+        for size, rate in row.tokens_per_second.items():
+            record[f"tokens_per_second_batch_{size}"] = rate
+        if budget:
+            record["kv_budget_bytes"] = budget
+            record["streams_in_budget"] = streams_in_budget(row, budget, per_token)
+        records.append(record)
+    if as_json:
+        _print_rows(records)
+        return
+    title = (
+        f"{adapter.name} on {prepared.audio_seconds:.0f} s of audio, {prepared.prompt_tokens} prompt tokens, "
+        f"{adapter.device.type} {str(adapter.dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s)"
+    )
+    table = Table(title=title)
+    columns = ["method", "kept KV", "of full", "peak prefill KV", "peak memory", "prefill s", "select % of prefill",
+               "decode ms/token", "decode vs full"]
+    columns += [f"tok/s batch {size}" for size in batches]
+    if budget:
+        columns.append(f"streams in {kv_budget_gb:g} GB")
+    for column in columns:
+        table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
+    for row, record in zip(rows, records):
+        cells = [
             row.method if row.method == "full" else f"{row.method} @ {row.retention:g}",
             f"{row.kv_bytes_kept / 2**20:.2f} MiB",
             f"{100 * row.kept_ratio:.1f} %",
             f"{row.peak_prefill_cache_bytes / 2**20:.2f} MiB",
+            "-" if row.peak_memory_bytes is None else f"{row.peak_memory_bytes / 2**20:.1f} MiB",
             f"{row.seconds_prefill:.3f}",
+            "-" if record["prefill_overhead"] is None else f"{100 * record['prefill_overhead']:.1f} %",
             f"{row.ms_per_token:.2f}",
-            f"{row.ms_per_token / reference.ms_per_token:.2f}x",
+            "-" if record["decode_vs_full"] is None else f"{record['decode_vs_full']:.2f}x",
+        ]
+        cells += [f"{row.tokens_per_second[size]:.1f}" for size in batches]
+        if budget:
+            cells.append(str(record["streams_in_budget"]))
+        table.add_row(*cells)
+    stdout.print(table)
+    console.print(f"[dim]peak host RAM after loading the model: {host_peak_loading / 2**30:.2f} GiB[/]")
+
+
+def _bench_kernel(geometry, specs, retention, prompt_tokens, sizes, repeats, decode_kernel, device, dtype, as_json):
+    import torch
+
+    from audiokv_cli.compression.decode_kernels import check_kernel
+    from audiokv_cli.compression.methods import MethodOptions
+    from audiokv_cli.kernel_benchmark import bench_kernels, geometry_named, synthetic_head_scores
+    from audiokv_cli.models.registry import resolve_device, resolve_dtype
+
+    shape = geometry_named(geometry)
+    torch_device = resolve_device(device.value)
+    torch_dtype = resolve_dtype(dtype.value, torch_device)
+    check_kernel(decode_kernel, torch_device, torch_dtype)
+    options = MethodOptions(head_scores=synthetic_head_scores(shape))
+    policies = [spec.policy(1.0 if spec.is_full else retention, options) for spec in specs]
+    kernels = None if decode_kernel == "auto" else [decode_kernel]
+    rows = []
+    with console.status(f"timing decode attention on {geometry} ..."), torch.no_grad():
+        for size in sizes:
+            rows += bench_kernels(geometry, policies, prompt_tokens, torch_device, torch_dtype, size, repeats, kernels=kernels)
+    if as_json:
+        _print_rows([{**row.__dict__, "kept_ratio": row.kept_ratio, "device": torch_device.type} for row in rows])
+        return
+    table = Table(title=(
+        f"decode attention, {geometry} ({shape.num_query_heads} q / {shape.num_kv_heads} KV heads x {shape.head_dim}, "
+        f"{shape.num_layers} layers), {prompt_tokens} prompt tokens, {torch_device.type} "
+        f"{str(torch_dtype).removeprefix('torch.')}, {torch.get_num_threads()} thread(s)"
+    ))
+    for column in ("method", "backend", "batch", "kept KV", "ms/layer", "ms/token (all layers)", "vs dense", "tokens/s"):
+        table.add_column(column, justify="left" if column in ("method", "backend") else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            row.method if row.method == "full" else f"{row.method} @ {row.retention:g}",
+            row.kernel,
+            str(row.batch),
+            f"{100 * row.kept_ratio:.1f} %",
+            f"{row.ms_per_layer:.3f}",
+            f"{row.ms_per_token:.2f}",
+            f"{row.vs_dense:.3f}x",
+            f"{row.tokens_per_second:.1f}",
         )
     stdout.print(table)
+    console.print("[dim]full = dense SDPA over the whole prompt; the others read only the kept entries (auto = the backend decoding picks)[/]")

@@ -327,12 +327,20 @@ def select_kernel(name: str) -> None:
 
 def check_kernel(name: str, device: torch.device | str, dtype: torch.dtype) -> None:
     """One line, before any work, when a forced backend cannot run on this device and dtype."""
+    if name not in KERNEL_NAMES:
+        raise AudiokvError(f"unknown decode kernel {name!r}: use {', '.join(KERNEL_NAMES)}")
     if name != "auto" and name not in available_kernels(device, dtype):
         dtype_name = str(dtype).removeprefix("torch.")
         raise AudiokvError(
             f"decode kernel {name!r} is not available on {torch.device(device).type} with {dtype_name} "
             f"(available: {', '.join(available_kernels(device, dtype))})"
         )
+
+
+def use_kernel_option(name: str, device: torch.device | str, dtype: torch.dtype) -> None:
+    """What ``--decode-kernel NAME`` does once the model is loaded: check it can run, then select it."""
+    check_kernel(name, device, dtype)
+    select_kernel(name)
 
 
 def resolve_kernel(name: str, problem: DecodeProblem) -> str:
