@@ -91,13 +91,18 @@ def evaluate(
     device: Device = typer.Option(Device.auto, help="auto picks CUDA when present."),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
+    decode_kernel: str = typer.Option("auto", help="Decode attention over the compressed cache: auto, matmul, sdpa, varlen, flash-attn, padded."),
 ) -> None:
     """Evaluate eviction methods at several retentions on a transcribed data set (one prefill per clip)."""
     from audiokv_cli.compression.methods import MethodOptions
     from audiokv_cli.evaluation.datasets import load_dataset
     from audiokv_cli.evaluation.sweep import ModelSource, parse_methods, parse_retentions, parse_scopes, plan_cells
 
+    from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, use_kernel_option
+
     # Everything the user typed is checked before the model is loaded.
+    if decode_kernel not in KERNEL_NAMES:
+        raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")
     specs = parse_methods(methods)
     retentions = parse_retentions(retention)
     scopes = parse_scopes(scope)
@@ -118,6 +123,7 @@ def evaluate(
     import torch
 
     adapter = load_model(model, device, dtype, trust_remote_code)
+    use_kernel_option(decode_kernel, adapter.device, adapter.dtype)  # worker processes inherit the choice
     torch.set_num_threads(threads or _auto_threads(adapter))
     profile_path = None
     if needs_profile:

@@ -93,11 +93,15 @@ def infer(
     stream: bool = typer.Option(False, "--stream", help="Print the text token by token as it is generated."),
     details: bool = typer.Option(False, help="With --json: add token ids and kept audio/text entries per layer and head."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
+    decode_kernel: str = typer.Option("auto", help="Decode attention over the compressed cache: auto, matmul, sdpa, varlen, flash-attn, padded."),
 ) -> None:
     """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
+    from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, use_kernel_option
     from audiokv_cli.compression.methods import MethodOptions, resolve_method
     from audiokv_cli.inference import run_clip
 
+    if decode_kernel not in KERNEL_NAMES:
+        raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")
     check_range("--retention", retention, 0.0, 1.0, low_open=True)
     if stream and as_json:
         raise AudiokvError("--stream prints text as it is generated; it does not combine with --json")
@@ -125,6 +129,7 @@ def infer(
         for path, samples in zip(clips, audio):
             check_duration(path, samples, family_limit)
     adapter: ModelAdapter = load_model(model, device, dtype, trust_remote_code)
+    use_kernel_option(decode_kernel, adapter.device, adapter.dtype)
     limit = max_seconds if max_seconds is not None else adapter.max_audio_seconds
     for path, samples in zip(clips, audio):
         check_duration(path, samples, limit)
