@@ -107,3 +107,10 @@ def audio_duration(path: str | os.PathLike) -> float | None:
     except Exception:  # noqa: BLE001 - formats soundfile cannot read are measured when they are decoded
         return None
     return info.frames / info.samplerate if info.samplerate else None
+
+
+def check_length(samples: np.ndarray, max_seconds: float) -> None:
+    """Refuse a clip longer than a model takes: adapters call this instead of letting a processor cut it."""
+    seconds = samples.shape[0] / SAMPLE_RATE
+    if seconds > max_seconds + 1e-6:
+        raise AudioError(f"{seconds:.1f} s of audio is longer than this model's limit of {max_seconds:g} s")

@@ -103,11 +103,15 @@ def test_prepare_marks_the_audio_placeholders(omni, seconds, expected_tokens):
 
 
 def test_free_form_prompt_and_long_clip(omni):
-    prepared = omni.prepare(_clip(31.0), prompt="What is the speaker's mood?")
+    prepared = omni.prepare(_clip(30.0), prompt="What is the speaker's mood?")
     assert "What is the speaker's mood?" in prepared.prompt and DEFAULT_SYSTEM_PROMPT in prepared.prompt
     assert ASR_SYSTEM_PROMPT not in prepared.prompt
-    assert prepared.audio_seconds == 30.0  # cut at the feature extractor's window
-    assert prepared.audio_tokens == 750
+    assert prepared.audio_seconds == 30.0 and prepared.audio_tokens == 750
+    # Beyond the feature extractor's window the clip is refused, never cut.
+    from audiokv_cli.audio import AudioError
+
+    with pytest.raises(AudioError, match="longer than this model's limit of 30 s"):
+        omni.prepare(_clip(31.0))
 
 
 def test_greedy_decoding_matches_generate(omni):

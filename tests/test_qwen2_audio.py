@@ -51,6 +51,14 @@ def test_a_45_second_clip_is_two_audio_items(tiny_adapter):
         assert ids[start - 1] == bos and ids[end] == eos
 
 
+def test_library_refuses_audio_over_the_limit(tiny_adapter, monkeypatch):
+    from audiokv_cli.audio import AudioError
+
+    monkeypatch.setattr(tiny_adapter, "max_audio_seconds", 40.0)
+    with pytest.raises(AudioError, match="limit of 40 s"):
+        tiny_adapter.prepare(_clip(41.0))
+
+
 def test_a_30_second_clip_stays_one_item(tiny_adapter):
     prepared = tiny_adapter.prepare(_clip(30.0))
     assert prepared.extra["audio_segments"] == 1 and prepared.audio_tokens == 750

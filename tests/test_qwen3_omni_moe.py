@@ -53,6 +53,15 @@ def test_prompt_and_exact_audio_span(adapter, seconds, tokens):
     assert "What is the mood?" in free.prompt and ASR_INSTRUCTION_QWEN3_OMNI not in free.prompt
 
 
+def test_audio_over_the_limit_is_refused(adapter, monkeypatch):
+    from audiokv_cli.audio import AudioError
+
+    assert adapter.max_audio_seconds == 1200.0  # not the extractor's 30 s padding window: it never cuts
+    monkeypatch.setattr(adapter, "max_audio_seconds", 40.0)
+    with pytest.raises(AudioError, match="limit of 40 s"):
+        adapter.prepare(checks.noise_clip(41.0))
+
+
 def test_retention_one_equals_generate(adapter):
     checks.check_lossless_equals_generate(adapter, checks.noise_clip(3.0, seed=1))
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.audio import SAMPLE_RATE, check_length
 from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.models.base import ModelAdapter, PreparedInput
 
@@ -64,18 +64,9 @@ class AudioLMAdapter(ModelAdapter):
     def prompt_text(self, prompt: str | None) -> str:
         return self.processor.apply_chat_template(self.conversation(prompt), add_generation_prompt=True, tokenize=False)
 
-    def check_length(self, audio: np.ndarray) -> None:
-        """Processors of these families cut long audio with at most a log line; refuse it instead."""
-        seconds = len(audio) / SAMPLE_RATE
-        if seconds > self.max_audio_seconds + 1e-6:
-            from audiokv_cli.audio import AudioError
-
-            raise AudioError(
-                f"{seconds:.1f} s of audio is longer than this model's limit of {self.max_audio_seconds:g} s"
-            )
-
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
-        self.check_length(audio)
+        # Processors of these families cut long audio with at most a log line; refuse it instead.
+        check_length(audio, self.max_audio_seconds)
         text = self.prompt_text(prompt)
         batch = self.processor(text=text, audio=[audio], sampling_rate=SAMPLE_RATE, return_tensors="pt")
         return self.prepared_input(batch, audio, text, self.audio_token_id)

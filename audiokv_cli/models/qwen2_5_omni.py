@@ -10,7 +10,7 @@ import json
 import numpy as np
 import torch
 
-from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.audio import SAMPLE_RATE, check_length
 from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.models.base import ModelAdapter, PreparedInput
 
@@ -232,8 +232,8 @@ class Qwen2_5OmniAdapter(ModelAdapter):
         return self.processor.apply_chat_template(self.conversation(prompt), add_generation_prompt=True, tokenize=False)
 
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
-        # The feature extractor would cut the clip at its window anyway; cutting here keeps audio_seconds truthful.
-        audio = audio[: int(round(self.max_audio_seconds * SAMPLE_RATE))]
+        # The feature extractor would cut the clip at its window without a word: refuse it instead.
+        check_length(audio, self.max_audio_seconds)
         text = self.prompt_text(prompt)
         batch = self.processor(text=text, audio=[audio], sampling_rate=SAMPLE_RATE, return_tensors="pt")
         return self.prepared_input(batch, audio, text, self.audio_token_id)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from audiokv_cli.audio import SAMPLE_RATE, split_audio
+from audiokv_cli.audio import SAMPLE_RATE, check_length, split_audio
 from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.models.base import ASR_INSTRUCTION, ModelAdapter, PreparedInput
 
@@ -80,6 +80,7 @@ class Qwen2AudioAdapter(ModelAdapter):
         return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
 
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
+        check_length(audio, self.max_audio_seconds)
         segments = split_audio(audio, self.segment_seconds)
         text = self.prompt_text(prompt, len(segments))
         batch = self.processor(text=text, audio=segments, sampling_rate=SAMPLE_RATE, return_tensors="pt")

@@ -8,10 +8,7 @@ The talker and code2wav (speech output) never touch the thinker's cache and are 
 
 from __future__ import annotations
 
-import numpy as np
-
 from audiokv_cli.audio import SAMPLE_RATE
-from audiokv_cli.models.base import PreparedInput
 from audiokv_cli.models.qwen2_5_omni import OmniAudioProcessor, Qwen2_5OmniAdapter
 
 # Qwen's speech-recognition wording for Qwen3-Omni (its audio cookbook puts the instruction after the audio).
@@ -110,14 +107,3 @@ class Qwen3OmniMoeAdapter(Qwen2_5OmniAdapter):
                 "content": [{"type": "audio", "audio_url": "clip.wav"}, {"type": "text", "text": instruction}],
             },
         ]
-
-    def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
-        seconds = len(audio) / SAMPLE_RATE
-        if seconds > self.max_audio_seconds + 1e-6:
-            from audiokv_cli.audio import AudioError
-
-            limit = self.max_audio_seconds
-            raise AudioError(f"{seconds:.1f} s of audio is longer than this model's limit of {limit:g} s")
-        text = self.prompt_text(prompt)
-        batch = self.processor(text=text, audio=[audio], sampling_rate=SAMPLE_RATE, return_tensors="pt")
-        return self.prepared_input(batch, audio, text, self.audio_token_id)

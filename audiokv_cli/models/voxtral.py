@@ -15,7 +15,7 @@ import math
 import numpy as np
 import torch
 
-from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.audio import SAMPLE_RATE, check_length
 from audiokv_cli.models.audio_lm import AudioLMAdapter
 from audiokv_cli.models.base import PreparedInput
 
@@ -94,7 +94,7 @@ class VoxtralAdapter(AudioLMAdapter):
         return frames * audio.hidden_size // audio.intermediate_size
 
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
-        self.check_length(audio)
+        check_length(audio, self.max_audio_seconds)
         features = self.processor.features(audio)
         ids = self.processor.input_ids(features.shape[0] * self.tokens_per_chunk, prompt, self.audio_token_id)
         input_ids = torch.tensor([ids])
