@@ -66,11 +66,11 @@ def run_clip(
     prepared = adapter.prepare(audio, prompt)
     session = CompressionSession(policy, adapter, prepared)
     with use_attention_handler(adapter, session):
-        logits, seconds_prefill = prefill(adapter, prepared.inputs, session.cache)
-        full_bytes = prepared.prompt_tokens * adapter.geometry.kv_bytes_per_token(adapter.dtype)
+        logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
+        full_bytes = prepared.compressed_length * adapter.geometry.kv_bytes_per_token(adapter.dtype)
         kept_bytes = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
         tokens, seconds_decode, hit_limit = decode_greedy(
-            adapter, session.cache, logits, max_new_tokens, stop_at_eos, on_token
+            adapter, session.model_cache, logits, max_new_tokens, stop_at_eos, on_token
         )
     return ClipResult(
         clip=clip,

@@ -158,4 +158,17 @@ def test_mismatched_shapes_are_rejected():
     with pytest.raises(AudiokvError):
         WindowAttentionScorer().score(torch.randn(1, 3, 5, 4), torch.randn(1, 2, 5, 4), 1.0)
     with pytest.raises(AudiokvError):
-        WindowAttentionScorer().score(torch.randn(1, 4, 5, 4), torch.randn(1, 2, 6, 4), 1.0)
+        WindowAttentionScorer().score(torch.randn(1, 4, 5, 4), torch.randn(1, 2, 6, 3), 1.0)
+
+
+def test_cross_attention_scores_see_every_frame():
+    """Decoder queries over encoder frames (Whisper): no causal mask, all queries of the window, GQA averaged."""
+    queries, keys = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 50, 8)
+    probs = torch.softmax(queries @ keys.repeat_interleave(2, dim=1).transpose(-1, -2) * 0.5, dim=-1)  # [1,4,3,50]
+    expected = probs.mean(dim=2).view(1, 2, 2, 50).mean(dim=2)
+    torch.testing.assert_close(WindowAttentionScorer(window=32).score(queries, keys, 0.5), expected)
+    torch.testing.assert_close(
+        AccumulatedAttentionScorer().score(queries, keys, 0.5), probs.sum(dim=2).view(1, 2, 2, 50).mean(dim=2)
+    )
+    last_two = probs[:, :, 1:].mean(dim=2).view(1, 2, 2, 50).mean(dim=2)
+    torch.testing.assert_close(WindowAttentionScorer(window=2).score(queries, keys, 0.5), last_two)

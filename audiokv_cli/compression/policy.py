@@ -114,10 +114,14 @@ class CompressionSession:
         self.prepared = prepared
         geometry = adapter.geometry
         self.cache = cache if cache is not None else RaggedKVCache(geometry.num_layers)
+        # What the model's forward takes: the ragged cache itself, or (encoder-decoder) a pair around it.
+        self.model_cache = adapter.model_cache(self.cache)
+        self.cross_attention = adapter.compressed_attention == "cross"
         self.context = BudgetContext(
             retention=policy.retention,
-            prompt_len=prepared.prompt_tokens,
-            window=policy.window,
+            prompt_len=prepared.compressed_length,
+            # A cross-attention cache holds only audio frames: no observation window among its keys to force.
+            window=0 if self.cross_attention else policy.window,
             num_layers=geometry.num_layers,
             num_kv_heads=geometry.num_kv_heads,
             num_query_heads=geometry.num_query_heads,
@@ -149,14 +153,21 @@ class CompressionSession:
         self.cache.compress_layer(layer_idx, keep)
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        layer_idx = module.layer_idx
+        layer_idx = self.adapter.cache_layer_index(module)
+        if layer_idx is None:
+            return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
         if self.cache.is_compressed(layer_idx):
             return ragged_decode_attention(self.cache.layers[layer_idx], query, scaling), None
         output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        is_prefill = query.shape[-2] == self.prepared.prompt_tokens and key.shape[-2] == query.shape[-2]
-        if self.policy.evicts and is_prefill:
+        if self.policy.evicts and self.is_prefill(query, key):
             self.compress_layer(layer_idx, query, key, scaling)
         return output
+
+    def is_prefill(self, query, key) -> bool:
+        """The call that fills the layer's cache with the whole prompt (or, cross-attention, all audio frames)."""
+        if key.shape[-2] != self.prepared.compressed_length:
+            return False
+        return self.cross_attention or query.shape[-2] == key.shape[-2]
 
     def kept_bytes(self) -> int:
         """Physical bytes of the compressed prompt cache (generated-token tail excluded)."""
@@ -176,7 +187,7 @@ def apply_policy(policy: CompressionPolicy, adapter, prepared) -> Iterator[Compr
     """Compress the KV cache of ``prepared``'s prompt while the block runs.
 
     >>> with apply_policy(policy, adapter, prepared) as session:
-    ...     adapter.model.generate(**prepared.inputs, **cache_kwargs(adapter.model, session.cache), max_new_tokens=64)
+    ...     adapter.model.generate(**prepared.inputs, **cache_kwargs(adapter.model, session.model_cache), max_new_tokens=64)
     """
     session = CompressionSession(policy, adapter, prepared)
     with use_attention_handler(adapter, session):

@@ -22,16 +22,25 @@ class Scorer(Protocol):
     name: str
 
     def score(self, queries: Tensor, keys: Tensor, scaling: float) -> Tensor:
-        """queries [B, Hq, L, D], keys [B, Hkv, L, D] -> float32 scores [B, Hkv, L]."""
+        """queries [B, Hq, Lq, D], keys [B, Hkv, L, D] -> float32 scores [B, Hkv, L].
+
+        Self-attention prefill has Lq = L (causal). Cross-attention (an encoder-decoder's audio cache) has the
+        decoder's prompt as queries, Lq != L, and no causal mask: every query sees every key.
+        """
         ...
 
 
+def _is_cross(queries: Tensor, keys: Tensor) -> bool:
+    return queries.shape[2] != keys.shape[2]
+
+
 def _check_shapes(queries: Tensor, keys: Tensor) -> tuple[int, int, int, int]:
+    """(batch, query heads, KV heads, key length) after checking the shapes fit together."""
     if queries.dim() != 4 or keys.dim() != 4:
-        raise AudiokvError("scorer expects queries [B, Hq, L, D] and keys [B, Hkv, L, D]")
-    batch, num_query_heads, length, head_dim = queries.shape
-    num_kv_heads = keys.shape[1]
-    if keys.shape[0] != batch or keys.shape[2] != length or keys.shape[3] != head_dim:
+        raise AudiokvError("scorer expects queries [B, Hq, Lq, D] and keys [B, Hkv, L, D]")
+    batch, num_query_heads, _, head_dim = queries.shape
+    num_kv_heads, length = keys.shape[1], keys.shape[2]
+    if keys.shape[0] != batch or keys.shape[3] != head_dim:
         raise AudiokvError(f"query shape {tuple(queries.shape)} does not match key shape {tuple(keys.shape)}")
     if num_kv_heads == 0 or num_query_heads % num_kv_heads:
         raise AudiokvError(f"{num_query_heads} query heads cannot be grouped over {num_kv_heads} KV heads")
@@ -39,11 +48,12 @@ def _check_shapes(queries: Tensor, keys: Tensor) -> tuple[int, int, int, int]:
 
 
 def _grouped_attention_probs(
-    queries: Tensor, keys: Tensor, scaling: float, query_positions: Tensor, key_end: int
+    queries: Tensor, keys: Tensor, scaling: float, query_positions: Tensor | None, key_end: int
 ) -> Tensor:
     """Causal softmax attention of some queries over keys[:key_end], kept grouped per KV head.
 
-    queries [B, Hq, q, D] sit at absolute positions `query_positions` [q]. Returns float32 [B, Hkv, G, q, key_end].
+    queries [B, Hq, q, D] sit at absolute positions `query_positions` [q] (None: cross-attention, no causal mask).
+    Returns float32 [B, Hkv, G, q, key_end].
     Query head h belongs to KV head h // G (contiguous groups, the layout transformers' repeat_kv assumes), so a
     plain view groups them; no repeated copy of the keys is made.
     """
@@ -53,9 +63,10 @@ def _grouped_attention_probs(
     grouped = queries.float().reshape(batch, num_kv_heads, group * q_len, head_dim)
     logits = torch.matmul(grouped, keys[:, :, :key_end].float().transpose(-1, -2)) * scaling
     logits = logits.view(batch, num_kv_heads, group, q_len, key_end)
-    key_positions = torch.arange(key_end, device=queries.device)
-    future = key_positions[None, :] > query_positions[:, None]  # [q, key_end]
-    logits = logits.masked_fill(future, float("-inf"))
+    if query_positions is not None:
+        key_positions = torch.arange(key_end, device=queries.device)
+        future = key_positions[None, :] > query_positions[:, None]  # [q, key_end]
+        logits = logits.masked_fill(future, float("-inf"))
     return torch.softmax(logits, dim=-1)
 
 
@@ -75,6 +86,10 @@ class WindowAttentionScorer:
 
     def score(self, queries: Tensor, keys: Tensor, scaling: float) -> Tensor:
         _, _, _, length = _check_shapes(queries, keys)
+        if _is_cross(queries, keys):
+            # Cross-attention: the decoder's last `window` prompt queries over every encoder frame.
+            window = queries[:, :, -self.window :]
+            return _grouped_attention_probs(window, keys, scaling, None, length).mean(dim=(2, 3))
         w = min(self.window, length)
         positions = torch.arange(length - w, length, device=queries.device)
         probs = _grouped_attention_probs(queries[:, :, length - w :], keys, scaling, positions, length)
@@ -101,6 +116,9 @@ class AccumulatedAttentionScorer:
 
     def score(self, queries: Tensor, keys: Tensor, scaling: float) -> Tensor:
         batch, _, num_kv_heads, length = _check_shapes(queries, keys)
+        if _is_cross(queries, keys):
+            # Every decoder prompt query sees every frame, so there is no positional bias to normalize.
+            return _grouped_attention_probs(queries, keys, scaling, None, length).sum(dim=3).mean(dim=2)
         total = torch.zeros(batch, num_kv_heads, length, dtype=torch.float32, device=queries.device)
         for start in range(0, length, self.chunk):
             end = min(start + self.chunk, length)

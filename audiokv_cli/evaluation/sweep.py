@@ -229,14 +229,11 @@ def run_sweep(
     if load_audio is None:
         load_audio = clip_loader(adapter)
     full_bytes_per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
-    policies = [cell.policy for cell in cells]
     rows: list[dict] = []
     for example in examples:
         prepared = adapter.prepare(load_audio(example.audio_path), None)
-        record = record_prefill(adapter, prepared, policies)
-        kv_bytes_full = prepared.prompt_tokens * full_bytes_per_token
-        for cell in cells:
-            outcome = run_cell(adapter, prepared, record, cell.policy, max_new_tokens)
+        kv_bytes_full = prepared.compressed_length * full_bytes_per_token
+        for cell, outcome, seconds_prefill in clip_outcomes(adapter, prepared, cells, max_new_tokens):
             hyp = adapter.decode(outcome.token_ids)
             row = {
                 "clip": example.id,
@@ -262,7 +259,7 @@ def run_sweep(
                     "kv_bytes_full": kv_bytes_full,
                     "kv_bytes_kept": outcome.kv_bytes_kept,
                     "kept_ratio": outcome.kv_bytes_kept / kv_bytes_full if kv_bytes_full else 1.0,
-                    "seconds_prefill": record.seconds,
+                    "seconds_prefill": seconds_prefill,
                     "seconds_compress": outcome.seconds_compress,
                     "seconds_decode": outcome.seconds_decode,
                 }
@@ -270,8 +267,26 @@ def run_sweep(
             rows.append(row)
             if on_step is not None:
                 on_step(example.id, cell)
-        del record  # the dense K/V of one clip is the sweep's largest allocation
     return SweepResult(rows, summarize(cells, rows))
+
+
+def clip_outcomes(adapter, prepared, cells: Sequence[Cell], max_new_tokens: int):
+    """(cell, CellOutcome, prefill seconds) for every cell of one clip, in cell order.
+
+    A decoder-only model is prefilled once and its recorded cache replayed per cell. An encoder-decoder's cells
+    are decoded together, one batch row each (evaluation.cell_batch): its prompt is a few tokens, so replaying
+    buys nothing, while batching the decode does.
+    """
+    policies = [cell.policy for cell in cells]
+    if adapter.compressed_attention == "cross":
+        from audiokv_cli.evaluation.cell_batch import run_cells_batched
+
+        outcomes, seconds_prefill = run_cells_batched(adapter, prepared, policies, max_new_tokens)
+        yield from ((cell, outcome, seconds_prefill) for cell, outcome in zip(cells, outcomes))
+        return
+    record = record_prefill(adapter, prepared, policies)
+    for cell in cells:
+        yield cell, run_cell(adapter, prepared, record, cell.policy, max_new_tokens), record.seconds
 
 
 def summarize(cells: Sequence[Cell], rows: Sequence[dict]) -> list[dict]:

@@ -60,10 +60,18 @@ class PreparedInput:
     audio_seconds: float
     prompt: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: entries per head of the cache audiokv compresses, when it is not the prompt (Whisper: encoder frames).
+    cached_length: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[-1])
+
+    @property
+    def compressed_length(self) -> int:
+        """Prompt entries per head in the compressed cache: the prompt tokens, or the audio frames of a
+        cross-attention cache."""
+        return self.cached_length if self.cached_length is not None else self.prompt_tokens
 
     @property
     def audio_tokens(self) -> int:
@@ -79,6 +87,9 @@ class ModelAdapter(ABC):
     seconds_per_audio_token: ClassVar[float | None] = None
     #: the longest clip one prompt can hold.
     max_audio_seconds: ClassVar[float] = 30.0
+    #: whose KV cache is compressed: the decoder's self-attention over the prompt ("self"), or an
+    #: encoder-decoder's cross-attention over the encoded audio ("cross", Whisper).
+    compressed_attention: ClassVar[str] = "self"
 
     def __init__(self, model: torch.nn.Module, processor: Any, name: str, revision: str | None = None):
         self.model = model
@@ -119,6 +130,15 @@ class ModelAdapter(ABC):
     @abstractmethod
     def decoder_layers(self) -> list[torch.nn.Module]:
         """The text decoder's attention modules, in layer order."""
+
+    def cache_layer_index(self, module: torch.nn.Module) -> int | None:
+        """Layer of the compressed cache that attention `module` reads; None for attention audiokv leaves alone
+        (full SDPA: an encoder's, or a decoder's self-attention when the cross-attention cache is compressed)."""
+        return module.layer_idx
+
+    def model_cache(self, compressed_cache):
+        """The cache object the model's forward takes, built around the cache audiokv compresses."""
+        return compressed_cache
 
     @abstractmethod
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:

@@ -8,7 +8,7 @@ one that predicts the first generated token; on each decode call (one query) it 
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -49,9 +49,17 @@ def last_row_attention(
 class AttentionRecorder:
     """Attention handler that keeps the top-K positions and audio mass of each layer's newest attention row."""
 
-    def __init__(self, num_layers: int, top_k: int, audio_spans: Sequence[tuple[int, int]]):
+    def __init__(
+        self,
+        num_layers: int,
+        top_k: int,
+        audio_spans: Sequence[tuple[int, int]],
+        layer_index: Callable[[torch.nn.Module], int | None] = lambda module: module.layer_idx,
+    ):
         if top_k < 1:
             raise AudiokvError("--top-k must be at least 1")
+        # Which attention calls are the profiled cache's layers (the adapter's cache_layer_index); others pass.
+        self.layer_index = layer_index
         self.num_layers = num_layers
         self.top_k = top_k
         self.audio_spans = list(audio_spans)
@@ -59,7 +67,9 @@ class AttentionRecorder:
         self._mass: list[torch.Tensor | None] = [None] * num_layers
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        layer = int(module.layer_idx)
+        layer = self.layer_index(module)
+        if layer is None:
+            return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
         with torch.no_grad():
             probabilities = last_row_attention(query, key, attention_mask, scaling)
             k = min(self.top_k, probabilities.shape[-1])

@@ -115,7 +115,7 @@ def _decode_with_capture(
     records: list[tuple[torch.Tensor, torch.Tensor]] = []
     if limit == 0:
         return tokens, records
-    cache = DynamicCache()
+    cache = adapter.model_cache(DynamicCache())
     with use_attention_handler(adapter, recorder), torch.inference_mode():
         logits = adapter.next_token_logits(prepared.inputs, cache)
         while True:
@@ -151,7 +151,9 @@ def profile_clip(
         if not transcript:
             raise AudiokvError(f"clip {clip_id!r}: teacher forcing needs the clip's text")
         forced = tokenizer(transcript, add_special_tokens=False)["input_ids"]
-    recorder = AttentionRecorder(geometry.num_layers, settings.top_k, prepared.audio_spans)
+    recorder = AttentionRecorder(
+        geometry.num_layers, settings.top_k, prepared.audio_spans, layer_index=adapter.cache_layer_index
+    )
     tokens, records = _decode_with_capture(adapter, prepared, recorder, settings.max_new_tokens, forced)
     stats = HeadStatistics.zeros(geometry.num_layers, geometry.num_query_heads, settings.top_k)
     pieces = incremental_pieces(tokenizer, tokens)

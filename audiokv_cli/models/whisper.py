@@ -1,0 +1,147 @@
+"""OpenAI Whisper (`WhisperForConditionalGeneration`): its audio KV cache is the decoder's cross-attention.
+
+Every decoder layer reads the encoded audio (1,500 frames of 20 ms, a 30 s window) through cross-attention, whose
+keys and values are computed once from the encoder output and held for the whole transcription: per layer and head
+the same object AudioKV evicts in a decoder-only audio LM, and the part of Whisper's decoding memory that grows
+with the audio. audiokv compresses that cross-attention cache per head (scored from the decoder prompt's queries);
+the decoder's own self-attention cache (a few hundred text tokens) stays dense. Retention counts all 1,500 frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.compat import cache_kwargs
+from audiokv_cli.errors import AudiokvError
+from audiokv_cli.models.base import AttentionGeometry, ModelAdapter, PreparedInput
+
+
+def _encoder_decoder_cache(compressed_cache):
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    class WhisperCache(EncoderDecoderCache):
+        """The pair Whisper's decoder takes, plus the encoder output every decoding step must be handed again
+        (the decoder runs cross-attention only when it is given one; the keys then come from this cache)."""
+
+        encoder_hidden_states: torch.Tensor | None = None
+
+    return WhisperCache(DynamicCache(), compressed_cache)
+
+
+class WhisperAdapter(ModelAdapter):
+    model_types = ("whisper",)
+    # The encoder's two convolutions give one frame per 20 ms; 1,500 frames are one 30 s window.
+    seconds_per_audio_token = 0.02
+    max_audio_seconds = 30.0
+    compressed_attention = "cross"
+
+    def __init__(self, model, processor, name, revision=None, language: str = "en"):
+        super().__init__(model, processor, name, revision)
+        self.language = language
+        self._cross_index = {id(layer.encoder_attn): i for i, layer in enumerate(model.model.decoder.layers)}
+        tokenizer = processor.tokenizer
+        self.end_of_text = int(model.config.eos_token_id)
+        self.multilingual = model.config.vocab_size >= 51865
+        self._suppress = torch.tensor(sorted(set(model.config.suppress_tokens or [])), dtype=torch.long)
+        self._suppress_first = torch.tensor(sorted(set(model.config.begin_suppress_tokens or [])), dtype=torch.long)
+        ids = [int(model.config.decoder_start_token_id)]
+        if self.multilingual:
+            language_id = tokenizer.convert_tokens_to_ids(f"<|{language}|>")
+            if not isinstance(language_id, int) or language_id == tokenizer.unk_token_id:
+                raise AudiokvError(f"{name}: unknown language {language!r}")
+            ids += [language_id, tokenizer.convert_tokens_to_ids("<|transcribe|>")]
+        ids.append(tokenizer.convert_tokens_to_ids("<|notimestamps|>"))
+        self.prompt_ids = ids
+
+    @classmethod
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, **kwargs):
+        from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+        common = dict(revision=revision, **kwargs)
+        processor = WhisperProcessor.from_pretrained(path, **common)
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype, **common)
+        model.to(device).eval()
+        return cls(model, processor, name, revision)
+
+    @property
+    def text_config(self):
+        # One config serves encoder and decoder; the attention implementation set on it routes both.
+        return self.model.config
+
+    @property
+    def geometry(self) -> AttentionGeometry:
+        cfg = self.model.config
+        heads = cfg.decoder_attention_heads
+        return AttentionGeometry(
+            num_layers=cfg.decoder_layers,
+            num_query_heads=heads,
+            num_kv_heads=heads,
+            head_dim=cfg.d_model // heads,
+            hidden_size=cfg.d_model,
+        )
+
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        return [layer.encoder_attn for layer in self.model.model.decoder.layers]
+
+    def cache_layer_index(self, module: torch.nn.Module) -> int | None:
+        return self._cross_index.get(id(module))
+
+    def model_cache(self, compressed_cache):
+        return _encoder_decoder_cache(compressed_cache)
+
+    @property
+    def frames(self) -> int:
+        return int(self.model.config.max_source_positions)
+
+    def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
+        if prompt is not None:
+            raise AudiokvError("Whisper transcribes speech; it takes no --prompt")
+        seconds = len(audio) / SAMPLE_RATE
+        if seconds > self.max_audio_seconds:
+            raise AudiokvError(f"Whisper hears at most {self.max_audio_seconds:.0f} s per clip; this one is {seconds:.1f} s")
+        features = self.processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        input_ids = torch.tensor([self.prompt_ids], device=self.device)
+        inputs = {
+            "input_features": features.input_features.to(self.device, self.dtype),
+            "input_ids": input_ids,
+        }
+        # Every frame of the window is cached, the silence padding after a short clip included.
+        return PreparedInput(
+            inputs=inputs,
+            input_ids=input_ids,
+            audio_spans=[(0, self.frames)],
+            audio_seconds=seconds,
+            prompt=self.processor.tokenizer.decode(self.prompt_ids),
+            cached_length=self.frames,
+        )
+
+    def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
+        """Prefill (``input_features`` present): encode once, keep the encoder output on the cache; decode steps
+        reuse it. Whisper's own decoding rules apply: its suppressed tokens never, its first-step ones not first."""
+        model = self.model.model
+        if "input_features" in inputs:
+            encoded = model.encoder(inputs["input_features"]).last_hidden_state
+            # Several prompts over one clip (a batch of eviction cells) share one encoder pass.
+            cache.encoder_hidden_states = encoded.expand(inputs["input_ids"].shape[0], -1, -1)
+        hidden = model.decoder(
+            input_ids=inputs["input_ids"],
+            encoder_hidden_states=cache.encoder_hidden_states,
+            use_cache=True,
+            **cache_kwargs(model.decoder, cache),
+        ).last_hidden_state
+        logits = self.model.proj_out(hidden[:, -1]).float()
+        logits[:, self._suppress.to(logits.device)] = float("-inf")
+        if "input_features" in inputs:
+            logits[:, self._suppress_first.to(logits.device)] = float("-inf")
+        return logits
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return [self.end_of_text]
+
+    def fingerprint(self) -> dict:
+        record = super().fingerprint()
+        record["compressed_attention"] = "cross"
+        return record
