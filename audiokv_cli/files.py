@@ -1,4 +1,8 @@
-"""Output files appear whole or not at all: write beside the target, then rename over it."""
+"""Output files appear whole or not at all: write beside the target, then rename over it.
+
+A failure (full disk, no permission, a file where a folder should be) is an OutputError, one line for the user, and
+leaves no temporary file behind and every earlier output as it was.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,28 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
+
+from audiokv_cli.errors import AudiokvError
 
 # Outputs are meant to be shared (profiles, reports): readable by others, as a plain `open()` would make them.
 FILE_MODE = 0o644
 
 
+class OutputError(AudiokvError):
+    """An output file cannot be written."""
+
+
+def _output_error(path: Path, error: OSError) -> OutputError:
+    return OutputError(f"{path}: cannot write ({error.strerror or error})")
+
+
 def _temp_beside(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp" + path.suffix)
+    except OSError as error:
+        raise _output_error(path, error) from None
     os.close(descriptor)
     os.chmod(temp, FILE_MODE & ~_umask())
     return Path(temp)
@@ -26,18 +43,33 @@ def _umask() -> int:
     return current
 
 
+def _write(handle, data: bytes) -> None:
+    """The one place bytes reach the disk (tests make it fail as a full disk would)."""
+    handle.write(data)
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
 def stage(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` durably to a temporary file beside ``path`` and return it; the caller renames it into place."""
-    temp = _temp_beside(Path(path))
+    path = Path(path)
+    temp = _temp_beside(path)
     try:
         with open(temp, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except BaseException:
+            _write(handle, data.encode("utf-8") if isinstance(data, str) else data)
+    except BaseException as error:
         temp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _output_error(path, error) from None
         raise
     return temp
+
+
+def _replace(temp: Path, path: Path) -> None:
+    try:
+        os.replace(temp, path)
+    except OSError as error:  # e.g. the target is a directory
+        raise _output_error(path, error) from None
 
 
 def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
@@ -45,10 +77,25 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     path = Path(path)
     temp = stage(path, data)
     try:
-        os.replace(temp, path)
+        _replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
     return path
+
+
+def write_together(files: Mapping[str | os.PathLike, bytes | str]) -> list[Path]:
+    """Files that belong together (a profile and its twin, a report's tables): every one is staged before any is
+    renamed, so a failure while writing leaves all earlier files as they were."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, data in files.items():
+            staged.append((stage(path, data), Path(path)))
+        for temp, path in staged:
+            _replace(temp, path)
+    finally:
+        for temp, _ in staged:
+            temp.unlink(missing_ok=True)
+    return [path for _, path in staged]
 
 
 @contextmanager
@@ -59,6 +106,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     temp = _temp_beside(path)
     try:
         yield temp
-        os.replace(temp, path)
+        _replace(temp, path)
+    except OSError as error:
+        raise _output_error(path, error) from None
     finally:
         temp.unlink(missing_ok=True)

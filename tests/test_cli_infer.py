@@ -109,12 +109,10 @@ def test_zero_length_and_nan_audio(tiny_model_dir, tmp_path):
     _one_line_error(invoke("infer", nan, "--model", tiny_model_dir), "NaN or infinite")
 
 
-def test_silent_audio_warns_but_runs(tiny_model_dir, tmp_path):
+def test_silent_audio_is_refused(tiny_model_dir, tmp_path):
     silent = tmp_path / "silent.wav"
     soundfile.write(str(silent), np.zeros(16000, dtype=np.float32), 16000)
-    result = invoke("infer", silent, "--model", tiny_model_dir, "--max-new-tokens", "2", "--json")
-    assert result.exit_code == 0, result.output
-    assert "silent" in result.output
+    _one_line_error(invoke("infer", silent, "--model", tiny_model_dir, "--max-new-tokens", "2"), "audio is silent")
 
 
 def test_too_long_audio(tiny_model_dir, tmp_path):

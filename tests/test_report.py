@@ -6,6 +6,7 @@ import os
 import pytest
 
 from audiokv_cli import files
+from audiokv_cli.files import OutputError
 from PIL import Image
 from rich.console import Console
 
@@ -118,7 +119,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(files.os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="disk full"):
         write_json(target, {"version": 2})
     assert json.loads(target.read_text()) == {"version": 1}
     assert os.listdir(tmp_path) == ["summary.json"]

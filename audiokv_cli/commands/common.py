@@ -54,8 +54,9 @@ def load_model(model: str, device: Device, dtype: DType, trust_remote_code: bool
 
 
 def load_clips(paths: list[Path], max_seconds: float | None):
-    """Read every clip before any model work, so one bad file fails fast and alone."""
-    from audiokv_cli.audio import SilentAudioWarning, load_audio
+    """Read every clip before any model work, so one bad file fails fast and alone. A silent clip is refused: a
+    model asked to transcribe silence makes text up."""
+    from audiokv_cli.audio import AudioError, SilentAudioWarning, load_audio
 
     clips = []
     for path in paths:
@@ -64,7 +65,7 @@ def load_clips(paths: list[Path], max_seconds: float | None):
             clips.append(load_audio(path, max_seconds=max_seconds))
         for warning in caught:
             if issubclass(warning.category, SilentAudioWarning):
-                console.print(f"[yellow]warning:[/] {warning.message}")
+                raise AudioError(f"{warning.message} (every sample below -80 dBFS): nothing to transcribe")
     return clips
 
 

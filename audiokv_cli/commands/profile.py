@@ -93,7 +93,7 @@ def profile(
             result = run_profile(adapter, clips, aligner_impl, settings, out, checkpoint_every, _RichProgress(bar))
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted;[/] progress saved to {partial_paths(out)[0]}: run the same command to resume")
-        raise
+        raise typer.Exit(130) from None  # that line says it all; no second "interrupted"
     tensors_path, json_path = profile_paths(out)
     p = result.provenance
     console.print(

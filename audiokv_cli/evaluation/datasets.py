@@ -95,6 +95,8 @@ def _manifest_examples(path: Path, lines: Iterable[str], default_lang: str) -> I
             raise DatasetError(f'{where}: needs an "audio" path string')
         if not isinstance(text, str):
             raise DatasetError(f'{where}: needs a "text" string')
+        if not text.strip():
+            raise DatasetError(f'{where}: "text" is empty (WER needs a reference transcript)')
         lang = entry.get("lang", default_lang)
         if not isinstance(lang, str) or not lang:
             raise DatasetError(f'{where}: "lang" must be a non-empty string')

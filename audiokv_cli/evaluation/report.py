@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.files import write_atomic
+from audiokv_cli.files import write_atomic, write_together
 
 FULL_METHOD = "full"
 CELL_KEYS = ("method", "retention", "scope")
@@ -60,15 +60,24 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def json_bytes(data: Any) -> bytes:
+    """``data`` as indented JSON (NaN becomes null)."""
+    return (json.dumps(_plain(data), indent=2, ensure_ascii=False, allow_nan=False) + "\n").encode("utf-8")
+
+
 def write_json(path: str | Path, data: Any) -> None:
     """Write ``data`` as indented JSON (NaN becomes null), atomically."""
-    text = json.dumps(_plain(data), indent=2, ensure_ascii=False, allow_nan=False)
-    write_atomic(Path(path), (text + "\n").encode("utf-8"))
+    write_atomic(Path(path), json_bytes(data))
 
 
 def write_csv(path: str | Path, rows: Sequence[Mapping]) -> None:
-    """Write rows as CSV, atomically. Columns: every key, in order of first appearance; missing or NaN values are
-    empty; lists and dicts are JSON-encoded."""
+    """Write rows as CSV (see ``csv_bytes``), atomically."""
+    write_atomic(Path(path), csv_bytes(rows))
+
+
+def csv_bytes(rows: Sequence[Mapping]) -> bytes:
+    """Rows as CSV. Columns: every key, in order of first appearance; missing or NaN values are empty; lists and
+    dicts are JSON-encoded."""
     columns: list[str] = []
     for row in rows:
         columns.extend(key for key in row if key not in columns)
@@ -83,7 +92,7 @@ def write_csv(path: str | Path, rows: Sequence[Mapping]) -> None:
                 value = json.dumps(value, ensure_ascii=False)
             cells[key] = "" if value is None else value
         writer.writerow(cells)
-    write_atomic(Path(path), buffer.getvalue().encode("utf-8"))
+    return buffer.getvalue().encode("utf-8")
 
 
 # ------------------------------------------------------------------------------------------------------- cells
@@ -218,8 +227,13 @@ def markdown_table(summary: Sequence[Mapping], metric: str = "wer", scope: str |
 
 
 def plot_retention(summary: Sequence[Mapping], path: str | Path, metric: str = "accuracy") -> None:
-    """Save a PNG of ``metric`` against retention: one panel per scope, one line per method, the full cache as a
-    dashed horizontal line. Uses matplotlib's Agg canvas directly (no pyplot, no display needed)."""
+    """Save ``plot_bytes`` as a PNG file, atomically."""
+    write_atomic(Path(path), plot_bytes(summary, metric))
+
+
+def plot_bytes(summary: Sequence[Mapping], metric: str = "accuracy") -> bytes:
+    """A PNG of ``metric`` against retention: one panel per scope, one line per method, the full cache as a dashed
+    horizontal line. Uses matplotlib's Agg canvas directly (no pyplot, no display needed)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -252,7 +266,7 @@ def plot_retention(summary: Sequence[Mapping], path: str | Path, metric: str = "
     axes[0].set_ylabel(label)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
-    write_atomic(Path(path), buffer.getvalue())
+    return buffer.getvalue()
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -282,12 +296,14 @@ def write_report(
         raise ReportError(f"{out}: cannot create output directory ({error.strerror or error})") from None
     paths = {name: out / name for name in (RESULTS_CSV, RESULTS_JSON, SUMMARY_CSV, SUMMARY_JSON, PLOT_PNG)}
     meta = dict(metadata or {})
-    try:
-        write_csv(paths[RESULTS_CSV], clips)
-        write_json(paths[RESULTS_JSON], {"metadata": meta, "clips": list(clips)})
-        write_csv(paths[SUMMARY_CSV], summary)
-        write_json(paths[SUMMARY_JSON], {"metadata": meta, "cells": list(summary)})
-        plot_retention(summary, paths[PLOT_PNG], plot_metric)
-    except OSError as error:
-        raise ReportError(f"{out}: cannot write report ({error.strerror or error})") from None
+    # All five staged before any replaces its predecessor: a failure leaves the previous report whole.
+    write_together(
+        {
+            paths[RESULTS_CSV]: csv_bytes(clips),
+            paths[RESULTS_JSON]: json_bytes({"metadata": meta, "clips": list(clips)}),
+            paths[SUMMARY_CSV]: csv_bytes(summary),
+            paths[SUMMARY_JSON]: json_bytes({"metadata": meta, "cells": list(summary)}),
+            paths[PLOT_PNG]: plot_bytes(summary, plot_metric),
+        }
+    )
     return paths

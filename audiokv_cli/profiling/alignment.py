@@ -91,7 +91,13 @@ def read_manifest(path: str | Path) -> list[Clip]:
         raise AudiokvError(f"{path}: no such manifest")
     clips: list[Clip] = []
     seen: set[str] = set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise AudiokvError(f"{path}: manifest is not UTF-8 text") from None
+    except OSError as error:
+        raise AudiokvError(f"{path}: cannot read manifest ({error.strerror or error})") from None
+    for number, line in enumerate(content.splitlines(), start=1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -112,6 +118,8 @@ def read_manifest(path: str | Path) -> list[Clip]:
         seen.add(clip_id)
         words = _parse_words(record["words"], where) if record.get("words") is not None else None
         text = record.get("text")
+        if text is not None and not isinstance(text, str):
+            raise AudiokvError(f"{where}: 'text' must be a string")
         if text is None and words is not None:
             text = " ".join(w.word for w in words)
         clips.append(Clip(clip_id=clip_id, audio_path=audio_path, text=text, words=words))

@@ -146,7 +146,10 @@ def build_probe_set(
     espeak_binary()
     words = text_words(text_sources or default_text_sources())
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise AudiokvError(f"{out_dir}: cannot create the probe-set folder ({error.strerror or error})") from None
     manifest = out_dir / MANIFEST_NAME
     if manifest.exists():
         raise AudiokvError(f"{out_dir} already holds a probe set ({MANIFEST_NAME}); choose another --out")

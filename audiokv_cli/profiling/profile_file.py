@@ -20,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.files import stage
+from audiokv_cli.files import write_together
 from audiokv_cli.profiling.alignment import data_digest
 from audiokv_cli.profiling.statistics import HeadStatistics
 
@@ -149,16 +149,7 @@ def save_profile(profile: HeadProfile, out: str | os.PathLike) -> Path:
     twin = dict(meta)
     twin["score"] = profile.score.tolist()
     twin["steps"] = profile.stats.steps.tolist()
-    temps = [
-        (stage(tensors_path, payload), tensors_path),
-        (stage(json_path, readable_json(twin) + "\n"), json_path),
-    ]
-    try:
-        for temp, final in temps:
-            os.replace(temp, final)
-    finally:
-        for temp, _ in temps:
-            temp.unlink(missing_ok=True)
+    write_together({tensors_path: payload, json_path: readable_json(twin) + "\n"})
     return tensors_path
 
 
