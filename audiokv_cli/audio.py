@@ -12,6 +12,8 @@ import numpy as np
 from audiokv_cli.errors import AudiokvError
 
 SAMPLE_RATE = 16000
+# Sample rates audio files really use (telephone 8 kHz is common, 4 kHz exists; 768 kHz is the highest DAC rate).
+MIN_RATE, MAX_RATE = 1000, 768_000
 # Peak amplitude below which a clip is treated as silence (about -80 dBFS).
 SILENCE_PEAK = 1e-4
 
@@ -68,6 +70,8 @@ def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> np.
         raise AudioError(f"{path}: zero-length audio")
     if not np.all(np.isfinite(channels)):
         raise AudioError(f"{path}: audio contains NaN or infinite samples")
+    if not MIN_RATE <= rate <= MAX_RATE:  # a damaged header; resampling from 1 Hz would need gigabytes
+        raise AudioError(f"{path}: sample rate {rate} Hz is not an audio rate ({MIN_RATE}-{MAX_RATE} Hz)")
     samples = channels.mean(axis=0).astype(np.float32)
     if rate != SAMPLE_RATE:
         import librosa
