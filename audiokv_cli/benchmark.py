@@ -15,7 +15,8 @@ import torch
 from audiokv_cli.audio import SAMPLE_RATE
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
 from audiokv_cli.attention import use_attention_handler
-from audiokv_cli.decoding import decode_greedy, prefill
+from audiokv_cli.compression.chunked import ChunkedSession, chunked_prefill
+from audiokv_cli.decoding import decode_greedy, prefill, synchronize
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.memory import PeakTensorBytes
 
@@ -113,25 +114,34 @@ def _device_peak(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
-class _TimedSession(CompressionSession):
-    """A session that adds up the seconds its layers spend choosing and gathering the entries they keep."""
+def _time_compression(session) -> None:
+    """Add up, on ``session.seconds_compress``, the seconds its layers spend choosing and gathering what they keep."""
+    name = "compress_chunk" if isinstance(session, ChunkedSession) else "compress_layer"
+    original = getattr(session, name)
+    device = session.adapter.device
 
-    seconds_compress = 0.0
-
-    def compress_layer(self, *args, **kwargs) -> None:
-        if self.adapter.device.type == "cuda":
-            torch.cuda.synchronize(self.adapter.device)
+    def timed(*args, **kwargs):
+        synchronize(device)
         start = time.perf_counter()
-        super().compress_layer(*args, **kwargs)
-        if self.adapter.device.type == "cuda":
-            torch.cuda.synchronize(self.adapter.device)
-        self.seconds_compress += time.perf_counter() - start
+        original(*args, **kwargs)
+        synchronize(device)
+        session.seconds_compress += time.perf_counter() - start
+
+    session.seconds_compress = 0.0
+    setattr(session, name, timed)
 
 
-def _run(adapter, prepared, policy: CompressionPolicy, new_tokens: int):
-    session = _TimedSession(policy, adapter, prepared)
+def _run(adapter, prepared, policy: CompressionPolicy, new_tokens: int, prefill_chunk: int | None = None):
+    if prefill_chunk:
+        session = ChunkedSession(policy, adapter, prepared, prefill_chunk)
+        _time_compression(session)
+        logits, seconds_prefill = chunked_prefill(adapter, prepared, session)
+    else:
+        session = CompressionSession(policy, adapter, prepared)
+        _time_compression(session)
+        with use_attention_handler(adapter, session):
+            logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
     with use_attention_handler(adapter, session):
-        logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
         kept = session.cache.physical_bytes(include_tail=False)
         tokens, seconds_decode, _ = decode_greedy(adapter, session.model_cache, logits, new_tokens, stop_at_eos=False)
     return session, kept, seconds_prefill, tokens, seconds_decode
@@ -150,6 +160,7 @@ def bench_policies(
     repeats: int = 3,
     batch_sizes: tuple[int, ...] = (),
     measure_memory: bool = False,
+    prefill_chunk: int | None = None,
 ) -> list[BenchRow]:
     """One row per policy: best-of-``repeats`` prefill and decode timings, interleaved across policies."""
     best = [dict(prefill=float("inf"), decode=float("inf"), compress=float("inf")) for _ in policies]
@@ -157,7 +168,9 @@ def bench_policies(
     for _ in range(repeats):
         for index, policy in enumerate(policies):
             _device_peak_reset(adapter.device)
-            session, kept, seconds_prefill, tokens, seconds_decode = _run(adapter, prepared, policy, new_tokens)
+            session, kept, seconds_prefill, tokens, seconds_decode = _run(
+                adapter, prepared, policy, new_tokens, prefill_chunk
+            )
             record = best[index]
             record["prefill"] = min(record["prefill"], seconds_prefill)
             record["decode"] = min(record["decode"], seconds_decode / max(1, len(tokens) - 1))
@@ -169,7 +182,7 @@ def bench_policies(
         peak_memory = device_peak
         if measure_memory and adapter.device.type != "cuda":
             with PeakTensorBytes() as meter:
-                _run(adapter, prepared, policy, new_tokens)
+                _run(adapter, prepared, policy, new_tokens, prefill_chunk)
             peak_memory = meter.peak
         rows.append(
             BenchRow(
@@ -178,7 +191,7 @@ def bench_policies(
                 prompt_tokens=prepared.prompt_tokens,
                 kv_bytes_full=full,
                 kv_bytes_kept=kept,
-                peak_prefill_cache_bytes=session.peak_prefill_bytes if policy.evicts else kept,
+                peak_prefill_cache_bytes=session.peak_prefill_bytes if policy.evicts or prefill_chunk else kept,
                 seconds_prefill=record["prefill"],
                 ms_per_token=1000 * record["decode"],
                 new_tokens=len(tokens),
@@ -192,7 +205,7 @@ def bench_policies(
         for row, policy in zip(rows, policies):
             best_seconds = float("inf")
             for _ in range(max(1, repeats - 1)):
-                _, _, _, tokens, seconds_decode = _run(adapter, rows_prepared, policy, new_tokens)
+                _, _, _, tokens, seconds_decode = _run(adapter, rows_prepared, policy, new_tokens, prefill_chunk)
                 best_seconds = min(best_seconds, seconds_decode / max(1, len(tokens) - 1))
             row.tokens_per_second[batch] = batch / best_seconds
     return rows

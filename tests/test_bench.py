@@ -83,3 +83,21 @@ def test_bench_rejects_bad_options(tiny_model_dir, options, message):
     result = CliRunner().invoke(app, ["bench", "--model", str(tiny_model_dir), *options])
     assert result.exit_code == 1
     assert message in result.output
+
+
+def test_bench_prefill_chunk_bounds_the_cache(tiny_model_dir):
+    result = CliRunner().invoke(
+        app,
+        ["bench", "--model", str(tiny_model_dir), "--methods", "snapkv", "--prompt-tokens", "900",
+         "--prefill-chunk", "100", "--retention", "0.2", "--new-tokens", "2", "--repeats", "1", "--no-memory", "--json"],
+    )
+    (row,) = _rows(result)
+    assert row["prefill_chunk"] == 100
+    per_token = row["kv_bytes_full"] / row["prompt_tokens"]
+    assert row["peak_prefill_cache_bytes"] <= 1.1 * (row["kv_bytes_kept"] + 100 * per_token)
+
+
+def test_bench_prefill_chunk_refuses_position_methods(tiny_model_dir):
+    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_model_dir), "--methods", "stride", "--prefill-chunk", "64"])
+    assert result.exit_code == 1
+    assert "ranks positions by index" in result.output

@@ -40,6 +40,7 @@ def bench(
     kernel: bool = typer.Option(False, "--kernel", help="Time the decode attention alone on random tensors of --geometry."),
     geometry: str = typer.Option("qwen2-audio-7b", help="Decoder geometry for --kernel: qwen2-audio-7b, qwen2.5-omni-7b, qwen2.5-omni-3b, qwen3-omni-30b, tiny."),
     decode_kernel: str = typer.Option("auto", help="Decode attention backend: auto, matmul, sdpa, varlen, flash-attn, padded (--kernel: every one here)."),
+    prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Prefill in chunks of N tokens, every layer compressed to its budget after each chunk."),
     memory: bool = typer.Option(True, help="CPU: measure peak tensor memory in one extra untimed run per method."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: 1 for small models on CPU, else one per core)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: one from profiles/)."),
@@ -63,11 +64,11 @@ def bench(
         _bench_kernel(geometry, specs, retention, prompt_tokens or 8192, sizes, repeats, decode_kernel, device, dtype, as_json)
         return
     _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
-                 decode_kernel, memory, threads, profile, device, dtype, as_json)
+                 decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, as_json)
 
 
 def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
-                 decode_kernel, memory, threads, profile, device, dtype, as_json) -> None:
+                 decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, as_json) -> None:
     import torch
 
     from audiokv_cli.benchmark import bench_policies, prompt_of, streams_in_budget, synthetic_clip
@@ -90,9 +91,14 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
     else:
         prepared = adapter.prepare(synthetic_clip(min(seconds, adapter.max_audio_seconds)))
     policies = [spec.policy(1.0 if spec.is_full else retention, options) for spec in specs]
+    if prefill_chunk:
+        from audiokv_cli.compression.chunked import check_chunked
+
+        for policy in policies:
+            check_chunked(policy, prefill_chunk)
     batches = tuple(size for size in sizes if size > 1 or len(sizes) > 1)
     with console.status(f"timing {', '.join(spec.label for spec in specs)} ..."):
-        rows = bench_policies(adapter, prepared, policies, new_tokens, repeats, batches, measure_memory=memory)
+        rows = bench_policies(adapter, prepared, policies, new_tokens, repeats, batches, memory, prefill_chunk)
     reference = next((row for row in rows if row.method == "full"), None)
     per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
     budget = kv_budget_gb * 1e9 if kv_budget_gb else None
@@ -110,6 +116,7 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
             prefill_overhead=row.seconds_compress / plain if plain > 0 else None,
             peak_host_rss_loading_bytes=host_peak_loading,
             decode_kernel=decode_kernel,
+            prefill_chunk=prefill_chunk,
             threads=torch.get_num_threads(),
         )
         for size, rate in row.tokens_per_second.items():

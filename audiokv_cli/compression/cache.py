@@ -86,6 +86,20 @@ class RaggedLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.compressed = True
 
+    def replace_prompt(
+        self, flat_keys: torch.Tensor, flat_values: torch.Tensor, lengths: torch.Tensor, prompt_length: int,
+        num_kv_heads: int, batch: int,
+    ) -> None:
+        """Hold exactly these packed prompt entries (chunked prefill recompresses after every chunk); the dense
+        prompt and the tail are released."""
+        self.flat_keys, self.flat_values = flat_keys.contiguous(), flat_values.contiguous()
+        self.segment_lengths = lengths.reshape(-1)
+        self.layout = SegmentLayout.from_lengths(self.segment_lengths)
+        self.prompt_length, self.num_kv_heads, self.batch = prompt_length, num_kv_heads, batch
+        self.keys = self.values = self.tail_keys = self.tail_values = None
+        self.tail_length = 0
+        self.compressed = True
+
     def get_seq_length(self) -> int:
         if self.compressed:
             return self.prompt_length + self.tail_length
