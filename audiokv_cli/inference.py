@@ -57,16 +57,25 @@ def run_clip(
     clip: str = "",
     stop_at_eos: bool = True,
     on_token: Callable[[list[int]], None] | None = None,
+    prefill_chunk: int | None = None,
 ) -> ClipResult:
     """Prefill with full attention, compress the cache as ``policy`` says, then decode greedily.
 
-    ``on_token`` sees the generated ids so far after each step (for streaming output).
+    ``on_token`` sees the generated ids so far after each step (for streaming output). ``prefill_chunk`` prefills
+    in chunks of that many tokens, compressing after each (`compression.chunked`).
     """
     policy = policy or build_policy("full")
     prepared = adapter.prepare(audio, prompt)
-    session = CompressionSession(policy, adapter, prepared)
+    if prefill_chunk:
+        from audiokv_cli.compression.chunked import ChunkedSession, chunked_prefill
+
+        session = ChunkedSession(policy, adapter, prepared, prefill_chunk)
+        logits, seconds_prefill = chunked_prefill(adapter, prepared, session)
+    else:
+        session = CompressionSession(policy, adapter, prepared)
     with use_attention_handler(adapter, session):
-        logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
+        if not prefill_chunk:
+            logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
         full_bytes = prepared.compressed_length * adapter.geometry.kv_bytes_per_token(adapter.dtype)
         kept_bytes = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
         tokens, seconds_decode, hit_limit = decode_greedy(

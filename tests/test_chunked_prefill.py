@@ -71,3 +71,21 @@ def test_position_scorers_are_refused(tiny_adapter):
         ChunkedSession(build_policy("stride", 0.5), tiny_adapter, prepared, 64)
     with pytest.raises(AudiokvError, match="at least 1"):
         ChunkedSession(build_policy("snapkv", 0.5), tiny_adapter, prepared, 0)
+
+
+def test_infer_prefill_chunk(tiny_model_dir, tone_wav):
+    import json
+
+    from typer.testing import CliRunner
+
+    from audiokv_cli.cli import app
+
+    def text(*extra):
+        result = CliRunner().invoke(
+            app, ["infer", str(tone_wav), "--model", str(tiny_model_dir), "--device", "cpu", "--method", "snapkv",
+                  "--retention", "0.6", "--max-new-tokens", "6", "--json", *extra],
+        )
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.splitlines()[-1])["text"]
+
+    assert text("--prefill-chunk", "100000") == text()

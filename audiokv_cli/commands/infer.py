@@ -94,6 +94,7 @@ def infer(
     details: bool = typer.Option(False, help="With --json: add token ids and kept audio/text entries per layer and head."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
     decode_kernel: str = typer.Option("auto", help="Decode attention over the compressed cache: auto, matmul, sdpa, varlen, flash-attn, padded."),
+    prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Prefill in chunks of N tokens, compressing every layer after each chunk (bounded memory for long audio)."),
 ) -> None:
     """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
     from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, use_kernel_option
@@ -138,18 +139,26 @@ def infer(
     if needs_profile:
         options.head_scores = resolve_head_scores(adapter, profile)
         policy = spec.policy(retention, options)
+    if prefill_chunk:
+        from audiokv_cli.compression.chunked import check_chunked
+
+        check_chunked(policy, prefill_chunk)
     for path, samples in zip(clips, audio):
         if stream:
             # No spinner: it would share the terminal line with the tokens being written.
             text_stream = TextStream(adapter.decode, stdout.file)
             result = run_clip(
-                adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path), on_token=text_stream
+                adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path), on_token=text_stream,
+                prefill_chunk=prefill_chunk,
             )
             text_stream.finish(result.text)
             console.print(_summary(result))
             continue
         with console.status(f"{path.name}: {samples.shape[0] / 16000:.1f} s of audio ..."):
-            result = run_clip(adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path))
+            result = run_clip(
+                adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path),
+                prefill_chunk=prefill_chunk,
+            )
         if as_json:
             stdout.print(json.dumps(result.to_json(details)), markup=False, highlight=False)
         else:
