@@ -98,6 +98,30 @@ def write_together(files: Mapping[str | os.PathLike, bytes | str]) -> list[Path]
     return [path for _, path in staged]
 
 
+def append_whole(path: str | os.PathLike, data: bytes) -> None:
+    """Append ``data`` (whole lines) in one write; a failure puts the file back as it was (or removes it, if this
+    call created it), so a log never ends in half a record because of an error."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = path.exists()
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+    except OSError as error:
+        raise _output_error(path, error) from None
+    size = os.fstat(descriptor).st_size
+    try:
+        with open(descriptor, "ab", buffering=0) as handle:
+            _write(handle, data)
+    except BaseException as error:
+        if existed:
+            os.truncate(path, size)
+        else:
+            path.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise _output_error(path, error) from None
+        raise
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
     """For writers that need a file name (matplotlib, safetensors): yields a temporary path that replaces ``path``

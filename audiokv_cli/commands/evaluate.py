@@ -88,6 +88,7 @@ def evaluate(
     metric: Metric = typer.Option(Metric.wer, help="What the printed tables and the plot show."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: auto, 1 for small models on CPU, else one per core)."),
     workers: int = typer.Option(1, min=1, help="Processes sharing the clips (CPU: one per core for small models)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run with the same --out: finished clip-cells are kept, not rerun."),
     device: Device = typer.Option(Device.auto, help="auto picks CUDA when present."),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
@@ -134,7 +135,16 @@ def evaluate(
         options.head_scores = resolve_head_scores(adapter, profile)
     cells = plan_cells(specs, retentions, scopes, options)
     source = ModelSource(model, device.value, dtype.value, trust_remote_code)
-    result = _run(adapter, source, examples, cells, max_new_tokens, workers)
+    journal = _journal(out, adapter, data, cells, max_new_tokens, options)
+    done = journal.read() if resume else {}
+    if done:
+        console.print(f"[dim]resuming: {len(done)} clip-cells already done in {journal.path}[/]")
+    try:
+        result = _run(adapter, source, examples, cells, max_new_tokens, workers, journal.append, done)
+    except KeyboardInterrupt:
+        saved = f"finished clip-cells are in {journal.path}: add --resume to continue" if journal.path.exists() else "nothing finished yet"
+        console.print(f"[yellow]interrupted;[/] {saved}")
+        raise typer.Exit(130) from None
 
     from audiokv_cli import __version__
     from audiokv_cli.evaluation.report import METRICS, table1, write_report
@@ -159,6 +169,7 @@ def evaluate(
         "torch_threads": torch.get_num_threads(),
     }
     paths = write_report(out, result.clips, result.summary, metadata=metadata, plot_metric=metric.value)
+    journal.remove()  # the report holds every row now
     label = METRICS[metric.value][1]
     if all(cell.scope is None for cell in cells):  # only the full cache was asked for
         stdout.print(table1(result.summary, metric=metric.value))
@@ -176,16 +187,31 @@ def evaluate(
     console.print(f"wrote {', '.join(sorted(paths))} to {out}/", highlight=False)
 
 
-def _run(adapter, source, examples, cells, max_new_tokens, workers):
+def _journal(out, adapter, data, cells, max_new_tokens, options):
+    """The resume journal under --out, keyed by everything that makes two runs' rows comparable."""
+    from audiokv_cli.evaluation.journal import Journal
+
+    settings = {
+        "model": adapter.fingerprint(),
+        "dtype": str(adapter.dtype),
+        "data": str(Path(data).resolve()),
+        "cells": {f"{cell.method}@{cell.retention}/{cell.scope}": cell.policy.name for cell in cells},
+        "max_new_tokens": max_new_tokens,
+        "options": [options.window, options.kernel, options.sss_alpha, options.sss_rho],
+    }
+    return Journal(out, settings)
+
+
+def _run(adapter, source, examples, cells, max_new_tokens, workers, on_row=None, done=None):
     from audiokv_cli.evaluation.sweep import run_sweep, run_sweep_parallel
 
     with _progress() as progress:
-        task = progress.add_task("", total=len(examples) * len(cells))
+        task = progress.add_task("", total=len(examples) * len(cells), completed=len(done or {}))
 
         def step(clip_id, cell):
             label = cell.method if cell.scope is None else f"{cell.method} @ {cell.retention:g} ({cell.scope})"
             progress.update(task, advance=1, description=f"{clip_id}: {label}")
 
         if workers > 1 and len(examples) > 1:
-            return run_sweep_parallel(source, examples, cells, max_new_tokens, workers, on_step=step)
-        return run_sweep(adapter, examples, cells, max_new_tokens, on_step=step)
+            return run_sweep_parallel(source, examples, cells, max_new_tokens, workers, on_step=step, on_row=on_row, done=done)
+        return run_sweep(adapter, examples, cells, max_new_tokens, on_step=step, on_row=on_row, done=done)

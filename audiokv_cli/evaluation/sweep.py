@@ -220,20 +220,29 @@ def run_sweep(
     *,
     load_audio: Callable | None = None,
     on_step: Callable[[str, Cell], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
+    done: Mapping[tuple, dict] | None = None,
 ) -> SweepResult:
     """Evaluate every cell on every example (evaluation.datasets.Example) with one prefill per clip.
 
-    ``on_step(clip_id, cell)`` is called after each decoded cell (progress display). Rows are in clip order, then
-    cell order; numbers other than the ``seconds_*`` fields are deterministic for the same inputs.
+    ``on_step(clip_id, cell)`` is called after each decoded cell (progress display), ``on_row(row)`` with each new
+    row (the resume journal). ``done`` maps (clip, method, retention, scope) to rows of an earlier run, which are
+    taken as they are (a clip with every cell done is not even prefilled). Rows are in clip order, then cell order;
+    numbers other than the ``seconds_*`` fields are deterministic for the same inputs.
     """
+    done = done or {}
     if load_audio is None:
         load_audio = clip_loader(adapter)
     full_bytes_per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
     rows: list[dict] = []
     for example in examples:
+        todo = [cell for cell in cells if (example.id, *cell.key) not in done]
+        rows.extend(done[(example.id, *cell.key)] for cell in cells if (example.id, *cell.key) in done)
+        if not todo:
+            continue
         prepared = adapter.prepare(load_audio(example.audio_path), None)
         kv_bytes_full = prepared.compressed_length * full_bytes_per_token
-        for cell, outcome, seconds_prefill in clip_outcomes(adapter, prepared, cells, max_new_tokens):
+        for cell, outcome, seconds_prefill in clip_outcomes(adapter, prepared, todo, max_new_tokens):
             hyp = adapter.decode(outcome.token_ids)
             row = {
                 "clip": example.id,
@@ -265,8 +274,13 @@ def run_sweep(
                 }
             )
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             if on_step is not None:
                 on_step(example.id, cell)
+    cell_order = {cell.key: index for index, cell in enumerate(cells)}
+    clip_order = {example.id: index for index, example in enumerate(examples)}
+    rows.sort(key=lambda row: (clip_order[row["clip"]], cell_order[(row["method"], row["retention"], row["scope"])]))
     return SweepResult(rows, summarize(cells, rows))
 
 
@@ -320,7 +334,7 @@ class ModelSource:
     trust_remote_code: bool = False
 
 
-def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, progress) -> list[dict]:
+def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, progress, done=None) -> list[dict]:
     import transformers
 
     from audiokv_cli.models.registry import load_adapter
@@ -331,8 +345,8 @@ def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, pro
     # One thread per process: the processes share the cores instead of the threads of one process.
     torch.set_num_threads(1)
     adapter = load_adapter(source.name, source.device, source.dtype, source.trust_remote_code)
-    step = (lambda clip, cell: progress.put((clip, cell.method, cell.retention, cell.scope))) if progress else None
-    return run_sweep(adapter, examples, cells, max_new_tokens, on_step=step).clips
+    # Each new row goes to the parent as it finishes: progress display and the resume journal.
+    return run_sweep(adapter, examples, cells, max_new_tokens, on_row=progress.put if progress else None, done=done).clips
 
 
 def run_sweep_parallel(
@@ -342,6 +356,8 @@ def run_sweep_parallel(
     max_new_tokens: int,
     workers: int,
     on_step: Callable[[str, Cell], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
+    done: Mapping[tuple, dict] | None = None,
 ) -> SweepResult:
     """run_sweep split over ``workers`` processes (clips dealt round-robin); same rows, same order, same numbers."""
     import multiprocessing
@@ -353,17 +369,20 @@ def run_sweep_parallel(
     shards = [shard for shard in shards if shard]
     cell_by_key = {cell.key: cell for cell in cells}
     with context.Manager() as manager, ProcessPoolExecutor(len(shards), mp_context=context) as pool:
-        progress = manager.Queue() if on_step else None
-        futures = [pool.submit(_sweep_worker, source, shard, cells, max_new_tokens, progress) for shard in shards]
+        progress = manager.Queue() if on_step or on_row else None
+        futures = [pool.submit(_sweep_worker, source, shard, cells, max_new_tokens, progress, done) for shard in shards]
         pending = set(futures)
         while pending:
             _, pending = wait(pending, timeout=0.2)
             while progress is not None:
                 try:
-                    clip, *key = progress.get_nowait()
+                    row = progress.get_nowait()
                 except queue_module.Empty:
                     break
-                on_step(clip, cell_by_key[tuple(key)])
+                if on_row is not None:
+                    on_row(row)
+                if on_step is not None:
+                    on_step(row["clip"], cell_by_key[(row["method"], row["retention"], row["scope"])])
         rows = [row for future in futures for row in future.result()]
     clip_order = {example.id: index for index, example in enumerate(examples)}
     cell_order = {key: index for index, key in enumerate(cell_by_key)}
