@@ -42,6 +42,7 @@ def bench(
     decode_kernel: str = typer.Option("auto", help="Decode attention backend: auto, matmul, sdpa, varlen, flash-attn, padded (--kernel: every one here)."),
     prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Prefill in chunks of N tokens, every layer compressed to its budget after each chunk."),
     memory: bool = typer.Option(True, help="CPU: measure peak tensor memory in one extra untimed run per method."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention of the parts audiokv leaves alone (sdpa, eager, flash_attention_2)."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: 1 for small models on CPU, else one per core)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: one from profiles/)."),
     device: Device = typer.Option(Device.auto),
@@ -64,11 +65,12 @@ def bench(
         _bench_kernel(geometry, specs, retention, prompt_tokens or 8192, sizes, repeats, decode_kernel, device, dtype, as_json)
         return
     _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
-                 decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, as_json)
+                 decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, attn_implementation, as_json)
 
 
 def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
-                 decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, as_json) -> None:
+                 decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, attn_implementation,
+                 as_json) -> None:
     import torch
 
     from audiokv_cli.benchmark import bench_policies, prompt_of, streams_in_budget, synthetic_clip
@@ -79,7 +81,7 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
     from audiokv_cli.memory import peak_host_rss_bytes
 
     options = MethodOptions()
-    adapter = load_model(model, device, dtype)
+    adapter = load_model(model, device, dtype, attn_implementation=attn_implementation)
     host_peak_loading = peak_host_rss_bytes()
     check_kernel(decode_kernel, adapter.device, adapter.dtype)
     select_kernel(decode_kernel)

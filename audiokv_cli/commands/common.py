@@ -42,14 +42,19 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", module="transformers")
 
 
-def load_model(model: str, device: Device, dtype: DType, trust_remote_code: bool = False):
+def load_model(
+    model: str, device: Device, dtype: DType, trust_remote_code: bool = False, attn_implementation: str | None = None
+):
     from audiokv_cli.models.registry import MODEL_ALIASES, load_adapter
 
     quiet_transformers()
     alias = MODEL_ALIASES.get(model)
     label = f"{model} ({alias.description})" if alias else model
     with console.status(f"loading {label} ..."):
-        adapter = load_adapter(model, device=device.value, dtype=dtype.value, trust_remote_code=trust_remote_code)
+        adapter = load_adapter(
+            model, device=device.value, dtype=dtype.value, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation,
+        )
     return adapter
 
 

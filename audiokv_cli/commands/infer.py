@@ -94,6 +94,7 @@ def infer(
     details: bool = typer.Option(False, help="With --json: add token ids and kept audio/text entries per layer and head."),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
     decode_kernel: str = typer.Option("auto", help="Decode attention over the compressed cache: auto, matmul, sdpa, varlen, flash-attn, padded."),
+    attn_implementation: Optional[str] = typer.Option(None, help="Attention of the parts audiokv leaves alone (sdpa, eager, flash_attention_2)."),
     prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Prefill in chunks of N tokens, compressing every layer after each chunk (bounded memory for long audio)."),
 ) -> None:
     """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
@@ -129,7 +130,7 @@ def infer(
         family_limit = adapter_class_for(model).max_audio_seconds
         for path, samples in zip(clips, audio):
             check_duration(path, samples, family_limit)
-    adapter: ModelAdapter = load_model(model, device, dtype, trust_remote_code)
+    adapter: ModelAdapter = load_model(model, device, dtype, trust_remote_code, attn_implementation)
     use_kernel_option(decode_kernel, adapter.device, adapter.dtype)
     limit = max_seconds if max_seconds is not None else adapter.max_audio_seconds
     for path, samples in zip(clips, audio):

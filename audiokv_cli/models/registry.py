@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,8 +99,11 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype == "auto":
-        # Half precision is only faster where there are kernels for it.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        # Half precision is only faster where there are kernels for it; bfloat16 needs Ampere or newer (older
+        # GPUs emulate it slowly), so they get float16.
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if dtype not in choices:
         raise AudiokvError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return choices[dtype]
@@ -169,8 +173,14 @@ def load_adapter(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    attn_implementation: str | None = None,
 ) -> ModelAdapter:
-    """Load a model by short name, local directory or Hub id and wrap it in the adapter for its family."""
+    """Load a model by short name, local directory or Hub id and wrap it in the adapter for its family.
+
+    Weights load straight onto the target device (transformers places them on the device in whose context
+    ``from_pretrained`` runs), so a 7B model never sits in host RAM on its way to the GPU. ``attn_implementation``
+    (sdpa, eager, flash_attention_2, ...) is the attention of the parts audiokv does not route through itself.
+    """
     alias = MODEL_ALIASES.get(name_or_path)
     options = dict(alias.options) if alias else {}
     if name_or_path == "tiny" and not (BUNDLED_MODEL_DIR / "config.json").exists():
@@ -184,15 +194,22 @@ def load_adapter(
     model_type, local_only = _load_model_type(target, revision)
     adapter_class = _adapter_for_type(target, model_type)
     try:
-        return adapter_class.load(
-            target,
-            device=torch_device,
-            dtype=torch_dtype,
-            trust_remote_code=trust_remote_code,
-            name=name_or_path,
-            revision=revision,
-            local_files_only=local_only,
-            **options,
-        )
+        with torch.device(torch_device) if torch_device.type == "cuda" else contextlib.nullcontext():
+            adapter = adapter_class.load(
+                target,
+                device=torch_device,
+                dtype=torch_dtype,
+                trust_remote_code=trust_remote_code,
+                name=name_or_path,
+                revision=revision,
+                local_files_only=local_only,
+                **options,
+            )
     except OSError as error:
         raise AudiokvError(f"{target}: could not load weights ({str(error).splitlines()[0]})") from None
+    if attn_implementation:
+        try:
+            adapter.model.set_attn_implementation(attn_implementation)
+        except (ValueError, ImportError) as error:
+            raise AudiokvError(f"--attn-implementation {attn_implementation}: {str(error).splitlines()[0]}") from None
+    return adapter
