@@ -1,11 +1,15 @@
 """The Qwen3-ASR adapter on a tiny random model: prompt and audio spans, long audio, compressed decoding."""
 
 import pytest
+import transformers
 
 from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
 from audiokv_cli.models.registry import load_adapter
 from audiokv_cli.testing_families import build_tiny_qwen3_asr
 from tests import adapter_checks as checks
+
+if not hasattr(transformers, "Qwen3ASRForConditionalGeneration"):
+    pytest.skip(f"Qwen3-ASR is not in transformers {transformers.__version__}", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +51,17 @@ def test_decode_drops_the_language_header(adapter):
     ids = tokenizer("language English<asr_text>hello there")["input_ids"]
     assert adapter.decode(ids) == "hello there"
     assert adapter.decode(tokenizer("hello")["input_ids"]) == "hello"
+
+
+def test_a_transformers_without_the_family_is_one_line(model_dir, monkeypatch):
+    import transformers
+
+    from audiokv_cli.errors import AudiokvError
+
+    # As on a release without the class (transformers' lazy module would re-import a deleted attribute).
+    monkeypatch.setattr(transformers, "Qwen3ASRForConditionalGeneration", None)
+    with pytest.raises(AudiokvError, match="Qwen3ASRForConditionalGeneration is not in transformers .* newer release"):
+        load_adapter(str(model_dir), device="cpu", dtype="float32")
 
 
 def test_retention_one_equals_generate(adapter):

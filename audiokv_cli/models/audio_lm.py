@@ -31,9 +31,17 @@ class AudioLMAdapter(ModelAdapter):
         import transformers
         from transformers import AutoProcessor
 
+        model_class = getattr(transformers, cls.model_class, None)
+        if model_class is None:
+            from audiokv_cli.errors import AudiokvError
+
+            raise AudiokvError(
+                f"{path}: {cls.model_class} is not in transformers {transformers.__version__}; "
+                "this model family needs a newer release (pip install -U transformers)"
+            )
         common = dict(trust_remote_code=trust_remote_code, revision=revision, **kwargs)
         processor = AutoProcessor.from_pretrained(path, **common)
-        model = getattr(transformers, cls.model_class).from_pretrained(path, dtype=dtype, **common)
+        model = model_class.from_pretrained(path, dtype=dtype, **common)
         model.to(device).eval()
         return cls(model, processor, name, revision)
 
