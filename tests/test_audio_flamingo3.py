@@ -33,7 +33,7 @@ def test_prompt_and_exact_audio_span(adapter, seconds, tokens):
     start = ids.index(sound)
     # Over 30 s the processor encodes consecutive 30 s windows and joins their tokens into one audio item.
     assert prepared.audio_spans == [(start, start + tokens)] and ids.count(sound) == tokens
-    assert prepared.prompt == "<|im_start|>user\n<sound>Transcribe the input speech.<|im_end|>\n<|im_start|>assistant\n"
+    assert prepared.prompt == "<|im_start|>user\nTranscribe the input speech.<sound><|im_end|>\n<|im_start|>assistant\n"
     assert prepared.audio_seconds == pytest.approx(seconds)
     free = adapter.prepare(checks.noise_clip(1.0), prompt="What is the mood?")
     assert "What is the mood?" in free.prompt and "Transcribe" not in free.prompt

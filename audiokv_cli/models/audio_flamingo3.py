@@ -11,6 +11,8 @@ class AudioFlamingo3Adapter(AudioLMAdapter):
     tiny_model = "audiokv_cli.testing_families:build_tiny_audio_flamingo3"
     model_class = "AudioFlamingo3ForConditionalGeneration"
     # 10 ms mel frames, a stride-2 convolution, then stride-2 average pooling: 40 ms per token, as Qwen2-Audio.
+    # The instruction comes before the audio, as the processor's `apply_transcription_request` orders them.
+    audio_first = False
     seconds_per_audio_token = 0.04
     # The processor encodes up to 20 windows of 30 s per clip (its `max_audio_len`) and drops the rest with a warning.
     max_audio_seconds = 600.0

@@ -23,7 +23,7 @@ class AudioLMAdapter(ModelAdapter):
     model_class: ClassVar[str] = ""
     #: instruction used when no prompt is given.
     asr_instruction: ClassVar[str] = "Transcribe the input speech."
-    #: whether the audio item comes before the instruction in the user turn.
+    #: whether the audio item comes before the instruction in the user turn (as the family's processor orders it).
     audio_first: ClassVar[bool] = True
 
     @classmethod

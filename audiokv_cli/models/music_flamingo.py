@@ -12,6 +12,8 @@ class MusicFlamingoAdapter(AudioLMAdapter):
     tiny_model = "audiokv_cli.testing_families:build_tiny_music_flamingo"
     model_class = "MusicFlamingoForConditionalGeneration"
     # Audio Flamingo 3's tower: 10 ms mel frames, a stride-2 convolution, stride-2 average pooling: 40 ms per token.
+    # The instruction before the audio, as Audio Flamingo 3's transcription request orders them.
+    audio_first = False
     seconds_per_audio_token = 0.04
     # The processor encodes up to 40 windows of 30 s (its `max_audio_len`) and drops the rest with a warning.
     max_audio_seconds = 1200.0
