@@ -322,3 +322,53 @@ def build_tiny_music_flamingo(
     torch.manual_seed(seed)
     model = MusicFlamingoForConditionalGeneration(config).eval()
     return _finish(model, tokenizer, processor, out_dir, seed)
+
+
+# Omnilingual ASR's chat template, trimmed to one audio item and its language marker: the audio placeholder, the
+# language token, then the BOS the transcript is decoded from.
+OMNIASR_TEMPLATE = (
+    "{% for message in messages %}{% for item in message['content'] %}{% if item['type'] == 'audio' %}<extra_id_1>"
+    "{% elif item['type'] == 'language' %}<|lang:{{ item['language'] }}|>{% endif %}{% endfor %}{% endfor %}<s>"
+)
+
+
+def build_tiny_omniasr(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64
+) -> Path:
+    """A random OmniASRForConditionalGeneration (wav2vec2-style encoder, Llama decoder) and its processor."""
+    import torch
+    from transformers import (
+        OmniASRConfig,
+        OmniASRFeatureExtractor,
+        OmniASRForConditionalGeneration,
+        OmniASRProcessor,
+    )
+
+    from audiokv_cli.testing import build_character_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        ["<s>", "<pad>", "</s>", "<extra_id_1>", "<|lang:eng_latn|>", "<|lang:auto|>"],
+        eos_token="</s>", pad_token="<pad>", bos_token="<s>",
+    )
+    processor = OmniASRProcessor(
+        feature_extractor=OmniASRFeatureExtractor(), tokenizer=tokenizer, chat_template=OMNIASR_TEMPLATE
+    )
+    config = OmniASRConfig(
+        audio_config={
+            "model_type": "omniasr_audio", "hidden_size": 32, "conv_dim": [16] * 7, "num_attention_heads": 2,
+            "num_hidden_layers": 1, "num_conv_pos_embeddings": 16, "num_conv_pos_embedding_groups": 2,
+            "intermediate_size": 64,
+        },
+        text_config=_text_config(
+            tokenizer, "llama", num_layers, num_heads, num_kv_heads, hidden, head_dim=hidden // num_heads,
+            bos_token_id=tokenizer.bos_token_id,
+        ),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<extra_id_1>"),
+        bos_token_id=tokenizer.bos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = OmniASRForConditionalGeneration(config).eval()
+    return _finish(model, tokenizer, processor, out_dir, seed)

@@ -8,6 +8,7 @@ which model class to load, how long its audio may be, and how its prompt reads.
 
 from __future__ import annotations
 
+import inspect
 from typing import ClassVar
 
 import numpy as np
@@ -55,9 +56,16 @@ class AudioLMAdapter(ModelAdapter):
     def decoder_layers(self) -> list[torch.nn.Module]:
         return [layer.self_attn for layer in self._language_model().layers]
 
+    def _cache_kwargs(self, cache) -> dict:
+        """The cache argument under the name the decoder takes: some bodies pass **kwargs through to it unnamed."""
+        body = self.model.model
+        parameters = inspect.signature(body.forward).parameters
+        named = "cache" in parameters or "past_key_values" in parameters
+        return cache_kwargs(body if named else self._language_model(), cache)
+
     def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
         # Project only the last position: the full [L, vocab] logits of a long prompt cost hundreds of MB.
-        hidden = self.model.model(**inputs, **cache_kwargs(self.model.model, cache), use_cache=True).last_hidden_state
+        hidden = self.model.model(**inputs, **self._cache_kwargs(cache), use_cache=True).last_hidden_state
         return self.model.lm_head(hidden[:, -1])
 
     @property

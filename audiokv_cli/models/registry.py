@@ -13,6 +13,7 @@ from audiokv_cli.errors import AudiokvError
 from audiokv_cli.models.base import ModelAdapter
 from audiokv_cli.models.glm_asr import GlmAsrAdapter
 from audiokv_cli.models.music_flamingo import MusicFlamingoAdapter
+from audiokv_cli.models.omniasr import OmniASRAdapter
 from audiokv_cli.models.audio_flamingo3 import AudioFlamingo3Adapter
 from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
@@ -70,6 +71,9 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
         "Qwen/Qwen3-ASR-1.7B-hf", "Qwen3-ASR 1.7B (transcription; a prompt is context)", model_type="qwen3_asr"
     ),
     "glm-asr": ModelAlias("zai-org/GLM-ASR-Nano-2512", "GLM-ASR Nano (transcription)", model_type="glmasr"),
+    "omniasr-llm": ModelAlias(
+        "hf-audio/omniasr-llm-300m-v2", "Omnilingual ASR LLM 300M (transcription, no instruction)", model_type="omniasr"
+    ),
     "music-flamingo": ModelAlias(
         "nvidia/music-flamingo-2601-hf", "Music Flamingo (music and sound, Qwen2.5-7B decoder)",
         model_type="musicflamingo",
@@ -82,7 +86,7 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2AudioAdapter, Qwen2_5OmniAdapter, Qwen3OmniMoeAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter,
-    VoxtralAdapter, GlmAsrAdapter, MusicFlamingoAdapter, WhisperAdapter,
+    VoxtralAdapter, GlmAsrAdapter, MusicFlamingoAdapter, OmniASRAdapter, WhisperAdapter,
 )
 
 
