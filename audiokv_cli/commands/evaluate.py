@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from audiokv_cli.commands.common import DType, Device, check_range, console, load_model, stdout
+from audiokv_cli.distributed import current_ranks, join, rank_part
 from audiokv_cli.errors import AudiokvError
 
 DEFAULT_METHODS = "full,streamingllm,h2o,snapkv,pyramidkv,adakv,snapkv+sss,audiokv-nosss,audiokv,stride,random"
@@ -97,7 +98,16 @@ def evaluate(
     """Evaluate eviction methods at several retentions on a transcribed data set (one prefill per clip)."""
     from audiokv_cli.compression.methods import MethodOptions
     from audiokv_cli.evaluation.datasets import load_dataset
-    from audiokv_cli.evaluation.sweep import ModelSource, parse_methods, parse_retentions, parse_scopes, plan_cells
+    from audiokv_cli.evaluation.sweep import (
+        ModelSource,
+        SweepResult,
+        parse_methods,
+        parse_retentions,
+        parse_scopes,
+        plan_cells,
+        summarize,
+    )
+    from audiokv_cli.rank_parts import gather_rows, write_rows_part
 
     from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, use_kernel_option
 
@@ -123,6 +133,9 @@ def evaluate(
 
     import torch
 
+    # Under torchrun each rank evaluates its share of the clips; rank 0 gathers the rows and writes the report.
+    ranks = current_ranks()
+    join(ranks, device.value)
     adapter = load_model(model, device, dtype, trust_remote_code)
     use_kernel_option(decode_kernel, adapter.device, adapter.dtype)  # worker processes inherit the choice
     torch.set_num_threads(threads or _auto_threads(adapter))
@@ -135,16 +148,26 @@ def evaluate(
         options.head_scores = resolve_head_scores(adapter, profile)
     cells = plan_cells(specs, retentions, scopes, options)
     source = ModelSource(model, device.value, dtype.value, trust_remote_code)
-    journal = _journal(out, adapter, data, cells, max_new_tokens, options)
+    journal = _journal(out, adapter, data, cells, max_new_tokens, options, ranks)
     done = journal.read() if resume else {}
     if done:
         console.print(f"[dim]resuming: {len(done)} clip-cells already done in {journal.path}[/]")
     try:
-        result = _run(adapter, source, examples, cells, max_new_tokens, workers, journal.append, done)
+        with rank_part(ranks):
+            mine = ranks.shard(examples)
+            result = _run(adapter, source, mine, cells, max_new_tokens, workers, journal.append, done, ranks.leader)
+            if ranks.distributed:
+                write_rows_part(out, ranks, result.clips)
     except KeyboardInterrupt:
         saved = f"finished clip-cells are in {journal.path}: add --resume to continue" if journal.path.exists() else "nothing finished yet"
         console.print(f"[yellow]interrupted;[/] {saved}")
         raise typer.Exit(130) from None
+    if ranks.distributed:
+        if not ranks.leader:
+            journal.remove()  # its rows are in its part now
+            return
+        rows = gather_rows(out, ranks.world, examples, cells)
+        result = SweepResult(rows, summarize(cells, rows))
 
     from audiokv_cli import __version__
     from audiokv_cli.evaluation.report import METRICS, table1, write_report
@@ -187,9 +210,9 @@ def evaluate(
     console.print(f"wrote {', '.join(sorted(paths))} to {out}/", highlight=False)
 
 
-def _journal(out, adapter, data, cells, max_new_tokens, options):
+def _journal(out, adapter, data, cells, max_new_tokens, options, ranks):
     """The resume journal under --out, keyed by everything that makes two runs' rows comparable."""
-    from audiokv_cli.evaluation.journal import Journal
+    from audiokv_cli.evaluation.journal import JOURNAL_NAME, Journal
 
     settings = {
         "model": adapter.fingerprint(),
@@ -199,12 +222,16 @@ def _journal(out, adapter, data, cells, max_new_tokens, options):
         "max_new_tokens": max_new_tokens,
         "options": [options.window, options.kernel, options.sss_alpha, options.sss_rho],
     }
-    return Journal(out, settings)
+    return Journal(out, settings, ranks.part_name("rows.partial") + ".jsonl" if ranks.distributed else JOURNAL_NAME)
 
 
-def _run(adapter, source, examples, cells, max_new_tokens, workers, on_row=None, done=None):
+def _run(adapter, source, examples, cells, max_new_tokens, workers, on_row=None, done=None, shown=True):
     from audiokv_cli.evaluation.sweep import run_sweep, run_sweep_parallel
 
+    if not shown:  # torchrun ranks other than 0: the terminal is rank 0's
+        if workers > 1 and len(examples) > 1:
+            return run_sweep_parallel(source, examples, cells, max_new_tokens, workers, on_row=on_row, done=done)
+        return run_sweep(adapter, examples, cells, max_new_tokens, on_row=on_row, done=done)
     with _progress() as progress:
         task = progress.add_task("", total=len(examples) * len(cells), completed=len(done or {}))
 

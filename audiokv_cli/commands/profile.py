@@ -64,9 +64,11 @@ def profile(
 ) -> None:
     """Find the audio-critical heads: decode ASR clips and score how often each head's top attention lands on the
     audio of the word being spoken. Interrupted runs resume when started again with the same --out."""
-    from audiokv_cli.profiling.alignment import make_aligner, read_data
-    from audiokv_cli.profiling.profile_file import partial_paths, profile_paths
-    from audiokv_cli.profiling.runner import ProfileSettings, run_profile
+    from audiokv_cli.distributed import current_ranks, join, rank_part
+    from audiokv_cli.profiling.alignment import read_data
+    from audiokv_cli.profiling.profile_file import load_profile, profile_paths
+    from audiokv_cli.profiling.runner import ProfileSettings
+    from audiokv_cli.rank_parts import merge_profile_parts, profile_part_out
 
     settings = ProfileSettings(
         aligner=aligner,
@@ -79,21 +81,21 @@ def profile(
     clips = read_data(data)
     if max_clips is not None:
         clips = clips[:max_clips]
-    adapter = load_model(model, device, dtype)
-    quiet_transformers()
-    with console.status(f"loading aligner {aligner} ..."):
-        aligner_impl = make_aligner(aligner, device=str(adapter.device), allow_download=allow_download)
-    settings = dataclasses.replace(settings, aligner=aligner_impl.name)
-    if aligner_impl.name == "none":
-        console.print("[yellow]note:[/] no word timings: heads are scored by their attention mass on the audio")
-    if partial_paths(out)[0].exists():
-        console.print(f"[dim]found unfinished run {partial_paths(out)[0]}[/]")
-    try:
-        with _progress() as bar:
-            result = run_profile(adapter, clips, aligner_impl, settings, out, checkpoint_every, _RichProgress(bar))
-    except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted;[/] progress saved to {partial_paths(out)[0]}: run the same command to resume")
-        raise typer.Exit(130) from None  # that line says it all; no second "interrupted"
+    # Under torchrun each rank profiles its share into a part of its own; rank 0 adds the parts (exact).
+    ranks = current_ranks()
+    join(ranks, device.value)
+    with rank_part(ranks):
+        mine = ranks.shard(clips)
+        target = profile_part_out(out, ranks) if ranks.distributed else out
+        if mine:
+            shard_args = (aligner, allow_download, settings, target, checkpoint_every, ranks.leader)
+            result = _profile_shard(model, device, dtype, mine, *shard_args)
+    if ranks.distributed:
+        with rank_part(ranks):
+            if ranks.leader:
+                result = load_profile(merge_profile_parts(out, ranks.world))
+        if not ranks.leader:
+            return
     tensors_path, json_path = profile_paths(out)
     p = result.provenance
     console.print(
@@ -101,6 +103,31 @@ def profile(
         f"aligned, {p['scored_steps']} scored steps of {p['decode_steps']}"
     )
     stdout.print(_top_heads_table(result.score, 10))
+
+
+def _profile_shard(model, device, dtype, clips, aligner, allow_download, settings, out, checkpoint_every, shown):
+    """Profile ``clips`` into ``out``; ``shown`` False (ranks other than 0) keeps the terminal to rank 0."""
+    from audiokv_cli.profiling.alignment import make_aligner
+    from audiokv_cli.profiling.profile_file import partial_paths
+    from audiokv_cli.profiling.runner import run_profile
+
+    adapter = load_model(model, device, dtype)
+    quiet_transformers()
+    with console.status(f"loading aligner {aligner} ..."):
+        aligner_impl = make_aligner(aligner, device=str(adapter.device), allow_download=allow_download)
+    settings = dataclasses.replace(settings, aligner=aligner_impl.name)
+    if aligner_impl.name == "none" and shown:
+        console.print("[yellow]note:[/] no word timings: heads are scored by their attention mass on the audio")
+    if partial_paths(out)[0].exists():
+        console.print(f"[dim]found unfinished run {partial_paths(out)[0]}[/]")
+    try:
+        if not shown:
+            return run_profile(adapter, clips, aligner_impl, settings, out, checkpoint_every)
+        with _progress() as bar:
+            return run_profile(adapter, clips, aligner_impl, settings, out, checkpoint_every, _RichProgress(bar))
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted;[/] progress saved to {partial_paths(out)[0]}: run the same command to resume")
+        raise typer.Exit(130) from None  # that line says it all; no second "interrupted"
 
 
 def probe_set(

@@ -25,8 +25,8 @@ def row_key(row: Mapping) -> tuple:
 
 
 class Journal:
-    def __init__(self, out_dir: str | os.PathLike, settings: Mapping[str, Any]):
-        self.path = Path(out_dir) / JOURNAL_NAME
+    def __init__(self, out_dir: str | os.PathLike, settings: Mapping[str, Any], name: str = JOURNAL_NAME):
+        self.path = Path(out_dir) / name
         self.settings = json.loads(json.dumps(settings))  # as it will read back
         self._started = False
 
