@@ -170,3 +170,25 @@ def test_cli_refuses_a_backend_this_machine_lacks(tiny_model_dir, tone_wav, monk
     )
     assert result.exit_code == 1
     assert "decode kernel 'flash-attn' is not available on cpu" in result.output
+
+
+@pytest.mark.parametrize("kernel", available_kernels("cpu", torch.float32))
+@pytest.mark.parametrize("query_heads", [2, 8])
+def test_prefill_chunk_over_its_own_tail(kernel, query_heads):
+    """Chunked prefill: the tail holds exactly the chunk's queries (causal among them) next to the kept entries."""
+    torch.manual_seed(1)
+    batch, kv_heads, length, dim, q_len = 1, 2, 30, 16, 6
+    keep = torch.rand(batch, kv_heads, length) < 0.5
+    keep[..., -1] = True
+    keys, values = torch.randn(batch, kv_heads, length, dim), torch.randn(batch, kv_heads, length, dim)
+    layer = RaggedLayer()
+    layer.update(keys, values)
+    layer.compress(keep)
+    tail_k, tail_v = torch.randn(batch, kv_heads, q_len, dim), torch.randn(batch, kv_heads, q_len, dim)
+    layer.update(tail_k, tail_v)
+    query = torch.randn(batch, query_heads, q_len, dim)
+    got = ragged_decode_attention(layer, query, dim**-0.5, kernel=kernel)
+    kept_k = [[keys[0, h][keep[0, h]] for h in range(kv_heads)]]
+    kept_v = [[values[0, h][keep[0, h]] for h in range(kv_heads)]]
+    want = naive(query, kept_k, kept_v, tail_k, tail_v, dim**-0.5)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)

@@ -116,6 +116,17 @@ class DecodeProblem:
 
 def _tail_part(problem: DecodeProblem) -> tuple[torch.Tensor, torch.Tensor]:
     """Output and log-sum-exp ``[S, W]`` of the queries over the tail alone (float32)."""
+    segments, width, dim = problem.queries.shape
+    if problem.queries.device.type == "cpu" and problem.q_len > 1 and problem.tail_length == problem.q_len:
+        # A prefill chunk over itself: plain causal attention, tiled by the CPU flash kernel (no [W, T] scores).
+        group = width // problem.q_len
+        queries = problem.queries.view(segments, group, problem.q_len, dim)
+        keys = problem.tail_keys[:, None].expand(segments, group, problem.q_len, dim)
+        values = problem.tail_values[:, None].expand(segments, group, problem.q_len, dim)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            queries, keys, values, 0.0, True, scale=problem.scaling
+        )
+        return out.reshape(segments, width, dim).float(), lse.reshape(segments, width)
     scores = torch.bmm(problem.queries, problem.tail_keys.transpose(1, 2)).float() * problem.scaling
     mask = problem.tail_mask()
     if mask is not None:
@@ -284,6 +295,8 @@ def available_kernels(device: torch.device | str, dtype: torch.dtype) -> list[st
 # CPU choice per problem shape, measured once per process: {shape key: backend name}.
 _CPU_CHOICES: dict[tuple, str] = {}
 CPU_CANDIDATES = ("matmul", "sdpa")
+# Above this many float32 scores per call the matmul backend is not a candidate: the flash kernel tiles them.
+MATMUL_SCORES_LIMIT = 1 << 22
 
 
 def _shape_key(problem: DecodeProblem) -> tuple:
@@ -298,6 +311,10 @@ def cpu_choice(problem: DecodeProblem) -> str:
     Neither wins everywhere (`audiokv bench --kernel`, docs/performance.md): the flash kernel's per-call setup
     dominates short segments, its fused softmax can win on long ones; both give the same values to rounding.
     """
+    if problem.queries.shape[0] * problem.queries.shape[1] * (problem.layout.max_length + problem.tail_length) > (
+        MATMUL_SCORES_LIMIT
+    ):
+        return "sdpa"  # long multi-token queries (chunked prefill): matmul's score buffer would not fit in cache
     key = _shape_key(problem)
     if key not in _CPU_CHOICES:
         timings = {}
