@@ -372,3 +372,53 @@ def build_tiny_omniasr(
     torch.manual_seed(seed)
     model = OmniASRForConditionalGeneration(config).eval()
     return _finish(model, tokenizer, processor, out_dir, seed)
+
+
+WHISPER_SPECIAL_TOKENS = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|notimestamps|>"]
+
+
+def build_tiny_whisper(out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, hidden: int = 64) -> Path:
+    """A random WhisperForConditionalGeneration (English-only prompt) and its processor; the encoder keeps Whisper's
+    real window (3,000 mel frames -> 1,500 encoder frames), the decoder is small."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
+    from transformers import WhisperTokenizerFast
+
+    from audiokv_cli.testing import build_character_tokenizer
+
+    out_dir = Path(out_dir)
+    generic = build_character_tokenizer(WHISPER_SPECIAL_TOKENS)
+    tokenizer = WhisperTokenizerFast(
+        tokenizer_object=generic.backend_tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<unk>",
+        pad_token="<|endoftext|>",
+    )
+    vocab = tokenizer.get_vocab()
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=len(tokenizer),
+        num_mel_bins=80,
+        d_model=hidden,
+        encoder_layers=1,
+        decoder_layers=num_layers,
+        encoder_attention_heads=2,
+        decoder_attention_heads=num_heads,
+        encoder_ffn_dim=2 * hidden,
+        decoder_ffn_dim=2 * hidden,
+        max_source_positions=1500,
+        max_target_positions=64,
+        decoder_start_token_id=vocab["<|startoftranscript|>"],
+        bos_token_id=vocab["<|endoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+        # Whisper never emits its task tokens in a transcript; suppressing them makes the random model write text.
+        suppress_tokens=[vocab[token] for token in WHISPER_SPECIAL_TOKENS[1:]],
+        begin_suppress_tokens=[vocab[" "]],
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    model.save_pretrained(out_dir)
+    processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer)
+    processor.save_pretrained(out_dir)
+    return out_dir

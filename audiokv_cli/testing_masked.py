@@ -32,28 +32,41 @@ class RecordingRaggedCache(RaggedKVCache):
 class MaskedDenseAttention:
     """Attention handler: full attention over the prompt, then decode steps that skip each head's evicted entries."""
 
-    def __init__(self, keep_masks: dict[int, torch.Tensor], prompt_tokens: int):
+    def __init__(self, keep_masks: dict[int, torch.Tensor], prompt_tokens: int, adapter=None):
         self.keep_masks = keep_masks
         self.prompt_tokens = prompt_tokens
+        self.layer_index = adapter.cache_layer_index if adapter is not None else (lambda module: module.layer_idx)
+        self.cross_attention = adapter is not None and adapter.compressed_attention == "cross"
+        self.prefilled: set[int] = set()
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        keep = self.keep_masks.get(module.layer_idx)
-        length = key.shape[-2]
-        if keep is None or query.shape[-2] == length:
+        layer = self.layer_index(module)
+        keep = self.keep_masks.get(layer) if layer is not None else None
+        if keep is None or layer not in self.prefilled:
+            # The first call of a layer is its prefill: full attention, as in the compressed run.
+            if layer is not None:
+                self.prefilled.add(layer)
             return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+        length = key.shape[-2]
         batch, query_heads, q_len, _ = query.shape
         group = query_heads // key.shape[1]
         allowed = torch.ones(batch, key.shape[1], q_len, length, dtype=torch.bool, device=query.device)
         allowed[..., : self.prompt_tokens] = keep[:, :, None, :].to(query.device)
-        # Causal among the new tokens (a multi-token step sees only itself and earlier ones).
-        positions = torch.arange(length, device=query.device)
-        allowed &= positions[None, :] <= (positions[-q_len:])[:, None]
+        if not self.cross_attention:
+            # Causal among the new tokens (a multi-token step sees only itself and earlier ones).
+            positions = torch.arange(length, device=query.device)
+            allowed &= positions[None, :] <= (positions[-q_len:])[:, None]
         allowed = allowed.repeat_interleave(group, dim=1)
         keys = key.float().repeat_interleave(group, dim=1)
         values = value.float().repeat_interleave(group, dim=1)
         scores = (query.float() @ keys.transpose(-1, -2)) * scaling
         weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
         return (weights @ values).transpose(1, 2).to(query.dtype), None
+
+
+def logit_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference; logits both runs suppress (-inf in both) count as equal."""
+    return float(torch.where(a == b, torch.zeros_like(a), a - b).abs().max())
 
 
 @dataclass
@@ -66,7 +79,7 @@ class MaskedDenseComparison:
 
     @property
     def max_difference(self) -> float:
-        return max(float((a - b).abs().max()) for a, b in zip(self.compressed, self.masked_dense))
+        return max(logit_difference(a, b) for a, b in zip(self.compressed, self.masked_dense))
 
     @property
     def evicted_fraction(self) -> float:
@@ -94,16 +107,16 @@ def compare_with_masked_dense(adapter, prepared, policy: CompressionPolicy, step
     tokens: list[int] = []
     compressed: list[torch.Tensor] = []
     with torch.no_grad(), use_attention_handler(adapter, session):
-        logits = adapter.next_token_logits(prepared.inputs, cache)
+        logits = adapter.next_token_logits(prepared.inputs, session.model_cache)
         compressed.append(logits)
         for _ in range(steps):
             token = logits.argmax(-1)[:, None]
             tokens.append(int(token[0, 0]))
-            logits = adapter.next_token_logits({"input_ids": token}, cache)
+            logits = adapter.next_token_logits({"input_ids": token}, session.model_cache)
             compressed.append(logits)
-    reference = MaskedDenseAttention(cache.keep_masks, prepared.prompt_tokens)
-    masked = _teacher_forced(adapter, prepared.inputs, DynamicCache(), tokens, reference)
-    full = _teacher_forced(adapter, prepared.inputs, DynamicCache(), tokens, None)
+    reference = MaskedDenseAttention(cache.keep_masks, prepared.compressed_length, adapter)
+    masked = _teacher_forced(adapter, prepared.inputs, adapter.model_cache(DynamicCache()), tokens, reference)
+    full = _teacher_forced(adapter, prepared.inputs, adapter.model_cache(DynamicCache()), tokens, None)
     return MaskedDenseComparison(compressed, masked, full, cache.keep_masks, tokens)
 
 
@@ -115,6 +128,6 @@ def assert_matches_masked_dense(adapter, prepared, policy: CompressionPolicy, st
     assert all(not bool(mask.all()) for mask in result.keep_masks.values()), "a layer evicted nothing"
     assert result.max_difference <= atol, f"compressed vs masked dense: {result.max_difference:.2e} > {atol:g}"
     # Prefill logits are exact either way; after it, eviction must show in the full-cache run's logits.
-    moved = max(float((a - b).abs().max()) for a, b in zip(result.compressed[1:], result.full[1:]))
+    moved = max(logit_difference(a, b) for a, b in zip(result.compressed[1:], result.full[1:]))
     assert moved > 10 * atol, "evicting entries did not change any logits: the comparison proves nothing"
     return result

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from audiokv_cli.compression.budgets import BUDGET_NAMES, make_budget
-from audiokv_cli.compression.policy import CompressionPolicy
+from audiokv_cli.compression.policy import SMOOTH_OVER, CompressionPolicy
 from audiokv_cli.compression.scorers import SCORER_NAMES, make_scorer
 from audiokv_cli.compression.smoothers import SMOOTHER_NAMES, make_smoother
 from audiokv_cli.errors import AudiokvError
@@ -24,6 +24,9 @@ class MethodRecipe:
     smoother: str = "none"
     budget: str = "uniform"
     description: str = ""
+    #: share of each head's evictable budget kept evenly spaced (CompressionPolicy.coverage) unless overridden.
+    coverage: float = 0.0
+    interleave: bool = False
 
 
 METHODS: dict[str, MethodRecipe] = {
@@ -48,6 +51,10 @@ class MethodOptions:
     kernel: int = 7
     sss_alpha: float = 0.5
     sss_rho: float = 0.7
+    coverage: float | None = None  # None: the method's own
+    interleave: bool | None = None  # None: the method's own
+    profile_floor: float = 0.5  # the profile budget's uniform floor, a share of each head's evictable budget
+    smooth_over: str = "evictable"
     sinks: int = 4
     seed: int = 0
     head_scores: torch.Tensor | None = None
@@ -72,7 +79,7 @@ def _budget(name: str, options: MethodOptions):
     if name == "profile":
         if options.head_scores is None:
             raise AudiokvError("budget 'profile' needs a head profile (--profile)")
-        return make_budget(name, head_scores=options.head_scores)
+        return make_budget(name, head_scores=options.head_scores, floor_fraction=options.profile_floor)
     return make_budget(name)
 
 
@@ -98,6 +105,10 @@ def build_policy(
         raise AudiokvError(f"retention must be in (0, 1], got {retention}")
     if options.window < 1:
         raise AudiokvError(f"window must be at least 1, got {options.window}")
+    if options.coverage is not None and not 0.0 <= options.coverage <= 1.0:
+        raise AudiokvError(f"coverage must be in [0, 1], got {options.coverage}")
+    if options.smooth_over not in SMOOTH_OVER:
+        raise AudiokvError(f"smooth-over must be one of {', '.join(SMOOTH_OVER)}, got {options.smooth_over!r}")
     scorer_name = scorer or recipe.scorer
     if scorer_name is None:
         if smoother or budget:
@@ -115,6 +126,9 @@ def build_policy(
         retention=retention,
         window=options.window,
         scope=options.scope,
+        smooth_over=options.smooth_over,
+        coverage=recipe.coverage if options.coverage is None else options.coverage,
+        interleave=recipe.interleave if options.interleave is None else options.interleave,
     )
 
 

@@ -16,7 +16,7 @@ import torch
 from audiokv_cli.attention import sdpa_attention, use_attention_handler
 from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
-from audiokv_cli.compression.scorers import Scorer
+from audiokv_cli.compression.scorers import Scorer, bit_reversal_rank
 from audiokv_cli.compression.selection import SCOPES, select_positions
 from audiokv_cli.compression.smoothers import NoSmoothing, Smoother
 
@@ -37,8 +37,13 @@ class CompressionPolicy:
     window: int = 32
     scope: str = "all"
     smooth_over: str = "evictable"
+    #: share of each head's evictable budget kept as evenly spaced positions before scores choose the rest.
+    coverage: float = 0.0
+    interleave: bool = False
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.coverage <= 1.0:
+            raise ValueError(f"coverage must be in [0, 1], got {self.coverage}")
         if self.smooth_over not in SMOOTH_OVER:
             raise ValueError(f"smooth_over must be one of {', '.join(SMOOTH_OVER)}, got {self.smooth_over!r}")
         if not 0.0 < self.retention <= 1.0:
@@ -69,8 +74,40 @@ class CompressionPolicy:
         masks = []
         for row in range(scores.shape[0]):
             budgets = self.budget.allocate(layer_idx, scores[row : row + 1], ctx).to(keys.device)
-            masks.append(select_positions(scores[row], budgets, forced))
+            head_forced = forced
+            if self.coverage > 0:
+                head_forced = forced | self.coverage_positions(ctx, budgets, layer_idx).to(keys.device)
+            masks.append(select_positions(scores[row], budgets, head_forced))
         return torch.stack(masks)
+
+    def coverage_positions(self, ctx: BudgetContext, budgets: torch.Tensor, layer_idx: int = 0) -> torch.Tensor:
+        """bool[Hkv, L]: per head, `coverage` of its evictable budget as evenly spaced positions among those the
+        smoother filters (the evictable ones; only the audio with ``smooth_over="audio"``).
+
+        Scores from a few queries say little about the audio later steps will read (an ASR decoder walks through
+        all of it); an evenly spaced share of the budget keeps every stretch of the audio at a coarse resolution,
+        and the scores spend the rest. Any prefix of the bit-reversal order is evenly spread, so heads with
+        different budgets still get an even spacing.
+        """
+        evictable = torch.nonzero(self.smoothed_positions(ctx)).flatten()
+        count = evictable.numel()
+        counts = torch.floor(self.coverage * (budgets.cpu() - ctx.num_forced).clamp(min=0)).to(torch.long)
+        counts = counts.clamp(max=count)
+        rank = bit_reversal_rank(count)
+        if self.interleave and count:
+            # Heads keep different evenly spaced positions (each shifted by a van der Corput fraction of its
+            # spacing), so together the heads of a model still see every stretch at a finer resolution.
+            heads = budgets.shape[0]
+            slot = torch.arange(heads) + layer_idx * heads
+            fraction = bit_reversal_rank(1 << 12)[slot % (1 << 12)].float() / (1 << 12)
+            shift = torch.floor(fraction * count / counts.clamp(min=1)).to(torch.long)
+            index = (torch.arange(count)[None, :] - shift[:, None]) % count
+            chosen = rank[index] < counts[:, None]
+        else:
+            chosen = rank[None, :] < counts[:, None]  # [Hkv, evictable]
+        mask = torch.zeros(budgets.shape[0], ctx.prompt_len, dtype=torch.bool)
+        mask[:, evictable] = chosen
+        return mask
 
     def smoothed_positions(self, ctx: BudgetContext) -> torch.Tensor:
         """bool[L]: the positions whose scores form the sequence the smoother filters.

@@ -9,6 +9,8 @@ the decoder's own self-attention cache (a few hundred text tokens) stays dense. 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -107,11 +109,13 @@ class WhisperAdapter(ModelAdapter):
             "input_features": features.input_features.to(self.device, self.dtype),
             "input_ids": input_ids,
         }
-        # Every frame of the window is cached, the silence padding after a short clip included.
+        # Every frame of the window is cached; the clip's own frames are the audio, the rest is the silence
+        # padding Whisper reads to find where speech ends (evictable, but not audio).
+        speech_frames = min(self.frames, math.ceil(seconds / self.seconds_per_audio_token))
         return PreparedInput(
             inputs=inputs,
             input_ids=input_ids,
-            audio_spans=[(0, self.frames)],
+            audio_spans=[(0, speech_frames)],
             audio_seconds=seconds,
             prompt=self.processor.tokenizer.decode(self.prompt_ids),
             cached_length=self.frames,

