@@ -5,9 +5,11 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -28,6 +30,7 @@ FUZZ = settings(parent=settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE",
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 WORK = Path(tempfile.mkdtemp(prefix="audiokv-fuzz-"))
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
 def _valid_profile_bytes() -> bytes:
