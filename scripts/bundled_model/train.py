@@ -255,15 +255,18 @@ def greedy_transcribe(model, examples: Examples, i: int) -> list[int]:
             embed(torch.tensor([examples.audio_eos] + examples.prompt_tail)),
         ]
     )[None]
+    from transformers import DynamicCache
+
+    from audiokv_cli.compat import cache_kwargs
+
     lm = model.model.language_model
-    out = lm(inputs_embeds=prompt, use_cache=True)
-    past = out.past_key_values
+    past = DynamicCache()  # filled in place by each call: no cache to read back from the outputs
+    out = lm(inputs_embeds=prompt, **cache_kwargs(lm, past), use_cache=True)
     token = int(model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
     generated = []
     while token != examples.eos and len(generated) < max_new_tokens:
         generated.append(token)
-        out = lm(inputs_embeds=embed(torch.tensor([[token]])), past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = lm(inputs_embeds=embed(torch.tensor([[token]])), **cache_kwargs(lm, past), use_cache=True)
         token = int(model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
     return generated
 
