@@ -43,7 +43,7 @@ def bench(
     prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Prefill in chunks of N tokens, every layer compressed to its budget after each chunk."),
     memory: bool = typer.Option(True, help="CPU: measure peak tensor memory in one extra untimed run per method."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention of the parts audiokv leaves alone (sdpa, eager, flash_attention_2)."),
-    threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: 1 for small models on CPU, else one per core)."),
+    threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: 1 for small models on CPU, else one per core; --kernel: torch's default)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: one from profiles/)."),
     device: Device = typer.Option(Device.auto),
     dtype: DType = typer.Option(DType.auto),
@@ -62,6 +62,10 @@ def bench(
     sizes = _batch_sizes(batch_sizes)
     specs = [resolve_method(name) for name in methods.split(",") if name.strip()]  # fail before loading anything
     if kernel:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
         _bench_kernel(geometry, specs, retention, prompt_tokens or 8192, sizes, repeats, decode_kernel, device, dtype, as_json)
         return
     _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
@@ -182,7 +186,10 @@ def _bench_kernel(geometry, specs, retention, prompt_tokens, sizes, repeats, dec
         for size in sizes:
             rows += bench_kernels(geometry, policies, prompt_tokens, torch_device, torch_dtype, size, repeats, kernels=kernels)
     if as_json:
-        _print_rows([{**row.__dict__, "kept_ratio": row.kept_ratio, "device": torch_device.type} for row in rows])
+        _print_rows([
+            {**row.__dict__, "kept_ratio": row.kept_ratio, "device": torch_device.type, "threads": torch.get_num_threads()}
+            for row in rows
+        ])
         return
     table = Table(title=(
         f"decode attention, {geometry} ({shape.num_query_heads} q / {shape.num_kv_heads} KV heads x {shape.head_dim}, "
