@@ -148,10 +148,16 @@ def _merge(kept: tuple[torch.Tensor, torch.Tensor], problem: DecodeProblem) -> t
 
 
 def matmul_kernel(problem: DecodeProblem) -> torch.Tensor:
-    """Batched matmuls per run of equal-length segments; one float32 softmax over kept and tail scores together."""
-    layout, queries = problem.layout, problem.queries
+    """Batched matmuls per run of equal-length segments; one float32 softmax over kept and tail scores together.
+
+    Products are written straight into their slice of the score and output buffers where the dtypes allow it
+    (float32): at decode sizes the count of torch calls, not arithmetic, is what a step costs on CPU.
+    """
+    layout = problem.layout
+    queries = problem.queries * problem.scaling  # scale the few queries, not the many scores
     segments, width, dim = queries.shape
     longest, tail = layout.max_length, problem.tail_length
+    direct = queries.dtype == torch.float32
     whole = len(layout.runs) == 1 and layout.runs[0][2] == longest
     if whole:  # uniform budgets: the packed cache is a [S, L, D] view, no score buffer needed
         keys, values = problem.run_views(*layout.runs[0])
@@ -163,22 +169,33 @@ def matmul_kernel(problem: DecodeProblem) -> torch.Tensor:
         for first, end, length, offset in layout.runs:
             if length:
                 keys, _ = problem.run_views(first, end, length, offset)
-                scores[first:end, :, :length] = torch.bmm(queries[first:end], keys.transpose(1, 2))
+                if direct:
+                    torch.bmm(queries[first:end], keys.transpose(1, 2), out=scores[first:end, :, :length])
+                else:
+                    scores[first:end, :, :length] = torch.bmm(queries[first:end], keys.transpose(1, 2))
         if tail:
-            scores[:, :, longest:] = torch.bmm(queries, problem.tail_keys.transpose(1, 2))
-    scores = scores * problem.scaling
+            if direct:
+                torch.bmm(queries, problem.tail_keys.transpose(1, 2), out=scores[:, :, longest:])
+            else:
+                scores[:, :, longest:] = torch.bmm(queries, problem.tail_keys.transpose(1, 2))
     mask = problem.tail_mask()
     if mask is not None:
         scores[:, :, longest:].masked_fill_(mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1).to(problem.values.dtype)
     if whole:
-        out = torch.bmm(probs[:, :, :longest], values).float()
+        out = torch.bmm(probs[:, :, :longest], values)
     else:
-        out = queries.new_zeros(segments, width, dim, dtype=torch.float32)
+        out = queries.new_zeros(segments, width, dim, dtype=problem.values.dtype if direct else torch.float32)
         for first, end, length, offset in layout.runs:
             if length:
                 _, values = problem.run_views(first, end, length, offset)
-                out[first:end] = torch.bmm(probs[first:end, :, :length], values)
+                if direct:
+                    torch.bmm(probs[first:end, :, :length], values, out=out[first:end])
+                else:
+                    out[first:end] = torch.bmm(probs[first:end, :, :length], values)
+    if tail and direct:
+        return out.baddbmm_(probs[:, :, longest:], problem.tail_values)
+    out = out.float()
     if tail:
         out += torch.bmm(probs[:, :, longest:], problem.tail_values).float()
     return out
