@@ -121,3 +121,33 @@ def test_kept_entries_stay_within_the_retention_target(method, retention, scope)
     assert kept <= target
     if ctx.num_forced <= round(retention * length):
         assert kept == target, "the whole budget is spent when the forced positions fit in it"
+
+
+def test_coverage_keeps_evenly_spaced_positions_whatever_the_scores():
+    length, window = 400, 32
+    ctx = _context(length, 0.25, window=window, spans=[(10, 300)])
+    policy = CompressionPolicy("p", WindowAttentionScorer(window), retention=0.25, coverage=1.0, smooth_over="audio")
+    queries, keys = _qk(length=length, seed=6)
+    scores = torch.zeros(1, 2, length)
+    scores[..., 300:368] = 1.0  # every score points outside the audio
+    keep = policy.keep_mask(0, queries, keys, 1.0, ctx, scores=scores)[0]
+    evictable_budget = ctx.per_head - ctx.num_forced
+    for head in range(2):
+        audio_kept = torch.nonzero(keep[head, 10:300]).flatten() + 10
+        assert audio_kept.numel() == evictable_budget  # the whole evictable budget went to the audio
+        assert int(torch.diff(audio_kept).max()) <= 2 * 290 // evictable_budget + 1  # evenly spread
+        assert not keep[head, 300:368].any()
+
+
+def test_partial_coverage_leaves_the_rest_to_the_scores():
+    length = 300
+    ctx = _context(length, 0.4, window=0, spans=[(0, length)])
+    policy = CompressionPolicy("p", WindowAttentionScorer(8), retention=0.4, coverage=0.5)
+    budgets = torch.tensor([120, 120])
+    covered = policy.coverage_positions(ctx, budgets)
+    assert covered.sum(-1).tolist() == [60, 60]
+    scores = torch.rand(1, 2, length, generator=torch.Generator().manual_seed(0))
+    keep = policy.keep_mask(0, *_qk(length=length, seed=1), 1.0, ctx, scores=scores)[0]
+    assert keep[covered].all() and keep.sum(-1).tolist() == [120, 120]
+    best_rest = scores[0].masked_fill(covered, -1).topk(60, dim=-1).indices
+    assert keep.gather(-1, best_rest).all()

@@ -160,3 +160,18 @@ def test_real_whisper_tiny_en_transcribes_and_compresses(tmp_path, monkeypatch):
     squeezed = run_clip(adapter, audio, build_policy("audiokv", 0.4, options(adapter).__class__(head_scores=profile)))
     assert squeezed.kept_ratio <= 0.41
     assert "number of fields" in squeezed.text.lower()
+
+
+def test_audiokv_spreads_whisper_budgets_over_the_clip_unless_told_otherwise(adapter):
+    from audiokv_cli.compression.methods import MethodOptions
+    from audiokv_cli.compression.policy import CompressionSession
+
+    prepared = adapter.prepare(noise_clip(6.0, seed=6))
+    profile = options(adapter).head_scores
+    default = CompressionSession(build_policy("audiokv", 0.2, MethodOptions(head_scores=profile)), adapter, prepared)
+    assert (default.policy.coverage, default.policy.smooth_over) == (1.0, "audio")
+    told = build_policy("audiokv", 0.2, MethodOptions(head_scores=profile, coverage=0.0))
+    assert CompressionSession(told, adapter, prepared).policy.coverage == 0.0
+    # A decoder-only model keeps the paper's method: scores and smoothing, no coverage.
+    snap = CompressionSession(build_policy("snapkv", 0.2), adapter, prepared).policy
+    assert snap.coverage == 0.0 and snap.smooth_over == "evictable"

@@ -86,6 +86,8 @@ def evaluate(
     sss_alpha: float = typer.Option(0.5, help="Spectral smoothing mix (0 = raw scores, 1 = fully smoothed)."),
     sss_rho: float = typer.Option(0.7, help="Spectral smoothing energy kept by the low-pass cutoff, in (0, 1]."),
     kernel: int = typer.Option(7, min=1, help="Pooling kernel for avgpool/maxpool smoothing (odd)."),
+    coverage: Optional[float] = typer.Option(None, help="Share of each head's evictable budget kept as evenly spaced positions, in [0, 1] (default: the method's own; audiokv on Whisper: 1)."),
+    smooth_over: Optional[str] = typer.Option(None, help="Positions the smoother and --coverage work on: evictable, or audio (text and padding keep raw scores; default: the method's own)."),
     metric: Metric = typer.Option(Metric.wer, help="What the printed tables and the plot show."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: auto, 1 for small models on CPU, else one per core)."),
     workers: int = typer.Option(1, min=1, help="Processes sharing the clips (CPU: one per core for small models)."),
@@ -119,7 +121,9 @@ def evaluate(
     scopes = parse_scopes(scope)
     check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
     check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
-    options = MethodOptions(window=window, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho)
+    options = MethodOptions(
+        window=window, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho, coverage=coverage, smooth_over=smooth_over
+    )
     needs_profile = any(spec.uses_profile for spec in specs)
     plan_cells([s for s in specs if not s.uses_profile], retentions, scopes, options)  # validates the parts
     if needs_profile and profile is not None:
@@ -186,6 +190,8 @@ def evaluate(
         "kernel": kernel,
         "sss_alpha": sss_alpha,
         "sss_rho": sss_rho,
+        "coverage": coverage,
+        "smooth_over": smooth_over,
         "profile": str(profile_path) if profile_path else None,
         "device": str(adapter.device),
         "dtype": str(adapter.dtype).removeprefix("torch."),
@@ -220,7 +226,9 @@ def _journal(out, adapter, data, cells, max_new_tokens, options, ranks):
         "data": str(Path(data).resolve()),
         "cells": {f"{cell.method}@{cell.retention}/{cell.scope}": cell.policy.name for cell in cells},
         "max_new_tokens": max_new_tokens,
-        "options": [options.window, options.kernel, options.sss_alpha, options.sss_rho],
+        "options": [
+            options.window, options.kernel, options.sss_alpha, options.sss_rho, options.coverage, options.smooth_over
+        ],
     }
     return Journal(out, settings, ranks.part_name("rows.partial") + ".jsonl" if ranks.distributed else JOURNAL_NAME)
 

@@ -83,6 +83,8 @@ def infer(
     sss_alpha: float = typer.Option(0.5, help="Spectral smoothing mix (0 = raw scores, 1 = fully smoothed)."),
     sss_rho: float = typer.Option(0.7, help="Spectral smoothing energy kept by the low-pass cutoff, in (0, 1]."),
     kernel: int = typer.Option(7, min=1, help="Pooling kernel for avgpool/maxpool smoothing (odd)."),
+    coverage: Optional[float] = typer.Option(None, help="Share of each head's evictable budget kept as evenly spaced positions, in [0, 1] (default: the method's own; audiokv on Whisper: 1)."),
+    smooth_over: Optional[str] = typer.Option(None, help="Positions the smoother and --coverage work on: evictable, or audio (text and padding keep raw scores; default: the method's own)."),
     scorer: Optional[str] = typer.Option(None, help="Override the method's scorer: window, h2o, random, stride, streaming."),
     smoother: Optional[str] = typer.Option(None, help="Override the method's smoother: none, avgpool, maxpool, sss."),
     budget: Optional[str] = typer.Option(None, help="Override the method's budgets: uniform, pyramid, adaptive, profile."),
@@ -110,7 +112,10 @@ def infer(
     check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
     check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
     # Validate the method and its parts before paying for audio decoding or model loading.
-    options = MethodOptions(window=window, scope=scope.value, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho)
+    options = MethodOptions(
+        window=window, scope=scope.value, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho,
+        coverage=coverage, smooth_over=smooth_over,
+    )
     spec = resolve_method(method).with_parts(scorer, smoother, budget)
     needs_profile = spec.uses_profile
     if not needs_profile:

@@ -7,6 +7,7 @@ later layers see the same hidden states as an uncompressed run. Decoding then re
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -39,7 +40,8 @@ class CompressionPolicy:
     smooth_over: str = "evictable"
     #: share of each head's evictable budget kept as evenly spaced positions before scores choose the rest.
     coverage: float = 0.0
-    interleave: bool = False
+    #: field values that replace these where the compressed cache is cross-attention over encoder frames.
+    cross_attention: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.coverage <= 1.0:
@@ -76,11 +78,11 @@ class CompressionPolicy:
             budgets = self.budget.allocate(layer_idx, scores[row : row + 1], ctx).to(keys.device)
             head_forced = forced
             if self.coverage > 0:
-                head_forced = forced | self.coverage_positions(ctx, budgets, layer_idx).to(keys.device)
+                head_forced = forced | self.coverage_positions(ctx, budgets).to(keys.device)
             masks.append(select_positions(scores[row], budgets, head_forced))
         return torch.stack(masks)
 
-    def coverage_positions(self, ctx: BudgetContext, budgets: torch.Tensor, layer_idx: int = 0) -> torch.Tensor:
+    def coverage_positions(self, ctx: BudgetContext, budgets: torch.Tensor) -> torch.Tensor:
         """bool[Hkv, L]: per head, `coverage` of its evictable budget as evenly spaced positions among those the
         smoother filters (the evictable ones; only the audio with ``smooth_over="audio"``).
 
@@ -94,17 +96,7 @@ class CompressionPolicy:
         counts = torch.floor(self.coverage * (budgets.cpu() - ctx.num_forced).clamp(min=0)).to(torch.long)
         counts = counts.clamp(max=count)
         rank = bit_reversal_rank(count)
-        if self.interleave and count:
-            # Heads keep different evenly spaced positions (each shifted by a van der Corput fraction of its
-            # spacing), so together the heads of a model still see every stretch at a finer resolution.
-            heads = budgets.shape[0]
-            slot = torch.arange(heads) + layer_idx * heads
-            fraction = bit_reversal_rank(1 << 12)[slot % (1 << 12)].float() / (1 << 12)
-            shift = torch.floor(fraction * count / counts.clamp(min=1)).to(torch.long)
-            index = (torch.arange(count)[None, :] - shift[:, None]) % count
-            chosen = rank[index] < counts[:, None]
-        else:
-            chosen = rank[None, :] < counts[:, None]  # [Hkv, evictable]
+        chosen = rank[None, :] < counts[:, None]  # [Hkv, evictable]
         mask = torch.zeros(budgets.shape[0], ctx.prompt_len, dtype=torch.bool)
         mask[:, evictable] = chosen
         return mask
@@ -146,7 +138,6 @@ class CompressionSession:
     """Binds a policy to one prompt: owns the cache and does the per-layer work during prefill."""
 
     def __init__(self, policy: CompressionPolicy, adapter, prepared, cache: RaggedKVCache | None = None):
-        self.policy = policy
         self.adapter = adapter
         self.prepared = prepared
         geometry = adapter.geometry
@@ -154,6 +145,9 @@ class CompressionSession:
         # What the model's forward takes: the ragged cache itself, or (encoder-decoder) a pair around it.
         self.model_cache = adapter.model_cache(self.cache)
         self.cross_attention = adapter.compressed_attention == "cross"
+        if self.cross_attention and policy.cross_attention:
+            policy = dataclasses.replace(policy, **policy.cross_attention, cross_attention={})
+        self.policy = policy
         self.context = BudgetContext(
             retention=policy.retention,
             prompt_len=prepared.compressed_length,
