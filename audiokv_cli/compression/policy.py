@@ -190,9 +190,13 @@ class CompressionSession:
         if self.cache.is_compressed(layer_idx):
             return ragged_decode_attention(self.cache.layers[layer_idx], query, scaling), None
         output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        if self.policy.evicts and self.is_prefill(query, key):
+        if self.evicts and self.is_prefill(query, key):
             self.compress_layer(layer_idx, query, key, scaling)
         return output
+
+    @property
+    def evicts(self) -> bool:
+        return self.policy.evicts
 
     def is_prefill(self, query, key) -> bool:
         """The call that fills the layer's cache with the whole prompt (or, cross-attention, all audio frames)."""

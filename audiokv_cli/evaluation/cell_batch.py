@@ -14,45 +14,41 @@ from typing import Sequence
 
 import torch
 
-from audiokv_cli.attention import sdpa_attention, use_attention_handler
-from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
+from audiokv_cli.attention import use_attention_handler
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats
 from audiokv_cli.decoding import synchronize
 
 
-class CellBatchSession:
+class CellBatchSession(CompressionSession):
     """Attention handler: full attention in prefill, then each row's cache compressed by that row's policy."""
 
     def __init__(self, policies: Sequence[CompressionPolicy], adapter, prepared):
-        self.adapter = adapter
-        self.cache = RaggedKVCache(adapter.geometry.num_layers)
-        self.model_cache = adapter.model_cache(self.cache)
+        super().__init__(policies[0], adapter, prepared)
         # One single-row session per policy: its budget context and keep-mask logic, never its cache.
         self.rows = [CompressionSession(policy, adapter, prepared, cache=self.cache) for policy in policies]
         self.seconds_compress = 0.0
 
-    def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        layer_idx = self.adapter.cache_layer_index(module)
-        if layer_idx is None:
-            return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        if self.cache.is_compressed(layer_idx):
-            return ragged_decode_attention(self.cache.layers[layer_idx], query, scaling), None
-        output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        if self.rows[0].is_prefill(query, key):
-            start = time.perf_counter()
-            keep = torch.ones(key.shape[:-1], dtype=torch.bool, device=key.device)
-            for row, session in enumerate(self.rows):
-                if session.policy.evicts:
-                    mask = session.policy.keep_mask(
-                        layer_idx, query[row : row + 1], key[row : row + 1], scaling, session.context
-                    )
-                    keep[row] = mask[0]
-                session.layer_stats[layer_idx] = LayerKeepStats(
-                    kept=keep[row].sum(-1).tolist(), audio_kept=keep[row].sum(-1).tolist(), text_kept=[0] * keep.shape[1]
+    @property
+    def evicts(self) -> bool:
+        return True  # rows that keep everything are compressed to all their entries, like the others
+
+    def compress_layer(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> None:
+        start = time.perf_counter()
+        keep = torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device)
+        audio = self.audio_position_mask(keep.shape[-1], keep.device)
+        for row, session in enumerate(self.rows):
+            if session.policy.evicts:
+                mask = session.policy.keep_mask(
+                    layer_idx, queries[row : row + 1], keys[row : row + 1], scaling, session.context
                 )
-            self.cache.compress_layer(layer_idx, keep)
-            self.seconds_compress += time.perf_counter() - start
-        return output
+                keep[row] = mask[0]
+            session.layer_stats[layer_idx] = LayerKeepStats(
+                kept=keep[row].sum(-1).tolist(),
+                audio_kept=(keep[row] & audio).sum(-1).tolist(),
+                text_kept=(keep[row] & ~audio).sum(-1).tolist(),
+            )
+        self.cache.compress_layer(layer_idx, keep)
+        self.seconds_compress += time.perf_counter() - start
 
     def kept_bytes(self, row: int) -> int:
         """Bytes of row `row`'s kept entries (keys and values, every layer and head)."""
