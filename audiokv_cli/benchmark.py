@@ -85,7 +85,9 @@ def prompt_of(adapter, tokens: int, max_seconds: float | None = None):
     probe = adapter.prepare(synthetic_clip(min(10.0, limit)))
     text_tokens = probe.prompt_tokens - probe.audio_tokens
     if tokens < text_tokens + 1:
-        raise AudiokvError(f"--prompt-tokens {tokens} is shorter than this model's prompt around its audio ({text_tokens + 1})")
+        raise AudiokvError(
+            f"--prompt-tokens {tokens} is shorter than this model's prompt around its audio ({text_tokens + 1})"
+        )
     per_second = probe.audio_tokens / probe.audio_seconds
     seconds = min(limit, (tokens - text_tokens) / per_second)
     prepared = adapter.prepare(synthetic_clip(seconds))

@@ -23,11 +23,12 @@ from audiokv_cli.models.base import AttentionGeometry
 
 # Text-decoder attention of the models audiokv serves (config.json of each checkpoint).
 GEOMETRIES: dict[str, AttentionGeometry] = {
-    "qwen2-audio-7b": AttentionGeometry(num_layers=32, num_query_heads=32, num_kv_heads=32, head_dim=128, hidden_size=4096),
-    "qwen2.5-omni-7b": AttentionGeometry(num_layers=28, num_query_heads=28, num_kv_heads=4, head_dim=128, hidden_size=3584),
-    "qwen2.5-omni-3b": AttentionGeometry(num_layers=36, num_query_heads=16, num_kv_heads=2, head_dim=128, hidden_size=2048),
-    "qwen3-omni-30b": AttentionGeometry(num_layers=48, num_query_heads=32, num_kv_heads=4, head_dim=128, hidden_size=2048),
-    "tiny": AttentionGeometry(num_layers=4, num_query_heads=8, num_kv_heads=2, head_dim=32, hidden_size=256),
+    # layers, query heads, KV heads, head size, hidden size
+    "qwen2-audio-7b": AttentionGeometry(32, 32, 32, 128, 4096),
+    "qwen2.5-omni-7b": AttentionGeometry(28, 28, 4, 128, 3584),
+    "qwen2.5-omni-3b": AttentionGeometry(36, 16, 2, 128, 2048),
+    "qwen3-omni-30b": AttentionGeometry(48, 32, 4, 128, 2048),
+    "tiny": AttentionGeometry(4, 8, 2, 32, 256),
 }
 
 # Generated tokens already in the cache when the timed step runs (a transcript under way).
@@ -113,7 +114,8 @@ def typical_layer(policy, geometry: AttentionGeometry, prompt_tokens: int) -> in
 def keep_pattern(policy, geometry, layer_idx, keys, prompt_tokens, device, scaling) -> tuple[torch.Tensor, float]:
     """The method's keep mask for random keys (window queries random too) and the seconds it took to compute."""
     batch = keys.shape[0]
-    queries = torch.randn(batch, geometry.num_query_heads, policy.window, geometry.head_dim, device=device, dtype=keys.dtype)
+    shape = (batch, geometry.num_query_heads, policy.window, geometry.head_dim)
+    queries = torch.randn(shape, device=device, dtype=keys.dtype)
     context = _context(policy, geometry, prompt_tokens)
     _synchronize(device)
     start = time.perf_counter()
@@ -171,7 +173,10 @@ def bench_kernels(
         auto = resolve_kernel("auto", layer_problem(layer, query, scaling))
         for name in names:
             label = f"{name} (auto)" if name == auto else name
-            call = lambda layer=layer, name=name: ragged_decode_attention(layer, query, scaling, kernel=name)  # noqa: E731
+
+            def call(layer=layer, name=name):
+                return ragged_decode_attention(layer, query, scaling, kernel=name)
+
             cases.append((policy.name, policy.retention, label, call, kept, seconds_select))
     del keys, values
 

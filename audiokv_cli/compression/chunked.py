@@ -183,7 +183,8 @@ def chunked_prefill(adapter, prepared, session: ChunkedSession) -> tuple[torch.T
         for first in range(0, length, session.chunk):
             last = min(length, first + session.chunk)
             session.seen = first
-            kwargs = {"inputs_embeds": embeds[:, first:last], "use_cache": True, **cache_kwargs(text_model, session.cache)}
+            kwargs = {"inputs_embeds": embeds[:, first:last], "use_cache": True}
+            kwargs.update(cache_kwargs(text_model, session.cache))
             if positions is not None:
                 kwargs["position_ids"] = positions[..., first:last]
             hidden = text_model(**kwargs).last_hidden_state

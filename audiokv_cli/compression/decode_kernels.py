@@ -84,7 +84,7 @@ class SegmentLayout:
 
 @dataclass
 class DecodeProblem:
-    """One call's tensors, shaped per segment: queries ``[S, W, D]`` (W = group x q_len) and tail views ``[S, T, D]``."""
+    """One call's tensors, per segment: queries ``[S, W, D]`` (W = group x q_len) and tail views ``[S, T, D]``."""
 
     layout: SegmentLayout
     keys: torch.Tensor
