@@ -192,3 +192,27 @@ def test_prefill_chunk_over_its_own_tail(kernel, query_heads):
     kept_v = [[values[0, h][keep[0, h]] for h in range(kv_heads)]]
     want = naive(query, kept_k, kept_v, tail_k, tail_v, dim**-0.5)
     torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_varlen_outputs_merge_with_the_tail():
+    """What the CUDA varlen backends do after their kernel, on CPU: kept-part output and log-sum-exp in the
+    kernels' packed layout (a segment that kept nothing carries garbage), merged with the tail."""
+    from audiokv_cli.compression.decode_kernels import _varlen_result
+
+    torch.manual_seed(2)
+    kv_heads, dim, q_len, length = 3, 8, 2, 12
+    keep = torch.rand(1, kv_heads, length) < 0.5
+    keep[0, 1] = False  # head 1 keeps nothing: only its tail remains
+    keep[0, 0, 0] = keep[0, 2, 0] = True
+    layer, kept_k, kept_v, tail_k, tail_v = compressed_layer(1, kv_heads, length, dim, keep, torch.float32, "cpu", 3, q_len)
+    query = torch.randn(1, kv_heads * 2, q_len, dim)
+    problem = layer_problem(layer, query, dim**-0.5)
+    outs, lses = [], []
+    for h in range(kv_heads):
+        scores = problem.queries[h] @ kept_k[0][h].T * dim**-0.5
+        outs.append(torch.softmax(scores, -1) @ kept_v[0][h] if len(kept_k[0][h]) else torch.zeros(4, dim))
+        lses.append(torch.logsumexp(scores, -1) if len(kept_k[0][h]) else torch.full((4,), float("inf")))
+    got = _varlen_result(problem, torch.stack(outs).reshape(-1, 1, dim), torch.stack(lses).reshape(1, -1))
+    got = got.reshape(1, kv_heads * 2, q_len, dim).transpose(1, 2)
+    want = naive(query, kept_k, kept_v, tail_k, tail_v, dim**-0.5)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)

@@ -244,6 +244,17 @@ def _varlen_inputs(problem: DecodeProblem):
     return problem.queries.reshape(segments * width, 1, dim), problem.keys[:, None], problem.values[:, None], cu_q
 
 
+def _varlen_result(problem: DecodeProblem, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """A varlen kernel's output and log-sum-exp back in ``[S, W]`` form, merged with the tail."""
+    segments, width, dim = problem.queries.shape
+    lse = lse.reshape(segments, width).float()
+    if min(problem.layout.lengths, default=1) == 0:
+        # A segment that kept nothing has no softmax: weight zero in the merge, whatever the kernel wrote.
+        empty = torch.tensor([n == 0 for n in problem.layout.lengths], device=lse.device)
+        lse = lse.masked_fill(empty[:, None], float("-inf"))
+    return _merge((out.reshape(segments, width, dim).float(), lse), problem)
+
+
 def varlen_kernel(problem: DecodeProblem) -> torch.Tensor:
     """torch.nn.attention.varlen: every segment is one sequence of one head, queries included (non-causal)."""
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
@@ -254,7 +265,7 @@ def varlen_kernel(problem: DecodeProblem) -> torch.Tensor:
         queries, keys, values, cu_q, problem.layout.cu_seqlens, width, problem.layout.max_length,
         return_aux=AuxRequest(lse=True), scale=problem.scaling,
     )
-    return _merge((out.reshape(segments, width, dim).float(), lse.reshape(segments, width).float()), problem)
+    return _varlen_result(problem, out, lse)
 
 
 def flash_attn_kernel(problem: DecodeProblem) -> torch.Tensor:
@@ -267,7 +278,7 @@ def flash_attn_kernel(problem: DecodeProblem) -> torch.Tensor:
         queries, keys, values, cu_q, problem.layout.cu_seqlens, width, problem.layout.max_length,
         softmax_scale=problem.scaling, causal=False, return_attn_probs=True,
     )
-    return _merge((out.reshape(segments, width, dim).float(), lse.reshape(segments, width).float()), problem)
+    return _varlen_result(problem, out, lse)
 
 
 KERNELS: dict[str, Callable[[DecodeProblem], torch.Tensor]] = {
