@@ -13,7 +13,7 @@ from pathlib import Path
 
 def label(row: dict) -> str:
     name = "full" if row["method"] == "full" else f"{row['method']} @ {row['retention']:g}"
-    return f"{name}, prefill chunks of {row['prefill_chunk']}" if row.get("prefill_chunk") else name
+    return f"{name}, chunked prefill" if row.get("prefill_chunk") else name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = [json.loads(line) for path in args.rows for line in path.read_text().splitlines() if line.startswith("{")]
     rows = [row for row in rows if "kernel" not in row]  # whole-model rows only
-    # Best (lowest) time per series and length: the runs were repeated on a shared machine.
+    # Best (lowest) time per series and length over the files given: the runs were repeated on a shared machine.
     decode, peak, kept = defaultdict(dict), defaultdict(dict), defaultdict(dict)
     for row in rows:
         series, length = label(row), row["prompt_tokens"]
