@@ -97,6 +97,7 @@ def infer(
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
     decode_kernel: str = typer.Option("auto", help="Decode attention over the compressed cache: auto, matmul, sdpa, varlen, flash-attn, padded."),
     attn_implementation: Optional[str] = typer.Option(None, help="Attention of the parts audiokv leaves alone (sdpa, eager, flash_attention_2)."),
+    batch_size: int = typer.Option(1, min=1, help="Clips decoded together as one batch (left padding; same tokens as one at a time)."),
     prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Prefill in chunks of N tokens, compressing every layer after each chunk (bounded memory for long audio)."),
 ) -> None:
     """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
@@ -107,6 +108,8 @@ def infer(
     if decode_kernel not in KERNEL_NAMES:
         raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")
     check_range("--retention", retention, 0.0, 1.0, low_open=True)
+    if batch_size > 1 and (stream or prefill_chunk or details):
+        raise AudiokvError("--batch-size above 1 does not combine with --stream, --prefill-chunk or --details yet")
     if stream and as_json:
         raise AudiokvError("--stream prints text as it is generated; it does not combine with --json")
     check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
@@ -149,6 +152,9 @@ def infer(
         from audiokv_cli.compression.chunked import check_chunked
 
         check_chunked(policy, prefill_chunk)
+    if batch_size > 1:
+        _infer_batches(adapter, clips, audio, policy, prompt, max_new_tokens, batch_size, as_json)
+        return
     for path, samples in zip(clips, audio):
         if stream:
             # No spinner: it would share the terminal line with the tokens being written.
@@ -170,4 +176,23 @@ def infer(
         else:
             stdout.print(result.text, markup=False, highlight=False)
             console.print(_summary(result))
+
+
+def _infer_batches(adapter, paths, audio, policy, prompt, max_new_tokens, batch_size, as_json) -> None:
+    """--batch-size: clips in groups of ``batch_size``, one batch row each, printed in the order given."""
+    from audiokv_cli.batching import check_batchable, run_clips
+
+    check_batchable(adapter)
+    for first in range(0, len(paths), batch_size):
+        group = list(range(first, min(len(paths), first + batch_size)))
+        with console.status(f"clips {first + 1}-{group[-1] + 1} of {len(paths)} as one batch ..."):
+            results = run_clips(
+                adapter, [audio[i] for i in group], policy, prompt, max_new_tokens, [str(paths[i]) for i in group]
+            )
+        for result in results:
+            if as_json:
+                stdout.print(json.dumps(result.to_json()), markup=False, highlight=False)
+            else:
+                stdout.print(result.text, markup=False, highlight=False)
+                console.print(_summary(result))
 
