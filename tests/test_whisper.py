@@ -169,9 +169,11 @@ def test_audiokv_spreads_whisper_budgets_over_the_clip_unless_told_otherwise(ada
     prepared = adapter.prepare(noise_clip(6.0, seed=6))
     profile = options(adapter).head_scores
     default = CompressionSession(build_policy("audiokv", 0.2, MethodOptions(head_scores=profile)), adapter, prepared)
-    assert (default.policy.coverage, default.policy.smooth_over) == (1.0, "audio")
-    told = build_policy("audiokv", 0.2, MethodOptions(head_scores=profile, coverage=0.0))
+    assert (default.policy.coverage, default.policy.smooth_over) == (1.0, "evictable")
+    assert default.policy.budget.floor_fraction == 0.9
+    told = build_policy("audiokv", 0.2, MethodOptions(head_scores=profile, coverage=0.0, profile_floor=0.5))
     assert CompressionSession(told, adapter, prepared).policy.coverage == 0.0
+    assert CompressionSession(told, adapter, prepared).policy.budget.floor_fraction == 0.5
     # A decoder-only model keeps the paper's method: scores and smoothing, no coverage.
     snap = CompressionSession(build_policy("snapkv", 0.2), adapter, prepared).policy
     assert snap.coverage == 0.0 and snap.smooth_over == "evictable"

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from audiokv_cli.attention import sdpa_attention, use_attention_handler
-from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, UniformBudget
+from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, ProfileBudget, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
 from audiokv_cli.compression.scorers import Scorer, bit_reversal_rank
 from audiokv_cli.compression.selection import SCOPES, select_positions
@@ -101,6 +101,16 @@ class CompressionPolicy:
         mask[:, evictable] = chosen
         return mask
 
+    def for_cross_attention(self) -> "CompressionPolicy":
+        """This policy with its `cross_attention` settings applied (`profile_floor` sets the profile budget's
+        uniform floor; the other keys are fields of the policy)."""
+        settings = dict(self.cross_attention)
+        floor = settings.pop("profile_floor", None)
+        policy = dataclasses.replace(self, **settings, cross_attention={})
+        if floor is not None and isinstance(policy.budget, ProfileBudget):
+            policy.budget = ProfileBudget(policy.budget.head_scores, floor_fraction=floor)
+        return policy
+
     def smoothed_positions(self, ctx: BudgetContext) -> torch.Tensor:
         """bool[L]: the positions whose scores form the sequence the smoother filters.
 
@@ -146,7 +156,7 @@ class CompressionSession:
         self.model_cache = adapter.model_cache(self.cache)
         self.cross_attention = adapter.compressed_attention == "cross"
         if self.cross_attention and policy.cross_attention:
-            policy = dataclasses.replace(policy, **policy.cross_attention, cross_attention={})
+            policy = policy.for_cross_attention()
         self.policy = policy
         self.context = BudgetContext(
             retention=policy.retention,
