@@ -47,7 +47,11 @@ cb.ragged_decode_attention = attn
 model, prof, data, limit = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 ad = load_adapter(model, device="cpu", dtype="float32")
 hs = load_file(prof)["score"]
-specs = [("full",1,{}),("stride",0.2,{}),("stride",0.1,{}),("audiokv",0.2,dict(coverage=1.0)),("audiokv",0.1,dict(coverage=1.0)),("audiokv",0.2,dict(coverage=1.0, smooth_over="audio")),("audiokv",0.1,dict(coverage=1.0, smooth_over="audio")),("snapkv",0.2,{})]
+# Coverage over all frames / over the clip's frames only, both with the paper's 50 % profile floor.
+ALL = dict(coverage=1.0, smooth_over="evictable", profile_floor=0.5)
+CLIP = dict(coverage=1.0, smooth_over="audio", profile_floor=0.5)
+specs = [("full", 1, {}), ("stride", 0.2, {}), ("stride", 0.1, {}), ("audiokv", 0.2, ALL), ("audiokv", 0.1, ALL),
+         ("audiokv", 0.2, CLIP), ("audiokv", 0.1, CLIP), ("snapkv", 0.2, {})]
 cells = []
 for name, r, kw in specs:
     m = resolve_method(name); cells.append((f"{name}@{r}{kw}", m.policy(r if not m.is_full else 1.0, MethodOptions(head_scores=hs, **kw))))
