@@ -3,7 +3,8 @@
 # of eviction methods x retentions x scopes. Same installed files and seed give the same numbers (timings aside).
 #
 #   scripts/results.sh              # defaults below
-#   LIMIT=60 scripts/results.sh     # all 60 clips of the set (docs/results.md used the first 50)
+#   LIMIT=60 scripts/results.sh     # all 60 clips of the set (docs/results.md used the first 30)
+#   RETENTIONS=0.8,0.6,0.4,0.2 SCOPES=all,audio scripts/results.sh   # the wider sweep
 #
 # `audiokv eval` prefills each clip once and reuses it for every cell; each worker process uses one
 # torch thread for small models (faster than several on a shared machine, see docs/evaluation.md).
@@ -14,7 +15,9 @@ SEED="${SEED:-0}"
 EVAL_DIR="${EVAL_DIR:-.build/eval-set}"
 EVAL_CLIPS="${EVAL_CLIPS:-60}"
 OUT="${OUT:-docs/results}"
-LIMIT="${LIMIT:-50}"
+LIMIT="${LIMIT:-30}"
+RETENTIONS="${RETENTIONS:-0.6,0.4,0.2}"
+SCOPES="${SCOPES:-all}"
 # The transcripts of 20-30 s clips are up to ~300 tokens of the bundled model's vocabulary; the cap must not cut
 # a correct transcript short (that would count as degeneration).
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-384}"
@@ -39,8 +42,8 @@ if [[ -n "$PROFILE" ]]; then
 fi
 audiokv eval --model tiny --data "$EVAL_DIR" --limit "$LIMIT" --workers "${WORKERS:-2}" \
     --methods "$METHODS" \
-    --retention 0.8,0.6,0.4,0.2 \
-    --scope all,audio \
+    --retention "$RETENTIONS" \
+    --scope "$SCOPES" \
     --max-new-tokens "$MAX_NEW_TOKENS" \
     --device cpu --dtype float32 \
     --out "$OUT" "${profile_args[@]}"
