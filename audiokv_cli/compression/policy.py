@@ -18,7 +18,7 @@ from audiokv_cli.attention import sdpa_attention, use_attention_handler
 from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, ProfileBudget, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
 from audiokv_cli.compression.scorers import Scorer, bit_reversal_rank
-from audiokv_cli.compression.selection import SCOPES, select_positions
+from audiokv_cli.compression.selection import SCOPES, audio_mask, select_positions
 from audiokv_cli.compression.smoothers import NoSmoothing, Smoother
 
 
@@ -120,10 +120,7 @@ class CompressionPolicy:
         """
         positions = ~ctx.forced
         if self.smooth_over == "audio":
-            audio = torch.zeros(ctx.prompt_len, dtype=torch.bool)
-            for start, end in ctx.audio_spans:
-                audio[start:end] = True
-            positions &= audio
+            positions &= audio_mask(ctx.prompt_len, list(ctx.audio_spans))
         return positions
 
     def smooth_evictable(self, scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -175,10 +172,9 @@ class CompressionSession:
         self.peak_prefill_bytes = 0
 
     def audio_position_mask(self, length: int, device) -> torch.Tensor:
-        mask = torch.zeros(length, dtype=torch.bool, device=device)
-        for start, end in self.prepared.audio_spans:
-            mask[start:end] = True
-        return mask
+        """bool[length]: the audio positions among the first `length` prompt positions (a chunked prefill's part)."""
+        spans = [(start, min(end, length)) for start, end in self.prepared.audio_spans if start < length]
+        return audio_mask(length, spans, device)
 
     def compress_layer(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> None:
         layer = self.cache.layers[layer_idx]

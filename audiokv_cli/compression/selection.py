@@ -26,13 +26,18 @@ def forced_mask(
     forced = torch.zeros(length, dtype=torch.bool)
     forced[length - min(window, length) :] = True
     if scope == "audio":
-        audio = torch.zeros(length, dtype=torch.bool)
-        for start, end in audio_spans or []:
-            if not 0 <= start <= end <= length:
-                raise AudiokvError(f"audio span [{start}, {end}) lies outside the {length}-token prompt")
-            audio[start:end] = True
-        forced |= ~audio
+        forced |= ~audio_mask(length, audio_spans)
     return forced
+
+
+def audio_mask(length: int, audio_spans: list[tuple[int, int]] | None, device=None) -> Tensor:
+    """bool[L]: True at the positions inside the [start, end) audio spans."""
+    audio = torch.zeros(length, dtype=torch.bool, device=device)
+    for start, end in audio_spans or []:
+        if not 0 <= start <= end <= length:
+            raise AudiokvError(f"audio span [{start}, {end}) lies outside the {length}-token prompt")
+        audio[start:end] = True
+    return audio
 
 
 def select_positions(scores: Tensor, budgets: Tensor, forced: Tensor) -> Tensor:
