@@ -33,6 +33,8 @@ class ClipResult:
     seconds_decode: float
     hit_token_limit: bool
     token_ids: list[int] = field(default_factory=list)
+    #: entries per head of the compressed cache before eviction: the prompt, or (Whisper) the encoder frames
+    cache_entries: int = 0
     kept_per_head: dict = field(default_factory=dict)
 
     @property
@@ -90,6 +92,7 @@ def run_clip(
         scope=policy.scope,
         audio_seconds=round(prepared.audio_seconds, 3),
         prompt_tokens=prepared.prompt_tokens,
+        cache_entries=prepared.compressed_length,
         audio_tokens=prepared.audio_tokens,
         generated_tokens=len(tokens),
         kv_bytes_full=full_bytes,

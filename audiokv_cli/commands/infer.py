@@ -39,7 +39,12 @@ def _summary(result) -> Table:
     method = result.method if result.method == "full" else f"{result.method} (retention {result.retention:g}, scope {result.scope})"
     table.add_row("model", result.model)
     table.add_row("method", method)
-    table.add_row("audio", f"{result.audio_seconds:.1f} s, {result.audio_tokens} audio tokens of {result.prompt_tokens} prompt tokens")
+    if result.cache_entries and result.cache_entries != result.prompt_tokens:
+        # An encoder-decoder: the compressed cache is the encoder frames, not the decoder prompt.
+        audio = f"{result.audio_seconds:.1f} s, {result.audio_tokens} audio frames of {result.cache_entries} cached"
+    else:
+        audio = f"{result.audio_seconds:.1f} s, {result.audio_tokens} audio tokens of {result.prompt_tokens} prompt tokens"
+    table.add_row("audio", audio)
     table.add_row("generated", f"{result.generated_tokens} tokens" + (" (hit --max-new-tokens)" if result.hit_token_limit else ""))
     table.add_row(
         "KV cache",
