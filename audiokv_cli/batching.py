@@ -10,7 +10,6 @@ EOS. Greedy float32 output is the tokens of batch size 1 (tested for every metho
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -20,7 +19,7 @@ from audiokv_cli.attention import sdpa_attention, use_attention_handler
 from audiokv_cli.compression.cache import ragged_decode_attention
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
-from audiokv_cli.decoding import synchronize
+from audiokv_cli.decoding import decode_greedy_rows, prefill
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.inference import DEFAULT_MAX_NEW_TOKENS, ClipResult
 
@@ -126,35 +125,11 @@ def run_clips(
     prepared_list = [adapter.prepare(audio, prompt) for audio in clips]
     inputs, pads = collate(adapter, prepared_list)
     session = BatchSession(policy, adapter, prepared_list, pads)
-    eos = set(adapter.eos_token_ids)
     rows = len(clips)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
     with use_attention_handler(adapter, session), torch.no_grad():
-        synchronize(adapter.device)
-        start = time.perf_counter()
-        logits = adapter.next_token_logits(inputs, session.model_cache)
-        synchronize(adapter.device)
-        seconds_prefill = time.perf_counter() - start
+        logits, seconds_prefill = prefill(adapter, inputs, session.model_cache)
         positions = torch.tensor([p.prompt_tokens for p in prepared_list], device=adapter.device)[:, None]
-        start = time.perf_counter()
-        while True:
-            next_token = logits.argmax(-1)
-            for row, token in enumerate(next_token.tolist()):
-                if done[row]:
-                    continue
-                if token in eos:
-                    done[row] = True
-                    continue
-                tokens[row].append(token)
-                done[row] = len(tokens[row]) >= max_new_tokens
-            if all(done):
-                break
-            step = {"input_ids": next_token[:, None], "position_ids": positions}
-            logits = adapter.next_token_logits(step, session.model_cache)
-            positions = positions + 1
-        synchronize(adapter.device)
-        seconds_decode = time.perf_counter() - start
+        tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens, positions)
     per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
     kept = _kept_bytes_per_row(session, rows)
     results = []

@@ -66,6 +66,43 @@ def decode_greedy(
     return tokens, time.perf_counter() - start, len(tokens) >= max_new_tokens
 
 
+def decode_greedy_rows(
+    adapter, cache, first_logits: torch.Tensor, max_new_tokens: int, positions: torch.Tensor | None = None
+) -> tuple[list[list[int]], float]:
+    """Greedy decoding of every batch row in lockstep; returns each row's ids (EOS excluded) and seconds.
+
+    A row stops at EOS or the limit; finished rows keep being fed (their tokens ignored) so the batch stays
+    rectangular. ``positions`` [B, 1]: the first decode step's position per row (left-padded batches), advanced by
+    one each step; None lets the model count positions from its cache.
+    """
+    eos = set(adapter.eos_token_ids)
+    tokens: list[list[int]] = [[] for _ in range(first_logits.shape[0])]
+    done = [False] * len(tokens)
+    logits = first_logits
+    synchronize(adapter.device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        while True:
+            next_token = logits.argmax(-1)
+            for row, token in enumerate(next_token.tolist()):
+                if done[row]:
+                    continue
+                if token in eos:
+                    done[row] = True
+                    continue
+                tokens[row].append(token)
+                done[row] = len(tokens[row]) >= max_new_tokens
+            if all(done):
+                break
+            step = {"input_ids": next_token[:, None]}
+            if positions is not None:
+                step["position_ids"] = positions
+                positions = positions + 1
+            logits = adapter.next_token_logits(step, cache)
+    synchronize(adapter.device)
+    return tokens, time.perf_counter() - start
+
+
 def greedy_generate(adapter, inputs: dict, cache, max_new_tokens: int, stop_at_eos: bool = True) -> Generation:
     logits, seconds_prefill = prefill(adapter, inputs, cache)
     tokens, seconds_decode, hit_limit = decode_greedy(adapter, cache, logits, max_new_tokens, stop_at_eos)

@@ -16,7 +16,7 @@ import torch
 
 from audiokv_cli.attention import use_attention_handler
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats
-from audiokv_cli.decoding import synchronize
+from audiokv_cli.decoding import decode_greedy_rows, prefill
 
 
 class CellBatchSession(CompressionSession):
@@ -71,31 +71,10 @@ def run_cells_batched(adapter, prepared, policies: Sequence[CompressionPolicy], 
     from audiokv_cli.evaluation.sweep import CellOutcome
 
     session = CellBatchSession(policies, adapter, prepared)
-    eos = set(adapter.eos_token_ids)
-    tokens: list[list[int]] = [[] for _ in policies]
-    done = [False] * len(policies)
     with use_attention_handler(adapter, session), torch.no_grad():
-        synchronize(adapter.device)
-        start = time.perf_counter()
-        logits = adapter.next_token_logits(batched_inputs(prepared, len(policies)), session.model_cache)
-        synchronize(adapter.device)
-        seconds_prefill = time.perf_counter() - start - session.seconds_compress
-        start = time.perf_counter()
-        while True:
-            next_token = logits.argmax(-1)
-            for row, token in enumerate(next_token.tolist()):
-                if done[row]:
-                    continue
-                if token in eos:
-                    done[row] = True
-                    continue
-                tokens[row].append(token)
-                done[row] = len(tokens[row]) >= max_new_tokens
-            if all(done):
-                break
-            logits = adapter.next_token_logits({"input_ids": next_token[:, None]}, session.model_cache)
-        synchronize(adapter.device)
-        seconds_decode = time.perf_counter() - start
+        logits, seconds = prefill(adapter, batched_inputs(prepared, len(policies)), session.model_cache)
+        seconds_prefill = seconds - session.seconds_compress
+        tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens)
     share = 1.0 / len(policies)
     outcomes = []
     for row, policy in enumerate(policies):

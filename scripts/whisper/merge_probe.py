@@ -7,7 +7,7 @@ by the ragged cache's kernels: this measures the idea, it is not a shipped metho
   python scripts/whisper/merge_probe.py whisper-base profiles/whisper-base.safetensors .build/whisper-dev 12 1   # bias on
   python scripts/whisper/merge_probe.py whisper-base profiles/whisper-base.safetensors .build/whisper-dev 12 0   # off
 """
-import json, sys, time
+import json, sys
 import torch
 import audiokv_cli.compression.cache as cache_mod
 import audiokv_cli.evaluation.cell_batch as cb
@@ -25,7 +25,6 @@ def compress(self, keep):
     L = keep.shape[-1]
     pos = torch.arange(L, dtype=torch.float32)
     # nearest kept position for every position, per (row, head)
-    kept_pos = torch.where(keep, pos, torch.full_like(pos, float("inf")))
     counts = torch.zeros(keep.shape)
     for b in range(keep.shape[0]):
         for h in range(keep.shape[1]):
