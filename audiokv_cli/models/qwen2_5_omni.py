@@ -82,15 +82,20 @@ class OmniAudioProcessor:
             **kwargs,
         )
 
+    #: the family named in errors, how the feature extractor pads, and audio tokens per mel frame count.
+    family = "Qwen2.5-Omni"
+    feature_options: dict = {"padding": "max_length"}
+    token_count = staticmethod(audio_token_count)
+
     def __call__(self, text: str, audio, sampling_rate: int = SAMPLE_RATE, return_tensors: str = "pt", **kwargs):
         clips = audio if isinstance(audio, (list, tuple)) else [audio]
         if len(clips) != 1 or text.count(self.audio_token) != 1:
-            raise ValueError("the audio-only Qwen2.5-Omni processor takes exactly one clip and one audio placeholder")
+            raise ValueError(f"the audio-only {self.family} processor takes exactly one clip and one audio placeholder")
         features = self.feature_extractor(
-            clips, sampling_rate=sampling_rate, return_attention_mask=True, padding="max_length", return_tensors="pt"
+            clips, sampling_rate=sampling_rate, return_attention_mask=True, return_tensors="pt", **self.feature_options
         )
         frame_mask = features.pop("attention_mask")
-        count = audio_token_count(int(frame_mask[0].sum()))
+        count = self.token_count(int(frame_mask[0].sum()))
         tokens = self.tokenizer(text.replace(self.audio_token, self.audio_token * count, 1), return_tensors="pt")
         return {
             "input_ids": tokens["input_ids"],

@@ -8,7 +8,6 @@ The talker and code2wav (speech output) never touch the thinker's cache and are 
 
 from __future__ import annotations
 
-from audiokv_cli.audio import SAMPLE_RATE
 from audiokv_cli.models.qwen2_5_omni import OmniAudioProcessor, Qwen2_5OmniAdapter
 
 # Qwen's speech-recognition wording for Qwen3-Omni (its audio cookbook puts the instruction after the audio).
@@ -28,28 +27,14 @@ def audio_token_count(feature_frames: int, n_window: int = 50) -> int:
 class Qwen3OmniAudioProcessor(OmniAudioProcessor):
     """Qwen3-Omni's processor for audio-only prompts (the stock one needs torchvision for its video part)."""
 
+    family = "Qwen3-Omni"
+    # As the stock processor: pad to the clip itself, never cut at the extractor's 30 s window.
+    feature_options = {"padding": True, "truncation": False}
+    token_count = staticmethod(audio_token_count)
+
     def __init__(self, feature_extractor, tokenizer, chat_template: str | None):
         super().__init__(feature_extractor, tokenizer, chat_template)
         self.audio_token = getattr(tokenizer, "audio_token", None) or AUDIO_TOKEN
-
-    def __call__(self, text: str, audio, sampling_rate: int = SAMPLE_RATE, return_tensors: str = "pt", **kwargs):
-        clips = audio if isinstance(audio, (list, tuple)) else [audio]
-        if len(clips) != 1 or text.count(self.audio_token) != 1:
-            raise ValueError("the audio-only Qwen3-Omni processor takes exactly one clip and one audio placeholder")
-        # As the stock processor: pad to the clip itself, never cut at the extractor's 30 s window.
-        features = self.feature_extractor(
-            clips, sampling_rate=sampling_rate, return_attention_mask=True, padding=True, truncation=False,
-            return_tensors="pt",
-        )
-        frame_mask = features.pop("attention_mask")
-        count = audio_token_count(int(frame_mask[0].sum()))
-        tokens = self.tokenizer(text.replace(self.audio_token, self.audio_token * count, 1), return_tensors="pt")
-        return {
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "input_features": features["input_features"],
-            "feature_attention_mask": frame_mask,
-        }
 
 
 def load_qwen3_omni_processor(path: str, **kwargs):
