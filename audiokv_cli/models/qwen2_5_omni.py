@@ -116,19 +116,25 @@ def load_omni_processor(path: str, **kwargs):
     return OmniAudioProcessor.from_pretrained(path, **kwargs)
 
 
-def load_thinker_config(path: str, **kwargs):
-    """The thinker's config from a full Omni checkpoint (`qwen2_5_omni`) or a thinker-only one.
+def thinker_config_from(path: str, full_model_type: str, full_config_class, thinker_config_class, **kwargs):
+    """The thinker's config from a full Omni checkpoint (`full_model_type`) or a thinker-only one.
 
-    Read by model type rather than through AutoConfig: early transformers 5 releases do not register
-    `qwen2_5_omni_thinker` with AutoConfig.
+    Read by model type rather than through AutoConfig: early transformers 5 releases do not register the thinker-only
+    types with AutoConfig.
     """
-    from transformers import PretrainedConfig, Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig
+    from transformers import PretrainedConfig
 
     hub = {key: kwargs[key] for key in ("revision", "local_files_only") if key in kwargs}
     config_dict, _ = PretrainedConfig.get_config_dict(path, **hub)
-    if config_dict.get("model_type") == "qwen2_5_omni":
-        return Qwen2_5OmniConfig.from_pretrained(path, **kwargs).thinker_config
-    return Qwen2_5OmniThinkerConfig.from_pretrained(path, **kwargs)
+    if config_dict.get("model_type") == full_model_type:
+        return full_config_class.from_pretrained(path, **kwargs).thinker_config
+    return thinker_config_class.from_pretrained(path, **kwargs)
+
+
+def load_thinker_config(path: str, **kwargs):
+    from transformers import Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig
+
+    return thinker_config_from(path, "qwen2_5_omni", Qwen2_5OmniConfig, Qwen2_5OmniThinkerConfig, **kwargs)
 
 
 class Qwen2_5OmniAdapter(ModelAdapter):

@@ -8,7 +8,7 @@ The talker and code2wav (speech output) never touch the thinker's cache and are 
 
 from __future__ import annotations
 
-from audiokv_cli.models.qwen2_5_omni import OmniAudioProcessor, Qwen2_5OmniAdapter
+from audiokv_cli.models.qwen2_5_omni import OmniAudioProcessor, Qwen2_5OmniAdapter, thinker_config_from
 
 # Qwen's speech-recognition wording for Qwen3-Omni (its audio cookbook puts the instruction after the audio).
 ASR_INSTRUCTION_QWEN3_OMNI = "Transcribe the English audio into text."
@@ -49,13 +49,9 @@ def load_qwen3_omni_processor(path: str, **kwargs):
 
 def load_thinker_config(path: str, **kwargs):
     """The thinker's config from a full Qwen3-Omni checkpoint or a thinker-only one."""
-    from transformers import PretrainedConfig, Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
+    from transformers import Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig
 
-    hub = {key: kwargs[key] for key in ("revision", "local_files_only") if key in kwargs}
-    config_dict, _ = PretrainedConfig.get_config_dict(path, **hub)
-    if config_dict.get("model_type") == "qwen3_omni_moe":
-        return Qwen3OmniMoeConfig.from_pretrained(path, **kwargs).thinker_config
-    return Qwen3OmniMoeThinkerConfig.from_pretrained(path, **kwargs)
+    return thinker_config_from(path, "qwen3_omni_moe", Qwen3OmniMoeConfig, Qwen3OmniMoeThinkerConfig, **kwargs)
 
 
 class Qwen3OmniMoeAdapter(Qwen2_5OmniAdapter):

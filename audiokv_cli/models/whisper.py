@@ -21,15 +21,13 @@ from audiokv_cli.models.base import AttentionGeometry, ModelAdapter, PreparedInp
 
 
 def _encoder_decoder_cache(compressed_cache):
+    """The pair Whisper's decoder takes, carrying the encoder output every decoding step must be handed again (the
+    decoder runs cross-attention only when it is given one; the keys then come from this cache)."""
     from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 
-    class WhisperCache(EncoderDecoderCache):
-        """The pair Whisper's decoder takes, plus the encoder output every decoding step must be handed again
-        (the decoder runs cross-attention only when it is given one; the keys then come from this cache)."""
-
-        encoder_hidden_states: torch.Tensor | None = None
-
-    return WhisperCache(DynamicCache(), compressed_cache)
+    cache = EncoderDecoderCache(DynamicCache(), compressed_cache)
+    cache.encoder_hidden_states = None
+    return cache
 
 
 class WhisperAdapter(ModelAdapter):
