@@ -5,9 +5,10 @@ random training voice setting, augmented, then encoded by the Whisper tiny.en to
 lengths are mixed (short, medium and many 20-30 s clips) because long-form transcription matters most.
 A small held-out monitoring set (held-out documents and voices, no augmentation) is cached alongside.
 
-Output (``--out``): ``train-NNN.npy`` (float16 [sum tokens, 384]) + ``train-NNN.jsonl`` (one line per clip with
-offset, n_tokens, text, seconds, voice, effects), same for ``heldout-NNN``. Seeded: the same seed and installed
-files give the same clips.
+Output (``--out``): ``train-NNN.npy`` (float16 [sum rows, D]) + ``train-NNN.jsonl`` (one line per clip with
+offset, n_tokens (rows), text, seconds, voice, effects), same for ``heldout-NNN``. Seeded: the same seed and
+installed files give the same clips. ``--tower base --stop-layer 4`` caches Whisper base's hidden states after
+layer 4 (50 rows per second, before the pool) for the ``small`` model, whose training runs the top layers itself.
 
 Usage: python scripts/bundled_model/prepare_data.py --out .build/data --num-train 9000 --num-heldout 150
 """
@@ -115,16 +116,17 @@ def plan_jobs(docs: list[corpus.Document], n: int, heldout: bool, seed: int, buc
 
 _TOWER = None
 _FE = None
+_STOP_LAYER = None
 
 
-def _init_worker() -> None:
-    global _TOWER, _FE
+def _init_worker(tower: str, stop_layer: int | None) -> None:
+    global _TOWER, _FE, _STOP_LAYER
     import torch
 
     torch.set_num_threads(1)
     from audio_tower import build_tower, feature_extractor
 
-    _TOWER, _FE = build_tower(), feature_extractor()
+    _TOWER, _FE, _STOP_LAYER = build_tower(tower), feature_extractor(), stop_layer
 
 
 def speak_within_limit(text: str, voice: VoiceSetting, limit: float = MAX_SECONDS - 0.5) -> tuple[str, np.ndarray]:
@@ -149,7 +151,7 @@ def _run_job(job: dict) -> tuple[dict, np.ndarray] | None:
         effects: list[str] = []
         if job["augment"]:
             audio, effects = augment(audio, random.Random(job["seed"]))
-        feats = encode_valid(_TOWER, _FE, audio).astype(np.float16)
+        feats = encode_valid(_TOWER, _FE, audio, _STOP_LAYER).astype(np.float16)
     except Exception as exc:  # one bad clip must not stop the run
         print(f"skip clip {job['index']}: {exc}", file=sys.stderr)
         return None
@@ -180,11 +182,12 @@ def _write_shard(out: Path, name: str, metas: list[dict], feats: list[np.ndarray
     os.replace(tmp_meta, out / f"{name}.jsonl")
 
 
-def run(jobs: list[dict], out: Path, prefix: str, workers: int, shard_size: int) -> None:
-    metas, feats, shard, done = [], [], 0, 0
+def run(jobs: list[dict], out: Path, prefix: str, workers: int, shard_size: int, tower: str = "tiny.en",
+        stop_layer: int | None = None, first_shard: int = 0) -> None:
+    metas, feats, shard, done = [], [], first_shard, 0
     start = time.time()
     ctx = mp.get_context("fork")
-    with ctx.Pool(workers, initializer=_init_worker) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tower, stop_layer)) as pool:
         for result in pool.imap(_run_job, jobs, chunksize=4):
             done += 1
             if result is not None:
@@ -210,16 +213,28 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--shard-size", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tower", choices=("tiny.en", "base"), default="tiny.en")
+    parser.add_argument("--stop-layer", type=int, default=None, help="cache hidden states after this many layers")
+    parser.add_argument("--buckets", default=None,
+                        help="clip lengths as share:min:max,... (default 0.30:1.5:10,0.25:10:20,0.45:20:29.5)")
     args = parser.parse_args()
+    buckets = LENGTH_BUCKETS
+    if args.buckets:
+        buckets = tuple(tuple(float(v) for v in b.split(":")) for b in args.buckets.split(","))
 
     args.out.mkdir(parents=True, exist_ok=True)
     train_docs, heldout_docs = corpus_cached(args.corpus_cache)
-    heldout_jobs = plan_jobs(heldout_docs, args.num_heldout, heldout=True, seed=args.seed * 1000 + 7)
-    train_jobs = plan_jobs(train_docs, args.num_train, heldout=False, seed=args.seed * 1000 + 1)
+    heldout_jobs = plan_jobs(heldout_docs, args.num_heldout, heldout=True, seed=args.seed * 1000 + 7, buckets=buckets)
+    train_jobs = plan_jobs(train_docs, args.num_train, heldout=False, seed=args.seed * 1000 + 1, buckets=buckets)
     (args.out / "plan.json").write_text(json.dumps({"seed": args.seed, "num_train": len(train_jobs),
                                                       "num_heldout": len(heldout_jobs)}))
-    run(heldout_jobs, args.out, "heldout", args.workers, args.shard_size)
-    run(train_jobs, args.out, "train", args.workers, args.shard_size)
+    tower = dict(tower=args.tower, stop_layer=args.stop_layer)
+    if not list(args.out.glob("heldout-*.jsonl")):
+        run(heldout_jobs, args.out, "heldout", args.workers, args.shard_size, **tower)
+    # Resumable: finished shards are kept, and the plan is seeded, so a rerun picks up at the next shard.
+    done_shards = len(list(args.out.glob("train-*.jsonl")))
+    run(train_jobs[done_shards * args.shard_size:], args.out, "train", args.workers, args.shard_size,
+        first_shard=done_shards, **tower)
     (args.out / "DONE").write_text("ok\n")
     print("done", flush=True)
 
