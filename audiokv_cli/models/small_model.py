@@ -9,9 +9,22 @@ lands under ``$AUDIOKV_CACHE`` and is an ordinary Qwen2-Audio checkpoint from th
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import torch
 
-from audiokv_cli.models.whisper_assets import PackagedFile, WhisperAsset, _read_checked, _locate, assemble
+from audiokv_cli.errors import AudiokvError
+from audiokv_cli.models.whisper_assets import (
+    PackagedFile,
+    WhisperAsset,
+    _locate,
+    _read_checked,
+    assemble,
+    build_once,
+    cache_root,
+)
 
 SMOLLM2 = WhisperAsset(  # the checked-file record is the same shape as Whisper's
     name="SmolLM2-135M-Instruct",
@@ -105,3 +118,99 @@ def build_processor(tokenizer):
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+# ---- assembly ------------------------------------------------------------------------------------------------
+
+SMALL_ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "small"
+TRAINED_FILE = "trained.safetensors"
+SMALL_ASSEMBLY_VERSION = 1
+
+
+def _merge_lora(linear: torch.nn.Linear, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    linear.weight.data += scale * (b.float() @ a.float())
+
+
+def _build_small(target: Path) -> None:
+    from safetensors import safe_open
+    from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration
+
+    trained_path = SMALL_ASSET_DIR / TRAINED_FILE
+    with safe_open(str(trained_path), "pt") as handle:
+        meta = handle.metadata() or {}
+        trained = {name: handle.get_tensor(name).float() for name in handle.keys()}
+    llm, tokenizer = load_smollm2()
+    processor = build_processor(tokenizer)
+    tower = whisper_base_tower()
+    text_config = llm.config.to_dict()
+    text_config.pop("quantization_config", None)
+    text_config["vocab_size"] = len(tokenizer)
+    audio_id, bos_id, eos_id = tokenizer.convert_tokens_to_ids(list(AUDIO_TOKENS))
+    config = Qwen2AudioConfig(
+        audio_config=tower.config.to_dict(), text_config=text_config, audio_token_index=audio_id
+    )
+    config.audio_token_id = audio_id
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config.eos_token_id = config.pad_token_id = im_end
+    model = Qwen2AudioForConditionalGeneration(config).eval()
+
+    model.model.audio_tower.load_state_dict(tower.state_dict(), strict=True)
+    tower_part = {k[len("audio_tower."):]: v for k, v in trained.items() if k.startswith("audio_tower.")}
+    model.model.audio_tower.load_state_dict(tower_part, strict=False)
+    model.model.multi_modal_projector.linear.weight.data.copy_(trained["projector.weight"])
+    model.model.multi_modal_projector.linear.bias.data.copy_(trained["projector.bias"])
+
+    language_model = model.model.language_model
+    embeddings = llm.model.embed_tokens.weight.data
+    llm_state = {k: v for k, v in llm.model.state_dict().items() if k != "embed_tokens.weight"}
+    language_model.load_state_dict(llm_state, strict=False)
+    table = torch.zeros(len(tokenizer), embeddings.shape[1])
+    table[: embeddings.shape[0]] = embeddings
+    table[bos_id] = trained["audio_bos"]
+    table[eos_id] = trained["audio_eos"]
+    language_model.embed_tokens.weight.data.copy_(table)
+    # The LM head is SmolLM2's tied embedding; the audio markers are never written (zero rows, logit 0).
+    head = table.clone()
+    head[embeddings.shape[0]:] = 0
+    model.lm_head.weight.data.copy_(head)
+    scale = float(meta.get("lora_scale", "2.0"))
+    for index, layer in enumerate(language_model.layers):
+        for module_name in LORA_TARGETS:
+            key = f"lora.layers.{index}.{module_name}"
+            _merge_lora(getattr(layer.self_attn, module_name), trained[f"{key}.A"], trained[f"{key}.B"], scale)
+
+    model.generation_config.eos_token_id = im_end
+    model.generation_config.pad_token_id = im_end
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config.do_sample = False
+    model.save_pretrained(target)
+    processor.save_pretrained(target)
+    files = {f"{f.package}/{f.path}": f.sha256 for f in SMOLLM2.weights}
+    files[f"audiokv_cli/assets/small/{TRAINED_FILE}"] = _sha256(trained_path)
+    (target / "audiokv-source.json").write_text(
+        json.dumps(
+            {"asset": "small", "parts": ["whisper-base", SMOLLM2.name], "files": files,
+             "assembly_version": SMALL_ASSEMBLY_VERSION},
+            indent=2,
+        )
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def assemble_small() -> Path:
+    """The transformers directory of the bundled ``small`` model, built on first use (one-time, about a minute)."""
+    trained = SMALL_ASSET_DIR / TRAINED_FILE
+    if not trained.is_file():
+        raise AudiokvError(
+            f"the small model's trained weights are not part of this installation ({trained}); "
+            "build them with scripts/small_model/build.sh or use --model tiny"
+        )
+    key = hashlib.sha256((_sha256(trained) + SMOLLM2.weights[0].sha256).encode()).hexdigest()[:12]
+    target = cache_root() / f"small-{key}-v{SMALL_ASSEMBLY_VERSION}"
+    if (target / "audiokv-source.json").is_file():
+        return target
+    _locate(SMOLLM2.weights[0], SMOLLM2)  # a missing package is one line before any work starts
+    return build_once(target, _build_small, "small")

