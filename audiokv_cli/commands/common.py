@@ -21,6 +21,18 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class DeviceMap(str, Enum):
+    """accelerate's placements: one model over the visible GPUs, then CPU RAM, then disk."""
+
+    auto = "auto"
+    balanced = "balanced"
+    balanced_low_0 = "balanced_low_0"
+    sequential = "sequential"
+
+
+DEVICE_MAP_HELP = "Spread the model with accelerate (over the visible GPUs, then CPU and disk) instead of --device."
+
+
 class DType(str, Enum):
     auto = "auto"
     float32 = "float32"
@@ -43,7 +55,8 @@ def quiet_transformers() -> None:
 
 
 def load_model(
-    model: str, device: Device, dtype: DType, trust_remote_code: bool = False, attn_implementation: str | None = None
+    model: str, device: Device, dtype: DType, trust_remote_code: bool = False, attn_implementation: str | None = None,
+    device_map: "DeviceMap | None" = None,
 ):
     from audiokv_cli.models.registry import MODEL_ALIASES, load_adapter
 
@@ -53,7 +66,7 @@ def load_model(
     with console.status(f"loading {label} ..."):
         adapter = load_adapter(
             model, device=device.value, dtype=dtype.value, trust_remote_code=trust_remote_code,
-            attn_implementation=attn_implementation,
+            attn_implementation=attn_implementation, device_map=device_map.value if device_map else None,
         )
     return adapter
 

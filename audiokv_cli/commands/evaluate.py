@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from audiokv_cli.commands.common import DType, Device, check_range, console, load_model, stdout
+from audiokv_cli.commands.common import DEVICE_MAP_HELP, DType, Device, DeviceMap, check_range, console, load_model, stdout
 from audiokv_cli.distributed import current_ranks, join, rank_part
 from audiokv_cli.errors import AudiokvError
 
@@ -94,6 +94,7 @@ def evaluate(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run with the same --out: finished clip-cells are kept, not rerun."),
     device: Device = typer.Option(Device.auto, help="auto picks CUDA when present."),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
+    device_map: Optional[DeviceMap] = typer.Option(None, help=DEVICE_MAP_HELP),
     trust_remote_code: bool = typer.Option(False, help="Allow model code from the model's repository."),
     decode_kernel: str = typer.Option("auto", help="Decode attention over the compressed cache: auto, matmul, sdpa, varlen, flash-attn, padded."),
 ) -> None:
@@ -140,7 +141,7 @@ def evaluate(
     # Under torchrun each rank evaluates its share of the clips; rank 0 gathers the rows and writes the report.
     ranks = current_ranks()
     join(ranks, device.value)
-    adapter = load_model(model, device, dtype, trust_remote_code)
+    adapter = load_model(model, device, dtype, trust_remote_code, device_map=device_map)
     use_kernel_option(decode_kernel, adapter.device, adapter.dtype)  # worker processes inherit the choice
     torch.set_num_threads(threads or _auto_threads(adapter))
     profile_path = None
@@ -151,7 +152,7 @@ def evaluate(
         profile_path = profile if profile is not None else find_profile(adapter)
         options.head_scores = resolve_head_scores(adapter, profile)
     cells = plan_cells(specs, retentions, scopes, options)
-    source = ModelSource(model, device.value, dtype.value, trust_remote_code)
+    source = ModelSource(model, device.value, dtype.value, trust_remote_code, device_map.value if device_map else None)
     journal = _journal(out, adapter, data, cells, max_new_tokens, options, ranks)
     done = journal.read() if resume else {}
     if done:

@@ -10,8 +10,10 @@ import typer
 from rich.table import Table
 
 from audiokv_cli.commands.common import (
+    DEVICE_MAP_HELP,
     DType,
     Device,
+    DeviceMap,
     Scope,
     check_duration,
     check_range,
@@ -95,6 +97,7 @@ def infer(
     budget: Optional[str] = typer.Option(None, help="Override the method's budgets: uniform, pyramid, adaptive, profile."),
     device: Device = typer.Option(Device.auto, help="auto picks CUDA when present."),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
+    device_map: Optional[DeviceMap] = typer.Option(None, help=DEVICE_MAP_HELP),
     max_seconds: Optional[float] = typer.Option(None, help="Longest clip accepted (default: the model's limit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per clip instead of text."),
     stream: bool = typer.Option(False, "--stream", help="Print the text token by token as it is generated."),
@@ -143,7 +146,7 @@ def infer(
         family_limit = adapter_class_for(model).max_audio_seconds
         for path, samples in zip(clips, audio):
             check_duration(path, samples, family_limit)
-    adapter: ModelAdapter = load_model(model, device, dtype, trust_remote_code, attn_implementation)
+    adapter: ModelAdapter = load_model(model, device, dtype, trust_remote_code, attn_implementation, device_map)
     use_kernel_option(decode_kernel, adapter.device, adapter.dtype)
     limit = max_seconds if max_seconds is not None else adapter.max_audio_seconds
     for path, samples in zip(clips, audio):

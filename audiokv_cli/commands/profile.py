@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from audiokv_cli.commands.common import DType, Device, console, load_model, quiet_transformers, stdout
+from audiokv_cli.commands.common import DEVICE_MAP_HELP, DType, Device, DeviceMap, console, load_model, quiet_transformers, stdout
 from audiokv_cli.errors import AudiokvError
 
 
@@ -61,6 +61,7 @@ def profile(
     allow_download: bool = typer.Option(False, "--allow-download", help="Let the Whisper aligner download from the Hugging Face Hub."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
     dtype: DType = typer.Option(DType.auto, help="Model weights dtype."),
+    device_map: Optional[DeviceMap] = typer.Option(None, help=DEVICE_MAP_HELP),
 ) -> None:
     """Find the audio-critical heads: decode ASR clips and score how often each head's top attention lands on the
     audio of the word being spoken. Interrupted runs resume when started again with the same --out."""
@@ -89,7 +90,7 @@ def profile(
         target = profile_part_out(out, ranks) if ranks.distributed else out
         if mine:
             shard_args = (aligner, allow_download, settings, target, checkpoint_every, ranks.leader)
-            result = _profile_shard(model, device, dtype, mine, *shard_args)
+            result = _profile_shard(model, device, dtype, device_map, mine, *shard_args)
     if ranks.distributed:
         with rank_part(ranks):
             if ranks.leader:
@@ -105,13 +106,13 @@ def profile(
     stdout.print(_top_heads_table(result.score, 10))
 
 
-def _profile_shard(model, device, dtype, clips, aligner, allow_download, settings, out, checkpoint_every, shown):
+def _profile_shard(model, device, dtype, device_map, clips, aligner, allow_download, settings, out, checkpoint_every, shown):
     """Profile ``clips`` into ``out``; ``shown`` False (ranks other than 0) keeps the terminal to rank 0."""
     from audiokv_cli.profiling.alignment import make_aligner
     from audiokv_cli.profiling.profile_file import partial_paths
     from audiokv_cli.profiling.runner import run_profile
 
-    adapter = load_model(model, device, dtype)
+    adapter = load_model(model, device, dtype, device_map=device_map)
     quiet_transformers()
     with console.status(f"loading aligner {aligner} ..."):
         aligner_impl = make_aligner(aligner, device=str(adapter.device), allow_download=allow_download)

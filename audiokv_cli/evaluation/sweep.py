@@ -332,6 +332,7 @@ class ModelSource:
     device: str = "cpu"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    device_map: str | None = None
 
 
 def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, progress, done=None) -> list[dict]:
@@ -344,7 +345,9 @@ def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, pro
     transformers.utils.logging.disable_progress_bar()
     # One thread per process: the processes share the cores instead of the threads of one process.
     torch.set_num_threads(1)
-    adapter = load_adapter(source.name, source.device, source.dtype, source.trust_remote_code)
+    adapter = load_adapter(
+        source.name, source.device, source.dtype, source.trust_remote_code, device_map=source.device_map
+    )
     # Each new row goes to the parent as it finishes: progress display and the resume journal.
     return run_sweep(adapter, examples, cells, max_new_tokens, on_row=progress.put if progress else None, done=done).clips
 

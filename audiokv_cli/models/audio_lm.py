@@ -28,7 +28,7 @@ class AudioLMAdapter(ModelAdapter):
     audio_first: ClassVar[bool] = True
 
     @classmethod
-    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, **kwargs):
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, device_map=None, **kwargs):
         import transformers
         from transformers import AutoProcessor
 
@@ -42,8 +42,7 @@ class AudioLMAdapter(ModelAdapter):
             )
         common = dict(trust_remote_code=trust_remote_code, revision=revision, **kwargs)
         processor = AutoProcessor.from_pretrained(path, **common)
-        model = model_class.from_pretrained(path, dtype=dtype, **common)
-        model.to(device).eval()
+        model = cls.pretrained(model_class, path, device=device, dtype=dtype, device_map=device_map, **common)
         return cls(model, processor, name, revision)
 
     @property

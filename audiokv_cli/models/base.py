@@ -102,6 +102,14 @@ class ModelAdapter(ABC):
     def load(cls, path: str, *, device: torch.device, dtype: torch.dtype, trust_remote_code: bool, name: str):
         """Build the adapter with model and processor from a local directory or cached Hub id."""
 
+    @staticmethod
+    def pretrained(model_class, path: str, *, device: torch.device, dtype: torch.dtype, device_map=None, **kwargs):
+        """``model_class.from_pretrained`` in eval mode: on ``device``, or spread by accelerate's ``device_map``
+        (``auto``: over the visible GPUs, then CPU and disk offload) when one is given."""
+        if device_map is not None:
+            return model_class.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs).eval()
+        return model_class.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device

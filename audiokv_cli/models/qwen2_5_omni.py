@@ -157,7 +157,7 @@ class Qwen2_5OmniAdapter(ModelAdapter):
         self._rope_deltas: torch.Tensor | None = None
 
     @classmethod
-    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, **kwargs):
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, device_map=None, **kwargs):
         from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
         common = dict(trust_remote_code=trust_remote_code, revision=revision, **kwargs)
@@ -165,10 +165,9 @@ class Qwen2_5OmniAdapter(ModelAdapter):
         # A full Omni checkpoint stores the thinker's weights under `thinker.`; transformers strips that prefix when
         # the thinker class is loaded from it (a checkpoint-key rename in newer releases, `base_model_prefix =
         # "thinker"` in older ones), so the talker and vocoder weights are simply not read.
-        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-            path, config=thinker_config, dtype=dtype, **common
+        model = cls.pretrained(
+            Qwen2_5OmniThinkerForConditionalGeneration, path, config=thinker_config, device=device, dtype=dtype, device_map=device_map, **common
         )
-        model.to(device).eval()
         processor = load_omni_processor(path, **common)
         return cls(model, processor, name, revision)
 

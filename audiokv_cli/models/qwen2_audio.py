@@ -31,13 +31,15 @@ class Qwen2AudioAdapter(ModelAdapter):
         self.prompt_style = prompt_style if prompt_style != "auto" else ("chat" if has_template else "raw")
 
     @classmethod
-    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, prompt_style="auto", **kwargs):
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, prompt_style="auto", device_map=None,
+             **kwargs):
         from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
         common = dict(trust_remote_code=trust_remote_code, revision=revision, **kwargs)
         processor = AutoProcessor.from_pretrained(path, **common)
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(path, dtype=dtype, **common)
-        model.to(device).eval()
+        model = cls.pretrained(
+            Qwen2AudioForConditionalGeneration, path, device=device, dtype=dtype, device_map=device_map, **common
+        )
         return cls(model, processor, name, revision, prompt_style)
 
     @property

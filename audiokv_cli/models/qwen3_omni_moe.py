@@ -68,16 +68,15 @@ class Qwen3OmniMoeAdapter(Qwen2_5OmniAdapter):
         self.max_audio_seconds = type(self).max_audio_seconds
 
     @classmethod
-    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, **kwargs):
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, device_map=None, **kwargs):
         from transformers import Qwen3OmniMoeThinkerForConditionalGeneration
 
         common = dict(trust_remote_code=trust_remote_code, revision=revision, **kwargs)
         thinker_config = load_thinker_config(path, **common)
         # A full checkpoint stores the thinker under `thinker.`; loading the thinker class from it reads only those.
-        model = Qwen3OmniMoeThinkerForConditionalGeneration.from_pretrained(
-            path, config=thinker_config, dtype=dtype, **common
+        model = cls.pretrained(
+            Qwen3OmniMoeThinkerForConditionalGeneration, path, config=thinker_config, device=device, dtype=dtype, device_map=device_map, **common
         )
-        model.to(device).eval()
         return cls(model, load_qwen3_omni_processor(path, **common), name, revision)
 
     def conversation(self, prompt: str | None) -> list[dict]:

@@ -183,6 +183,20 @@ def adapter_class_for(name_or_path: str, revision: str | None = None) -> type[Mo
     return _adapter_for_type(target, model_type)
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | None) -> None:
+    if device_map is None:
+        return
+    if device_map not in DEVICE_MAPS:
+        raise AudiokvError(f"--device-map {device_map!r}: choose one of {', '.join(DEVICE_MAPS)}")
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise AudiokvError("--device-map needs the accelerate package (pip install accelerate)") from None
+
+
 def load_adapter(
     name_or_path: str,
     device: str = "auto",
@@ -190,12 +204,15 @@ def load_adapter(
     trust_remote_code: bool = False,
     revision: str | None = None,
     attn_implementation: str | None = None,
+    device_map: str | None = None,
 ) -> ModelAdapter:
     """Load a model by short name, local directory or Hub id and wrap it in the adapter for its family.
 
     Weights load straight onto the target device (transformers places them on the device in whose context
     ``from_pretrained`` runs), so a 7B model never sits in host RAM on its way to the GPU. ``attn_implementation``
     (sdpa, eager, flash_attention_2, ...) is the attention of the parts audiokv does not route through itself.
+    ``device_map`` (auto, balanced, balanced_low_0, sequential) hands placement to accelerate instead: one model
+    spread over the visible GPUs, then CPU RAM and disk.
     """
     alias = MODEL_ALIASES.get(name_or_path)
     options = dict(alias.options) if alias else {}
@@ -204,13 +221,15 @@ def load_adapter(
             "the bundled model is not part of this installation (audiokv_cli/assets/tiny, built by "
             "scripts/bundled_model); pass --model with a Qwen2-Audio directory or Hub id"
         )
+    check_device_map(device_map)
     target = alias.resolve() if alias else name_or_path
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     model_type, local_only = _load_model_type(target, revision)
     adapter_class = _adapter_for_type(target, model_type)
     try:
-        with torch.device(torch_device) if torch_device.type == "cuda" else contextlib.nullcontext():
+        placed_by_map = device_map is not None or torch_device.type != "cuda"
+        with contextlib.nullcontext() if placed_by_map else torch.device(torch_device):
             adapter = adapter_class.load(
                 target,
                 device=torch_device,
@@ -219,6 +238,7 @@ def load_adapter(
                 name=name_or_path,
                 revision=revision,
                 local_files_only=local_only,
+                device_map=device_map,
                 **options,
             )
     except OSError as error:

@@ -79,12 +79,13 @@ class VoxtralAdapter(AudioLMAdapter):
     max_audio_seconds = 1800.0
 
     @classmethod
-    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, **kwargs):
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, device_map=None, **kwargs):
         from transformers import VoxtralForConditionalGeneration
 
         common = dict(trust_remote_code=trust_remote_code, revision=revision, **kwargs)
-        model = VoxtralForConditionalGeneration.from_pretrained(path, dtype=dtype, **common)
-        model.to(device).eval()
+        model = cls.pretrained(
+            VoxtralForConditionalGeneration, path, device=device, dtype=dtype, device_map=device_map, **common
+        )
         return cls(model, VoxtralAudioProcessor.from_pretrained(path, **common), name, revision)
 
     @property

@@ -57,13 +57,14 @@ class WhisperAdapter(ModelAdapter):
         self.prompt_ids = ids
 
     @classmethod
-    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, **kwargs):
+    def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, device_map=None, **kwargs):
         from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
         common = dict(revision=revision, **kwargs)
         processor = WhisperProcessor.from_pretrained(path, **common)
-        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=dtype, **common)
-        model.to(device).eval()
+        model = cls.pretrained(
+            WhisperForConditionalGeneration, path, device=device, dtype=dtype, device_map=device_map, **common
+        )
         return cls(model, processor, name, revision)
 
     @property

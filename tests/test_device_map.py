@@ -1,0 +1,56 @@
+"""`--device-map`: accelerate places the model; the output is the plain load's, and bad values fail in one line."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from audiokv_cli.cli import app
+from audiokv_cli.compression.methods import build_policy
+from audiokv_cli.errors import AudiokvError
+from audiokv_cli.inference import run_clip
+from audiokv_cli.models import load_adapter
+
+pytest.importorskip("accelerate")
+
+
+def _audio(seconds: float = 2.0) -> np.ndarray:
+    t = np.arange(int(seconds * 16000)) / 16000
+    return (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32)
+
+
+def test_device_map_auto_gives_the_plain_load_tokens(tiny_model_dir, tiny_adapter, monkeypatch):
+    import transformers
+
+    seen = []
+    original = transformers.Qwen2AudioForConditionalGeneration.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("device_map"))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Qwen2AudioForConditionalGeneration, "from_pretrained", classmethod(spy))
+    mapped = load_adapter(str(tiny_model_dir), device="cpu", dtype="float32", device_map="auto")
+    assert seen == ["auto"]  # placement was handed to transformers/accelerate, not done by audiokv
+    assert {str(p.device) for p in mapped.model.parameters()} == {"cpu"}  # no GPU here: all of it on the CPU
+    for method in ("full", "snapkv"):
+        policy = build_policy(method, 0.4) if method != "full" else None
+        plain = run_clip(tiny_adapter, _audio(), policy, max_new_tokens=6)
+        spread = run_clip(mapped, _audio(), policy, max_new_tokens=6)
+        assert spread.token_ids == plain.token_ids
+
+
+def test_device_map_needs_accelerate(tiny_model_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(AudiokvError, match="accelerate"):
+        load_adapter(str(tiny_model_dir), device="cpu", dtype="float32", device_map="auto")
+
+
+def test_unknown_device_map_is_one_line(tone_wav):
+    result = CliRunner().invoke(app, ["infer", str(tone_wav), "--device-map", "everywhere"])
+    assert result.exit_code == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "--device-map" in lines[0], result.stderr
