@@ -65,3 +65,24 @@ def test_other_families_are_refused(tiny_adapter):
     check_batchable(tiny_adapter)
     with pytest.raises(AudiokvError, match="supports the Qwen2-Audio family so far, not other-family"):
         check_batchable(Other())
+
+
+def test_eval_cell_batches_match_one_cell_at_a_time(tiny_adapter):
+    """`eval --batch-size`: a decoder-only clip's cells decoded together give each cell's own tokens and bytes."""
+    from audiokv_cli.evaluation.sweep import Cell, clip_outcomes
+
+    geometry = tiny_adapter.geometry
+    head_scores = torch.rand(geometry.num_layers, geometry.num_query_heads, generator=torch.Generator().manual_seed(1))
+    options = MethodOptions(window=8, head_scores=head_scores)
+    cells = [Cell("full", 1.0, None, build_policy("full", 1.0, options))]
+    cells += [Cell(m, r, "all", build_policy(m, r, options)) for m in sorted(METHODS) if m != "full" for r in (0.5, 0.2)]
+    prepared = tiny_adapter.prepare(_clips()[0])
+    alone = {cell.key: outcome for cell, outcome, _ in clip_outcomes(tiny_adapter, prepared, cells, 8, batch_size=1)}
+    batched = list(clip_outcomes(tiny_adapter, prepared, cells, 8, batch_size=4))
+    assert [cell.key for cell, _, _ in batched] == [cell.key for cell in cells]
+    for cell, outcome, _ in batched:
+        assert outcome.token_ids == alone[cell.key].token_ids, cell.key
+        # the one-cell figure also counts the ragged cache's per-head segment lengths (int64, 8 bytes per head)
+        index_bytes = 8 * geometry.num_layers * geometry.num_kv_heads
+        assert 0 <= alone[cell.key].kv_bytes_kept - outcome.kv_bytes_kept <= index_bytes, cell.key
+        assert outcome.kept_per_head == alone[cell.key].kept_per_head, cell.key

@@ -91,6 +91,7 @@ def evaluate(
     metric: Metric = typer.Option(Metric.wer, help="What the printed tables and the plot show."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: auto, 1 for small models on CPU, else one per core)."),
     workers: int = typer.Option(1, min=1, help="Processes sharing the clips (CPU: one per core for small models)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Cells of a clip decoded together as batch rows (default: 1; Whisper: all). Same tokens as one at a time."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run with the same --out: finished clip-cells are kept, not rerun."),
     device: Device = typer.Option(Device.auto, help="auto picks CUDA when present."),
     dtype: DType = typer.Option(DType.auto, help="auto: bfloat16 on CUDA, float32 on CPU."),
@@ -160,7 +161,9 @@ def evaluate(
     try:
         with rank_part(ranks):
             mine = ranks.shard(examples)
-            result = _run(adapter, source, mine, cells, max_new_tokens, workers, journal.append, done, ranks.leader)
+            result = _run(
+                adapter, source, mine, cells, max_new_tokens, workers, journal.append, done, ranks.leader, batch_size
+            )
             if ranks.distributed:
                 write_rows_part(out, ranks, result.clips)
     except KeyboardInterrupt:
@@ -234,13 +237,15 @@ def _journal(out, adapter, data, cells, max_new_tokens, options, ranks):
     return Journal(out, settings, ranks.part_name("rows.partial") + ".jsonl" if ranks.distributed else JOURNAL_NAME)
 
 
-def _run(adapter, source, examples, cells, max_new_tokens, workers, on_row=None, done=None, shown=True):
+def _run(adapter, source, examples, cells, max_new_tokens, workers, on_row=None, done=None, shown=True,
+         batch_size=None):
     from audiokv_cli.evaluation.sweep import run_sweep, run_sweep_parallel
 
     if not shown:  # torchrun ranks other than 0: the terminal is rank 0's
         if workers > 1 and len(examples) > 1:
-            return run_sweep_parallel(source, examples, cells, max_new_tokens, workers, on_row=on_row, done=done)
-        return run_sweep(adapter, examples, cells, max_new_tokens, on_row=on_row, done=done)
+            return run_sweep_parallel(source, examples, cells, max_new_tokens, workers, on_row=on_row, done=done,
+                                      batch_size=batch_size)
+        return run_sweep(adapter, examples, cells, max_new_tokens, on_row=on_row, done=done, batch_size=batch_size)
     with _progress() as progress:
         task = progress.add_task("", total=len(examples) * len(cells), completed=len(done or {}))
 
@@ -249,5 +254,10 @@ def _run(adapter, source, examples, cells, max_new_tokens, workers, on_row=None,
             progress.update(task, advance=1, description=f"{clip_id}: {label}")
 
         if workers > 1 and len(examples) > 1:
-            return run_sweep_parallel(source, examples, cells, max_new_tokens, workers, on_step=step, on_row=on_row, done=done)
-        return run_sweep(adapter, examples, cells, max_new_tokens, on_step=step, on_row=on_row, done=done)
+            return run_sweep_parallel(
+                source, examples, cells, max_new_tokens, workers, on_step=step, on_row=on_row, done=done,
+                batch_size=batch_size,
+            )
+        return run_sweep(
+            adapter, examples, cells, max_new_tokens, on_step=step, on_row=on_row, done=done, batch_size=batch_size
+        )

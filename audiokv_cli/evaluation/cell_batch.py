@@ -1,8 +1,10 @@
-"""Every cell of one clip decoded at once: one batch row per policy, all rows the same prompt.
+"""The cells of one clip decoded at once: one batch row per policy, all rows the same prompt.
 
 For an encoder-decoder (Whisper) the audio cache is the cross-attention over the encoder frames. The encoder runs
 once; each batch row then compresses its own copy of the cross-attention cache with its own policy (per-row
-segments of the ragged cache) and all rows decode greedily in lockstep. A decode step reads the weights once for
+segments of the ragged cache) and all rows decode greedily in lockstep. For a decoder-only model the prompt is
+prefilled once (evaluation.sweep.record_prefill) and its recorded cache is replayed into every row, each row
+compressed by its own policy from the recorded scores (``eval --batch-size``). A decode step reads the weights once for
 the whole batch, so a sweep of N cells costs little more than one cell. Rows never see each other: every row's
 attention, budgets and selection are its own, so its tokens are those of a single-row run (tested).
 """
@@ -33,13 +35,16 @@ class CellBatchSession(CompressionSession):
         return True  # rows that keep everything are compressed to all their entries, like the others
 
     def compress_layer(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> None:
+        """``scores``: None (score from ``queries``) or one recorded score tensor (or None) per row."""
         start = time.perf_counter()
         keep = torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device)
         audio = self.audio_position_mask(keep.shape[-1], keep.device)
         for row, session in enumerate(self.rows):
             if session.policy.evicts:
+                row_queries = None if queries is None else queries[row : row + 1]
                 mask = session.policy.keep_mask(
-                    layer_idx, queries[row : row + 1], keys[row : row + 1], scaling, session.context
+                    layer_idx, row_queries, keys[row : row + 1], scaling, session.context,
+                    scores=None if scores is None else scores[row],
                 )
                 keep[row] = mask[0]
             session.layer_stats[layer_idx] = LayerKeepStats(
@@ -68,13 +73,38 @@ def batched_inputs(prepared, rows: int) -> dict:
 
 def run_cells_batched(adapter, prepared, policies: Sequence[CompressionPolicy], max_new_tokens: int):
     """Decode `prepared` under every policy at once; returns (CellOutcome per policy, seconds of the prefill)."""
-    from audiokv_cli.evaluation.sweep import CellOutcome
-
     session = CellBatchSession(policies, adapter, prepared)
     with use_attention_handler(adapter, session), torch.no_grad():
         logits, seconds = prefill(adapter, batched_inputs(prepared, len(policies)), session.model_cache)
         seconds_prefill = seconds - session.seconds_compress
         tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens)
+    return _outcomes(session, policies, tokens, max_new_tokens, seconds_decode), seconds_prefill
+
+
+def run_cells_replayed(adapter, prepared, record, policies: Sequence[CompressionPolicy], max_new_tokens: int):
+    """Decoder-only: every row's cache filled from one recorded prefill (``record``) and compressed by its policy
+    from the recorded scores, then all rows decoded together; returns a CellOutcome per policy."""
+    from audiokv_cli.evaluation.sweep import scorer_key
+
+    rows = len(policies)
+    session = CellBatchSession(policies, adapter, prepared)
+    with torch.no_grad():
+        for index, layer in enumerate(record.layers):
+            keys = layer.keys.expand(rows, *layer.keys.shape[1:])
+            values = layer.values.expand(rows, *layer.values.shape[1:])
+            # update() keeps references; compression builds new tensors, so the record stays intact.
+            session.cache.layers[index].update(keys, values)
+            scores = [layer.scores.get(scorer_key(policy)) for policy in policies]
+            session.compress_layer(index, None, keys, layer.scaling, scores=scores)
+    with use_attention_handler(adapter, session):
+        logits = record.first_logits.expand(rows, *record.first_logits.shape[1:])
+        tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens)
+    return _outcomes(session, policies, tokens, max_new_tokens, seconds_decode)
+
+
+def _outcomes(session: CellBatchSession, policies, tokens, max_new_tokens: int, seconds_decode: float):
+    from audiokv_cli.evaluation.sweep import CellOutcome
+
     share = 1.0 / len(policies)
     outcomes = []
     for row, policy in enumerate(policies):
@@ -89,4 +119,4 @@ def run_cells_batched(adapter, prepared, policies: Sequence[CompressionPolicy], 
                 kept_per_head={} if full else session.rows[row].summary(),
             )
         )
-    return outcomes, seconds_prefill
+    return outcomes

@@ -222,12 +222,14 @@ def run_sweep(
     on_step: Callable[[str, Cell], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
     done: Mapping[tuple, dict] | None = None,
+    batch_size: int | None = None,
 ) -> SweepResult:
     """Evaluate every cell on every example (evaluation.datasets.Example) with one prefill per clip.
 
     ``on_step(clip_id, cell)`` is called after each decoded cell (progress display), ``on_row(row)`` with each new
     row (the resume journal). ``done`` maps (clip, method, retention, scope) to rows of an earlier run, which are
-    taken as they are (a clip with every cell done is not even prefilled). Rows are in clip order, then cell order;
+    taken as they are (a clip with every cell done is not even prefilled). ``batch_size`` cells of a clip decode
+    together (see clip_outcomes); the tokens are those of one-at-a-time runs. Rows are in clip order, then cell order;
     numbers other than the ``seconds_*`` fields are deterministic for the same inputs.
     """
     done = done or {}
@@ -242,7 +244,7 @@ def run_sweep(
             continue
         prepared = adapter.prepare(load_audio(example.audio_path), None)
         kv_bytes_full = prepared.compressed_length * full_bytes_per_token
-        for cell, outcome, seconds_prefill in clip_outcomes(adapter, prepared, todo, max_new_tokens):
+        for cell, outcome, seconds_prefill in clip_outcomes(adapter, prepared, todo, max_new_tokens, batch_size):
             hyp = adapter.decode(outcome.token_ids)
             row = {
                 "clip": example.id,
@@ -284,23 +286,33 @@ def run_sweep(
     return SweepResult(rows, summarize(cells, rows))
 
 
-def clip_outcomes(adapter, prepared, cells: Sequence[Cell], max_new_tokens: int):
+def clip_outcomes(adapter, prepared, cells: Sequence[Cell], max_new_tokens: int, batch_size: int | None = None):
     """(cell, CellOutcome, prefill seconds) for every cell of one clip, in cell order.
 
-    A decoder-only model is prefilled once and its recorded cache replayed per cell. An encoder-decoder's cells
-    are decoded together, one batch row each (evaluation.cell_batch): its prompt is a few tokens, so replaying
-    buys nothing, while batching the decode does.
+    A decoder-only model is prefilled once and its recorded cache replayed per cell, ``batch_size`` cells decoded
+    together as batch rows (default 1). An encoder-decoder's cells are decoded together, ``batch_size`` rows at a
+    time (default all; evaluation.cell_batch): its prompt is a few tokens, so replaying buys nothing.
     """
+    from audiokv_cli.evaluation.cell_batch import run_cells_batched, run_cells_replayed
+
     policies = [cell.policy for cell in cells]
     if adapter.compressed_attention == "cross":
-        from audiokv_cli.evaluation.cell_batch import run_cells_batched
-
-        outcomes, seconds_prefill = run_cells_batched(adapter, prepared, policies, max_new_tokens)
-        yield from ((cell, outcome, seconds_prefill) for cell, outcome in zip(cells, outcomes))
+        size = batch_size or len(cells)
+        for start in range(0, len(cells), size):
+            outcomes, seconds_prefill = run_cells_batched(
+                adapter, prepared, policies[start : start + size], max_new_tokens
+            )
+            yield from ((cell, outcome, seconds_prefill) for cell, outcome in zip(cells[start : start + size], outcomes))
         return
     record = record_prefill(adapter, prepared, policies)
-    for cell in cells:
-        yield cell, run_cell(adapter, prepared, record, cell.policy, max_new_tokens), record.seconds
+    size = batch_size or 1
+    if size == 1:
+        for cell in cells:
+            yield cell, run_cell(adapter, prepared, record, cell.policy, max_new_tokens), record.seconds
+        return
+    for start in range(0, len(cells), size):
+        outcomes = run_cells_replayed(adapter, prepared, record, policies[start : start + size], max_new_tokens)
+        yield from ((cell, outcome, record.seconds) for cell, outcome in zip(cells[start : start + size], outcomes))
 
 
 def summarize(cells: Sequence[Cell], rows: Sequence[dict]) -> list[dict]:
@@ -335,7 +347,9 @@ class ModelSource:
     device_map: str | None = None
 
 
-def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, progress, done=None) -> list[dict]:
+def _sweep_worker(
+    source: ModelSource, examples, cells, max_new_tokens: int, progress, done=None, batch_size=None
+) -> list[dict]:
     import transformers
 
     from audiokv_cli.models.registry import load_adapter
@@ -349,7 +363,8 @@ def _sweep_worker(source: ModelSource, examples, cells, max_new_tokens: int, pro
         source.name, source.device, source.dtype, source.trust_remote_code, device_map=source.device_map
     )
     # Each new row goes to the parent as it finishes: progress display and the resume journal.
-    return run_sweep(adapter, examples, cells, max_new_tokens, on_row=progress.put if progress else None, done=done).clips
+    on_row = progress.put if progress else None
+    return run_sweep(adapter, examples, cells, max_new_tokens, on_row=on_row, done=done, batch_size=batch_size).clips
 
 
 def run_sweep_parallel(
@@ -361,6 +376,7 @@ def run_sweep_parallel(
     on_step: Callable[[str, Cell], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
     done: Mapping[tuple, dict] | None = None,
+    batch_size: int | None = None,
 ) -> SweepResult:
     """run_sweep split over ``workers`` processes (clips dealt round-robin); same rows, same order, same numbers."""
     import multiprocessing
@@ -373,7 +389,10 @@ def run_sweep_parallel(
     cell_by_key = {cell.key: cell for cell in cells}
     with context.Manager() as manager, ProcessPoolExecutor(len(shards), mp_context=context) as pool:
         progress = manager.Queue() if on_step or on_row else None
-        futures = [pool.submit(_sweep_worker, source, shard, cells, max_new_tokens, progress, done) for shard in shards]
+        futures = [
+            pool.submit(_sweep_worker, source, shard, cells, max_new_tokens, progress, done, batch_size)
+            for shard in shards
+        ]
         pending = set(futures)
         while pending:
             _, pending = wait(pending, timeout=0.2)
