@@ -76,6 +76,16 @@ def test_full_omni_checkpoint_loads_only_the_thinker(omni, full_omni_dir):
     assert all(torch.equal(loaded[name], expected[name]) for name in expected)
 
 
+def test_thinker_loads_without_its_vision_blocks(omni, omni_dir):
+    from safetensors import safe_open
+
+    # the checkpoint has vision blocks; the loaded thinker does not (audio and text only)
+    with safe_open(str(next(omni_dir.glob("*.safetensors"))), "pt") as handle:
+        assert any(".blocks." in name for name in handle.keys() if "visual" in name)
+    assert omni.model.config.vision_config.depth == 0
+    assert not any(".blocks." in name for name in omni.model.state_dict() if "visual" in name)
+
+
 def test_registry_picks_the_adapter_by_model_type(full_omni_dir, monkeypatch):
     from audiokv_cli.models import registry
 

@@ -127,8 +127,20 @@ def thinker_config_from(path: str, full_model_type: str, full_config_class, thin
     hub = {key: kwargs[key] for key in ("revision", "local_files_only") if key in kwargs}
     config_dict, _ = PretrainedConfig.get_config_dict(path, **hub)
     if config_dict.get("model_type") == full_model_type:
-        return full_config_class.from_pretrained(path, **kwargs).thinker_config
-    return thinker_config_class.from_pretrained(path, **kwargs)
+        config = full_config_class.from_pretrained(path, **kwargs).thinker_config
+    else:
+        config = thinker_config_class.from_pretrained(path, **kwargs)
+    return without_vision_blocks(config)
+
+
+def without_vision_blocks(thinker_config):
+    """audiokv feeds the thinker audio and text only: its vision tower is built without transformer blocks, so their
+    weights (0.67 B parameters in the 7B thinker) are skipped when loading instead of filling memory."""
+    vision = thinker_config.vision_config
+    vision.depth = 0
+    if hasattr(vision, "deepstack_visual_indexes"):  # Qwen3-Omni taps blocks for its deepstack mergers
+        vision.deepstack_visual_indexes = []
+    return thinker_config
 
 
 def load_thinker_config(path: str, **kwargs):
