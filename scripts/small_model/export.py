@@ -61,6 +61,7 @@ def main() -> None:
     }
     tmp = args.out / ".trained.safetensors.tmp"
     save_file(shipped, tmp, metadata=metadata)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, args.out / "trained.safetensors")
     size = (args.out / "trained.safetensors").stat().st_size
     print(f"wrote {args.out / 'trained.safetensors'}: {len(shipped)} tensors, {size / 1e6:.1f} MB, {metadata}")
