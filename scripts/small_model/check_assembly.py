@@ -66,7 +66,7 @@ def main() -> None:
         audio = load_audio(clip)
         text = clip.with_suffix(".txt").read_text().strip()
         features = encode_valid(build_tower("base"), feature_extractor(), audio, stop_layer=4)
-        inputs, mask, labels, _, _ = small_train.build_inputs(parts, llm.get_input_embeddings(), prompt,
+        inputs, mask, labels, _, _, _ = small_train.build_inputs(parts, llm.get_input_embeddings(), prompt,
                                                   _OneClip(features, text), [0], 0.0)
         trained_logits = llm(inputs_embeds=inputs, attention_mask=mask).logits[0]
         target = prompt.target(text)

@@ -4,10 +4,12 @@ Frozen: the first ``--tune-from`` tower layers (their outputs are cached by prep
 Trained: the tower's top layers and final norm, the projector (512 -> 576), LoRA adapters on the LLM's attention
 projections, and the embeddings of ``<|audio_bos|>`` / ``<|audio_eos|>``.
 
-Two losses. The transcript's next-token loss through the LLM (the task), and a CTC loss on the projected audio
-tokens whose classes are the LLM's own token embeddings (cosine similarity): it pulls each stretch of audio towards
-the embedding of the token spoken there, so the LLM receives something it already reads, and it is cheap enough to
-run alone first (``--ctc-only-frac``) before the LLM sees any audio.
+Three losses. The transcript's next-token loss through the LLM (the task); a CTC loss on the projected audio tokens
+whose classes are the LLM's own token embeddings (cosine similarity), which pulls each stretch of audio towards the
+embedding of the token spoken there and is cheap enough to run alone first (``--ctc-only-frac``); and guided
+attention (``--guide-weight``): a few of the LLM's heads are pulled towards the audio where the token they predict is
+spoken (guessed from its place in the transcript, speech running at an even rate). Without it the frozen LLM,
+whose prior already writes fluent text, keeps ignoring the audio; the guide decays to zero at ``--guide-until-frac``.
 
 Resumable: ``--out/last`` holds the trainable weights, optimizer, step and elapsed time; rerunning the same command
 continues the same schedule (also on a fresh machine, given ``--out``). Time-bounded (``--minutes``): the learning
@@ -98,6 +100,13 @@ class Batcher:
         return batch
 
 
+def token_fractions(tokenizer, text: str) -> np.ndarray:
+    """Where each transcript token sits in the text, as a fraction of its characters (token centre)."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    centres = [(a + b) / 2 for a, b in encoded["offset_mapping"][:300]]
+    return np.asarray(centres, dtype=np.float32) / max(1, len(text))
+
+
 class Prompt:
     """Token ids around the audio, from the real processor's chat template (what the adapter will send)."""
 
@@ -136,6 +145,7 @@ def build_inputs(parts: Trainable, embed, prompt: Prompt, shards: Shards, batch:
     before = embed(torch.tensor(prompt.before))
     after = embed(torch.tensor(prompt.after))
     rows, labels, targets = [], [], []
+    guide_rows = []
     for k, i in enumerate(batch):
         target = prompt.target(shards.metas[i]["spoken"])
         targets.append(target[:-1])
@@ -144,11 +154,32 @@ def build_inputs(parts: Trainable, embed, prompt: Prompt, shards: Shards, batch:
         n_prompt = seq.shape[0] - len(target)
         rows.append(seq)
         labels.append([-100] * n_prompt + target)
+        # position n_prompt - 1 + j predicts target token j (the end token is not guided)
+        n_audio = audio[k].shape[0]
+        centres = token_fractions(prompt.tok, shards.metas[i]["spoken"])[: len(target) - 1] * n_audio
+        guide_rows.append((k, np.arange(len(centres)) + n_prompt - 1, centres, len(prompt.before) + 1, n_audio))
     width = max(r.shape[0] for r in rows)
     inputs = torch.stack([F.pad(r, (0, 0, 0, width - r.shape[0])) for r in rows])
     mask = torch.tensor([[1] * r.shape[0] + [0] * (width - r.shape[0]) for r in rows])
     label_tensor = torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels])
-    return inputs, mask, label_tensor, audio, targets
+    return inputs, mask, label_tensor, audio, targets, guide_rows
+
+
+def guided_attention_loss(attentions, heads, rows) -> torch.Tensor:
+    """-log of the attention mass the guided heads put near where the token they predict is spoken (a Gaussian of
+    4 % of the clip + 4 audio tokens around the even-rate guess)."""
+    losses = []
+    for b, positions, centres, audio_start, n_audio in rows:
+        if len(positions) == 0:
+            continue
+        sigma = 0.04 * n_audio + 4.0
+        frames = torch.arange(n_audio, dtype=torch.float32)
+        window = torch.exp(-((frames[None, :] - torch.from_numpy(centres)[:, None]) ** 2) / (2 * sigma**2))
+        pos = torch.from_numpy(positions)
+        for layer, head in heads:
+            attn = attentions[layer][b, head, pos, audio_start : audio_start + n_audio].float()
+            losses.append(-torch.log((attn * window).sum(-1) + 1e-4))
+    return torch.cat(losses).mean() if losses else torch.zeros(())
 
 
 def ctc_loss(parts: Trainable, table: torch.Tensor, class_of: dict, audio, targets) -> torch.Tensor:
@@ -163,7 +194,7 @@ def ctc_loss(parts: Trainable, table: torch.Tensor, class_of: dict, audio, targe
             continue
         lp = logits.float().log_softmax(-1)[:, None]
         losses.append(F.ctc_loss(lp, ids[None], torch.tensor([a.shape[0]]), torch.tensor([len(ids)]),
-                                 zero_infinity=True) / max(1, len(ids)))
+                                 reduction="sum", zero_infinity=True) / len(ids))
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
@@ -189,7 +220,7 @@ def evaluate(parts, llm, prompt, shards: Shards, n_decode: int) -> dict:
     for group, ids in (("short", short), ("long", long)):
         refs, hyps = [], []
         for i in ids:
-            inputs, mask, labels, audio, _ = build_inputs(parts, embed, prompt, shards, [i], 0.0)
+            inputs, mask, labels, audio, _, _ = build_inputs(parts, embed, prompt, shards, [i], 0.0)
             losses.append(float(llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss))
             n_prompt = int((labels[0] == -100).sum())
             out = llm.generate(inputs_embeds=inputs[:, :n_prompt], attention_mask=mask[:, :n_prompt],
@@ -251,8 +282,13 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=4e-4)
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--ctc-only-frac", type=float, default=0.1, help="budget share trained on CTC alone")
-    parser.add_argument("--ctc-weight", type=float, default=0.3, help="CTC weight once the LLM loss is on")
+    parser.add_argument("--ctc-weight", type=float, default=0.1, help="CTC weight once the LLM loss is on")
     parser.add_argument("--short-first-frac", type=float, default=0.25, help="budget share on clips under 10 s")
+    parser.add_argument("--guide-weight", type=float, default=1.0, help="guided-attention loss weight (0 = off)")
+    parser.add_argument("--guide-until-frac", type=float, default=0.75,
+                        help="budget share at which the guided-attention weight has decayed to zero")
+    parser.add_argument("--guide-heads", default="8:0,8:4,12:1,12:7,16:2,16:5",
+                        help="layer:head pairs of the LLM that are guided")
     parser.add_argument("--batch-tokens", type=int, default=900, help="audio + text tokens per batch")
     parser.add_argument("--feat-noise", type=float, default=0.05)
     parser.add_argument("--eval-every-min", type=float, default=12.0)
@@ -277,6 +313,9 @@ def main() -> None:
         p.requires_grad_(False)
     target_norm = float(llm.model.embed_tokens.weight.norm(dim=-1).mean())
     llm = add_lora(llm, args.lora_rank)
+    guide_heads = [tuple(int(x) for x in pair.split(":")) for pair in args.guide_heads.split(",")]
+    if args.guide_weight > 0:
+        llm.base_model.model.set_attn_implementation("eager")  # attention weights are needed for the guide
     embed = llm.get_input_embeddings()
     prompt = Prompt(processor)
 
@@ -321,22 +360,30 @@ def main() -> None:
         batch = batcher.next(short_only=frac < args.short_first_frac)
         t0 = time.time()
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            inputs, mask, labels, audio, targets = build_inputs(parts, embed, prompt, train, batch, args.feat_noise)
+            inputs, mask, labels, audio, targets, guide_rows = build_inputs(
+                parts, embed, prompt, train, batch, args.feat_noise
+            )
             ctc = ctc_loss(parts, table, class_of, audio, targets)
             loss = ctc + 0.1 * norm_penalty(audio, target_norm)
-            lm = None
+            lm = guide = None
             if not ctc_only:
-                lm = llm(inputs_embeds=inputs, attention_mask=mask, labels=labels).loss
+                guide_weight = args.guide_weight * max(0.0, 1.0 - frac / args.guide_until_frac)
+                out = llm(inputs_embeds=inputs, attention_mask=mask, labels=labels, output_attentions=guide_weight > 0)
+                lm = out.loss
                 loss = lm + args.ctc_weight * loss
+                if guide_weight > 0:
+                    guide = guided_attention_loss(out.attentions, guide_heads, guide_rows)
+                    loss = loss + guide_weight * guide
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(parts.parameters()) + lora_params, 1.0)
         optimizer.step()
         state["step"] += 1
         avg["ctc"] = moving_average(avg.get("ctc"), float(ctc.detach()))
-        avg["lm"] = moving_average(avg.get("lm"), None if lm is None else float(lm))
+        avg["lm"] = moving_average(avg.get("lm"), None if lm is None else float(lm.detach()))
+        avg["guide"] = moving_average(avg.get("guide"), None if guide is None else float(guide.detach()))
         if state["step"] % 10 == 0:
-            row = {"step": state["step"], "minutes": round(elapsed / 60, 2), "ctc": avg["ctc"], "lm": avg["lm"],
+            row = {"step": state["step"], "minutes": round(elapsed / 60, 2), "ctc": avg["ctc"], "lm": avg["lm"], "guide": avg["guide"],
                    "clips": len(batch), "seconds_per_step": round(time.time() - t0, 2),
                    "lr": optimizer.param_groups[0]["lr"], "train_clips": len(train.metas)}
             print(json.dumps(row), flush=True)
