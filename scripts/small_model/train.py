@@ -13,7 +13,7 @@ whose prior already writes fluent text, keeps ignoring the audio; the guide deca
 
 Resumable: ``--out/last`` holds the trainable weights, optimizer, step and elapsed time; rerunning the same command
 continues the same schedule (also on a fresh machine, given ``--out``). Time-bounded (``--minutes``): the learning
-rate follows one warmup + cosine over that budget.
+rate follows one warmup + cosine over that budget; a larger ``--minutes`` on resume stretches the schedule.
 
 Usage: python scripts/small_model/train.py --data .build/small-data --out .build/small-train --minutes 120
 """
@@ -274,7 +274,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(".build/small-data"))
     parser.add_argument("--out", type=Path, default=Path(".build/small-train"))
-    parser.add_argument("--minutes", type=float, default=120.0, help="training budget (the schedule's length)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget, the schedule's length (default 120; given on resume, it extends the run)")
     parser.add_argument("--tune-from", type=int, default=4, help="first tower layer trained (cached before it)")
     parser.add_argument("--lora-rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -332,11 +333,13 @@ def main() -> None:
         [{"params": params, "lr": lr} for params, lr in zip((new, pretrained, lora_params), base_lrs)],
         weight_decay=0.01, betas=(0.9, 0.98),
     )
-    state = {"step": 0, "elapsed": 0.0, "budget": args.minutes * 60, "last_eval": 0.0, "last_save": 0.0}
+    state = {"step": 0, "elapsed": 0.0, "budget": (args.minutes or 120.0) * 60, "last_eval": 0.0, "last_save": 0.0}
     if (args.out / "last" / "state.json").exists():
         load_trainable(args.out / "last", parts, llm)
         optimizer.load_state_dict(torch.load(args.out / "last" / "optimizer.pt", weights_only=True))
         state = json.loads((args.out / "last" / "state.json").read_text())
+        if args.minutes:
+            state["budget"] = args.minutes * 60
         print(f"resumed at step {state['step']}, {state['elapsed'] / 60:.1f} of {state['budget'] / 60:.0f} min",
               flush=True)
     batcher = Batcher(train, args.batch_tokens, args.seed + state["step"])
