@@ -53,8 +53,7 @@ class Trainable(torch.nn.Module):
         self.layer_norm = tower.layer_norm
         d_model = tower.config.d_model
         self.projector = torch.nn.Linear(d_model, text_hidden)
-        torch.nn.init.normal_(self.projector.weight, std=0.5 / math.sqrt(d_model))
-        torch.nn.init.zeros_(self.projector.bias)
+        self.reset_projector()
         mean_embedding = llm.model.embed_tokens.weight.mean(0)
         self.audio_bos = torch.nn.Parameter(mean_embedding.clone())
         self.audio_eos = torch.nn.Parameter(mean_embedding.clone())
@@ -62,6 +61,12 @@ class Trainable(torch.nn.Module):
         self.ctc_scale = torch.nn.Parameter(torch.tensor(10.0))
         for p in self.parameters():
             p.requires_grad_(True)
+
+    def reset_projector(self) -> None:
+        d_model = self.projector.in_features
+        with torch.no_grad():
+            torch.nn.init.normal_(self.projector.weight, std=0.5 / math.sqrt(d_model))
+            torch.nn.init.zeros_(self.projector.bias)
 
     def audio_tokens(self, frames: torch.Tensor) -> torch.Tensor:
         """[B, T, d_model] cached hidden states (valid frames, T even) -> [B, T/2, hidden] projected audio tokens."""
@@ -290,6 +295,8 @@ def main() -> None:
                         help="budget share at which the guided-attention weight has decayed to zero")
     parser.add_argument("--guide-heads", default="8:0,8:4,12:1,12:7,16:2,16:5",
                         help="layer:head pairs of the LLM that are guided")
+    parser.add_argument("--reinit-projector", action="store_true",
+                        help="on resume: start the projector afresh (after a CTC phase collapsed it onto the blank)")
     parser.add_argument("--batch-tokens", type=int, default=900, help="audio + text tokens per batch")
     parser.add_argument("--feat-noise", type=float, default=0.05)
     parser.add_argument("--eval-every-min", type=float, default=12.0)
@@ -340,6 +347,11 @@ def main() -> None:
         state = json.loads((args.out / "last" / "state.json").read_text())
         if args.minutes:
             state["budget"] = args.minutes * 60
+        if args.reinit_projector:
+            parts.reset_projector()
+            for p in parts.projector.parameters():
+                optimizer.state.pop(p, None)
+            print("projector re-initialized", flush=True)
         print(f"resumed at step {state['step']}, {state['elapsed'] / 60:.1f} of {state['budget'] / 60:.0f} min",
               flush=True)
     batcher = Batcher(train, args.batch_tokens, args.seed + state["step"])
