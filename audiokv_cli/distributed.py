@@ -26,6 +26,7 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # ranks on this node (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def distributed(self) -> bool:
@@ -49,11 +50,26 @@ def current_ranks() -> Ranks:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     except ValueError:
-        raise AudiokvError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun)") from None
+        raise AudiokvError("RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE must be integers (set by torchrun)") from None
     if world < 1 or not 0 <= rank < world:
         raise AudiokvError(f"RANK {rank} is outside WORLD_SIZE {world}")
-    return Ranks(rank, world, local)
+    return Ranks(rank, world, local, max(1, local_world))
+
+
+def rank_gpus(ranks: Ranks, gpu_count: int) -> list[int]:
+    """The GPUs of this node that this rank's model may spread over (``--device-map``): the node's GPUs dealt in
+    contiguous groups, one group per local rank (4 GPUs, 2 ranks: [0, 1] and [2, 3]); all of them for a lone rank."""
+    if ranks.local_world <= 1:
+        return list(range(gpu_count))
+    if gpu_count < ranks.local_world:
+        raise AudiokvError(
+            f"--device-map with {ranks.local_world} ranks on a node of {gpu_count} GPUs: each rank needs at least "
+            "one GPU (start fewer ranks per node)"
+        )
+    per_rank = gpu_count // ranks.local_world
+    return list(range(ranks.local_rank * per_rank, (ranks.local_rank + 1) * per_rank))
 
 
 def join(ranks: Ranks, device: str) -> None:

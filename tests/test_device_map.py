@@ -54,3 +54,21 @@ def test_unknown_device_map_is_one_line(tone_wav):
     assert result.exit_code == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "--device-map" in lines[0], result.stderr
+
+
+def test_torchrun_ranks_of_a_node_spread_over_disjoint_gpus():
+    from audiokv_cli.distributed import Ranks, rank_gpus
+    from audiokv_cli.models.registry import placement
+
+    gib = 2**30
+    memory = [80 * gib] * 4
+    assert rank_gpus(Ranks(0, 1, 0, 1), 4) == [0, 1, 2, 3]  # a lone process sees every GPU
+    groups = [rank_gpus(Ranks(r, 2, r, 2), 4) for r in range(2)]
+    assert groups == [[0, 1], [2, 3]]
+    assert [rank_gpus(Ranks(r, 8, r % 4, 4), 4) for r in range(4)] == [[0], [1], [2], [3]]
+    spread = placement("auto", Ranks(3, 4, 1, 2), memory)  # second rank of a node with two ranks
+    assert spread == {"device_map": "auto", "max_memory": {2: 80 * gib, 3: 80 * gib, "cpu": "1TiB"}}
+    assert placement("auto", Ranks(0, 1, 0, 1), memory) == "auto"
+    assert placement(None, Ranks(3, 4, 1, 2), memory) is None
+    with pytest.raises(AudiokvError, match="at least one GPU"):
+        rank_gpus(Ranks(0, 8, 0, 8), 4)

@@ -105,9 +105,11 @@ class ModelAdapter(ABC):
     @staticmethod
     def pretrained(model_class, path: str, *, device: torch.device, dtype: torch.dtype, device_map=None, **kwargs):
         """``model_class.from_pretrained`` in eval mode: on ``device``, or spread by accelerate's ``device_map``
-        (``auto``: over the visible GPUs, then CPU and disk offload) when one is given."""
+        (``auto``: over the visible GPUs, then CPU and disk offload) when one is given. ``device_map`` is a name or
+        the placement keywords themselves (``{"device_map": "auto", "max_memory": {...}}``, a torchrun rank's GPUs)."""
         if device_map is not None:
-            return model_class.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs).eval()
+            placement = device_map if isinstance(device_map, dict) else {"device_map": device_map}
+            return model_class.from_pretrained(path, dtype=dtype, **placement, **kwargs).eval()
         return model_class.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
 
     @property

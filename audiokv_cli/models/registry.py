@@ -198,6 +198,22 @@ def check_device_map(device_map: str | None) -> None:
         raise AudiokvError("--device-map needs the accelerate package (pip install accelerate)") from None
 
 
+def placement(device_map: str | None, ranks=None, gpu_memory=None):
+    """What ``from_pretrained`` gets for ``--device-map``: the name alone, or, for one of several torchrun ranks on a
+    GPU node, the name plus ``max_memory`` limited to this rank's group of GPUs (distributed.rank_gpus) and the
+    CPU, so the ranks of a node spread their models over disjoint GPUs."""
+    if device_map is None or not torch.cuda.is_available() and gpu_memory is None:
+        return device_map
+    from audiokv_cli.distributed import current_ranks, rank_gpus
+
+    ranks = ranks or current_ranks()
+    if ranks.local_world <= 1:
+        return device_map
+    gpu_memory = gpu_memory or [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    gpus = rank_gpus(ranks, len(gpu_memory))
+    return {"device_map": device_map, "max_memory": {**{g: gpu_memory[g] for g in gpus}, "cpu": "1TiB"}}
+
+
 def load_adapter(
     name_or_path: str,
     device: str = "auto",
@@ -239,7 +255,7 @@ def load_adapter(
                 name=name_or_path,
                 revision=revision,
                 local_files_only=local_only,
-                device_map=device_map,
+                device_map=placement(device_map),
                 **options,
             )
     except OSError as error:

@@ -287,11 +287,13 @@ def main() -> None:
     parser.add_argument("--tower-lr", type=float, default=2e-4, help="learning rate of the pretrained top layers")
     parser.add_argument("--lora-lr", type=float, default=4e-4)
     parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--ctc-only-frac", type=float, default=0.1, help="budget share trained on CTC alone")
-    parser.add_argument("--ctc-weight", type=float, default=0.1, help="CTC weight once the LLM loss is on")
+    # CTC is off by default: against the LLM's ~12 k-token vocabulary it stayed in the all-blank phase and pulled
+    # every projected frame towards the blank (docs/bundled-model.md).
+    parser.add_argument("--ctc-only-frac", type=float, default=0.0, help="budget share trained on CTC alone")
+    parser.add_argument("--ctc-weight", type=float, default=0.0, help="CTC weight once the LLM loss is on")
     parser.add_argument("--short-first-frac", type=float, default=0.25, help="budget share on clips under 10 s")
     parser.add_argument("--guide-weight", type=float, default=1.0, help="guided-attention loss weight (0 = off)")
-    parser.add_argument("--guide-until-frac", type=float, default=0.75,
+    parser.add_argument("--guide-until-frac", type=float, default=0.95,
                         help="budget share at which the guided-attention weight has decayed to zero")
     parser.add_argument("--guide-heads", default="8:0,8:4,12:1,12:7,16:2,16:5",
                         help="layer:head pairs of the LLM that are guided")
