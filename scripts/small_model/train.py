@@ -287,7 +287,7 @@ def main() -> None:
     parser.add_argument("--tower-lr", type=float, default=2e-4, help="learning rate of the pretrained top layers")
     parser.add_argument("--lora-lr", type=float, default=4e-4)
     parser.add_argument("--warmup-steps", type=int, default=30)
-    # CTC is off by default: against the LLM's ~12 k-token vocabulary it stayed in the all-blank phase and pulled
+    # CTC is off by default: against the ~10.6 k tokens the transcripts use it stayed in the all-blank phase and pulled
     # every projected frame towards the blank (docs/bundled-model.md).
     parser.add_argument("--ctc-only-frac", type=float, default=0.0, help="budget share trained on CTC alone")
     parser.add_argument("--ctc-weight", type=float, default=0.0, help="CTC weight once the LLM loss is on")
