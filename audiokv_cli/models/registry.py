@@ -202,7 +202,7 @@ def placement(device_map: str | None, ranks=None, gpu_memory=None):
     """What ``from_pretrained`` gets for ``--device-map``: the name alone, or, for one of several torchrun ranks on a
     GPU node, the name plus ``max_memory`` limited to this rank's group of GPUs (distributed.rank_gpus) and the
     CPU, so the ranks of a node spread their models over disjoint GPUs."""
-    if device_map is None or not torch.cuda.is_available() and gpu_memory is None:
+    if device_map is None or (gpu_memory is None and not torch.cuda.is_available()):
         return device_map
     from audiokv_cli.distributed import current_ranks, rank_gpus
 
