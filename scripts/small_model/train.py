@@ -43,6 +43,15 @@ from audiokv_cli.models.base import ASR_INSTRUCTION  # noqa: E402
 from audiokv_cli.models.small_model import LORA_TARGETS, build_processor, load_smollm2  # noqa: E402
 
 
+CHARS = " abcdefghijklmnopqrstuvwxyz'0123456789"
+
+
+def char_ids(text: str) -> list[int]:
+    """Transcript as character classes for the character CTC (1-based; 0 is the blank)."""
+    text = " ".join("".join(c if c in CHARS else " " for c in text.lower()).split())
+    return [CHARS.index(c) + 1 for c in text]
+
+
 class Trainable(torch.nn.Module):
     """Everything training changes, under the names export.py writes."""
 
@@ -59,6 +68,9 @@ class Trainable(torch.nn.Module):
         self.audio_eos = torch.nn.Parameter(mean_embedding.clone())
         self.ctc_blank = torch.nn.Parameter(torch.randn(text_hidden) * 0.02)
         self.ctc_scale = torch.nn.Parameter(torch.tensor(10.0))
+        # a small character CTC head on the projected audio (a training aid, not shipped): with 39 classes it leaves
+        # the all-blank phase quickly and makes the projector spell out what is said
+        self.char_head = torch.nn.Linear(text_hidden, len(CHARS) + 1)
         for p in self.parameters():
             p.requires_grad_(True)
 
@@ -203,6 +215,18 @@ def ctc_loss(parts: Trainable, table: torch.Tensor, class_of: dict, audio, targe
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
+def char_ctc_loss(parts: Trainable, audio, texts: list[str]) -> torch.Tensor:
+    losses = []
+    for a, text in zip(audio, texts):
+        ids = char_ids(text)
+        if not ids or len(ids) > a.shape[0]:
+            continue
+        lp = parts.char_head(a).float().log_softmax(-1)[:, None]
+        losses.append(F.ctc_loss(lp, torch.tensor(ids)[None], torch.tensor([a.shape[0]]), torch.tensor([len(ids)]),
+                                 reduction="sum", zero_infinity=True) / len(ids))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
 def norm_penalty(audio, target_norm: float) -> torch.Tensor:
     """Keep projected audio tokens at the LLM's embedding scale (its layers were trained on that scale)."""
     norms = torch.cat([a.norm(dim=-1) for a in audio])
@@ -268,7 +292,9 @@ def load_trainable(path: Path, parts: Trainable, llm) -> None:
     from safetensors.torch import load_file
 
     state = load_file(path / "trainable.safetensors")
-    parts.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("parts.")})
+    missing, _ = parts.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("parts.")}, strict=False)
+    if any(not name.startswith("char_head.") for name in missing):
+        raise SystemExit(f"checkpoint {path} lacks {missing}")
     params = dict(llm.named_parameters())
     for k, v in state.items():
         if k.startswith("lora."):
@@ -292,6 +318,7 @@ def main() -> None:
     parser.add_argument("--ctc-only-frac", type=float, default=0.0, help="budget share trained on CTC alone")
     parser.add_argument("--ctc-weight", type=float, default=0.0, help="CTC weight once the LLM loss is on")
     parser.add_argument("--short-first-frac", type=float, default=0.25, help="budget share on clips under 10 s")
+    parser.add_argument("--char-ctc-weight", type=float, default=0.5, help="character CTC weight (0 = off)")
     parser.add_argument("--guide-weight", type=float, default=1.0, help="guided-attention loss weight (0 = off)")
     parser.add_argument("--guide-until-frac", type=float, default=0.95,
                         help="budget share at which the guided-attention weight has decayed to zero")
@@ -345,7 +372,10 @@ def main() -> None:
     state = {"step": 0, "elapsed": 0.0, "budget": (args.minutes or 120.0) * 60, "last_eval": 0.0, "last_save": 0.0}
     if (args.out / "last" / "state.json").exists():
         load_trainable(args.out / "last", parts, llm)
-        optimizer.load_state_dict(torch.load(args.out / "last" / "optimizer.pt", weights_only=True))
+        try:
+            optimizer.load_state_dict(torch.load(args.out / "last" / "optimizer.pt", weights_only=True))
+        except ValueError:  # a checkpoint from before the character head: its parameter groups differ
+            print("optimizer state does not fit (new parameters): fresh optimizer moments", flush=True)
         state = json.loads((args.out / "last" / "state.json").read_text())
         if args.minutes:
             state["budget"] = args.minutes * 60
@@ -380,14 +410,16 @@ def main() -> None:
             inputs, mask, labels, audio, targets, guide_rows = build_inputs(
                 parts, embed, prompt, train, batch, args.feat_noise
             )
-            ctc = ctc_loss(parts, table, class_of, audio, targets)
+            use_ctc = ctc_only or args.ctc_weight > 0
+            ctc = ctc_loss(parts, table, class_of, audio, targets) if use_ctc else torch.zeros(())
             loss = ctc + 0.1 * norm_penalty(audio, target_norm)
+            chars = char_ctc_loss(parts, audio, [train.metas[i]["spoken"] for i in batch])
             lm = guide = None
             if not ctc_only:
                 guide_weight = args.guide_weight * max(0.0, 1.0 - frac / args.guide_until_frac)
                 out = llm(inputs_embeds=inputs, attention_mask=mask, labels=labels, output_attentions=guide_weight > 0)
                 lm = out.loss
-                loss = lm + args.ctc_weight * loss
+                loss = lm + args.ctc_weight * loss + args.char_ctc_weight * chars
                 if guide_weight > 0:
                     guide = guided_attention_loss(out.attentions, guide_heads, guide_rows)
                     loss = loss + guide_weight * guide
@@ -399,8 +431,9 @@ def main() -> None:
         avg["ctc"] = moving_average(avg.get("ctc"), float(ctc.detach()))
         avg["lm"] = moving_average(avg.get("lm"), None if lm is None else float(lm.detach()))
         avg["guide"] = moving_average(avg.get("guide"), None if guide is None else float(guide.detach()))
+        avg["chars"] = moving_average(avg.get("chars"), float(chars.detach()))
         if state["step"] % 10 == 0:
-            row = {"step": state["step"], "minutes": round(elapsed / 60, 2), "ctc": avg["ctc"], "lm": avg["lm"], "guide": avg["guide"],
+            row = {"step": state["step"], "minutes": round(elapsed / 60, 2), "ctc": avg["ctc"], "lm": avg["lm"], "guide": avg["guide"], "chars": avg["chars"],
                    "clips": len(batch), "seconds_per_step": round(time.time() - t0, 2),
                    "lr": optimizer.param_groups[0]["lr"], "train_clips": len(train.metas)}
             print(json.dumps(row), flush=True)
