@@ -49,6 +49,13 @@ def test_device_map_needs_accelerate(tiny_model_dir, monkeypatch):
         load_adapter(str(tiny_model_dir), device="cpu", dtype="float32", device_map="auto")
 
 
+def test_cli_choices_are_the_library_ones():
+    from audiokv_cli.commands.common import DeviceMap
+    from audiokv_cli.models.registry import DEVICE_MAPS
+
+    assert tuple(m.value for m in DeviceMap) == DEVICE_MAPS
+
+
 def test_unknown_device_map_is_one_line(tone_wav):
     result = CliRunner().invoke(app, ["infer", str(tone_wav), "--device-map", "everywhere"])
     assert result.exit_code == 2

@@ -22,7 +22,7 @@ class Device(str, Enum):
 
 
 class DeviceMap(str, Enum):
-    """accelerate's placements: one model over the visible GPUs, then CPU RAM, then disk."""
+    """accelerate's placements (registry.DEVICE_MAPS): one model over the visible GPUs, then CPU RAM, then disk."""
 
     auto = "auto"
     balanced = "balanced"

@@ -245,8 +245,9 @@ def load_adapter(
     model_type, local_only = _load_model_type(target, revision)
     adapter_class = _adapter_for_type(target, model_type)
     try:
-        placed_by_map = device_map is not None or torch_device.type != "cuda"
-        with contextlib.nullcontext() if placed_by_map else torch.device(torch_device):
+        # the device context places a plain load on the GPU; accelerate's map places a mapped one itself
+        in_device_context = device_map is None and torch_device.type == "cuda"
+        with torch.device(torch_device) if in_device_context else contextlib.nullcontext():
             adapter = adapter_class.load(
                 target,
                 device=torch_device,
