@@ -24,8 +24,9 @@ if [[ "$STAGE" == all || "$STAGE" == data ]]; then
 fi
 
 if [[ "$STAGE" == all || "$STAGE" == train ]]; then
-    # The transcript loss through SmolLM2 with LoRA, guided attention on six heads until 95 % of the budget, short
-    # clips only for the first 25 %. (The measured run used CTC in its first half: docs/bundled-model.md.)
+    # The transcript loss through SmolLM2 with LoRA, a character CTC head on the projected audio, guided attention on
+    # six heads until 95 % of the budget, short clips only for the first 25 %. (The measured run got there in four
+    # stages: docs/bundled-model.md.)
     python scripts/small_model/train.py --data "$DATA" --out "$OUT" --minutes "$MINUTES"
 fi
 
