@@ -132,29 +132,15 @@ def run_clips(
         tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens, positions)
     per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
     kept = _kept_bytes_per_row(session, rows)
-    results = []
-    for row, prepared in enumerate(prepared_list):
-        results.append(
-            ClipResult(
-                clip=names[row] if names else "",
-                text=adapter.decode(tokens[row]),
-                model=adapter.name,
-                method=policy.name,
-                retention=policy.retention,
-                scope=policy.scope,
-                audio_seconds=round(prepared.audio_seconds, 3),
-                prompt_tokens=prepared.prompt_tokens,
-                audio_tokens=prepared.audio_tokens,
-                generated_tokens=len(tokens[row]),
-                kv_bytes_full=prepared.prompt_tokens * per_token,
-                kv_bytes_kept=kept[row],
-                seconds_prefill=round(seconds_prefill, 4),
-                seconds_decode=round(seconds_decode, 4),
-                hit_token_limit=len(tokens[row]) >= max_new_tokens,
-                token_ids=tokens[row],
-            )
+    return [
+        ClipResult.of(
+            adapter, policy, prepared, tokens[row], clip=names[row] if names else "",
+            kv_bytes_full=prepared.prompt_tokens * per_token, kv_bytes_kept=kept[row],
+            seconds_prefill=seconds_prefill, seconds_decode=seconds_decode,
+            hit_token_limit=len(tokens[row]) >= max_new_tokens,
         )
-    return results
+        for row, prepared in enumerate(prepared_list)
+    ]
 
 
 def _kept_bytes_per_row(session: BatchSession, rows: int) -> list[int]:

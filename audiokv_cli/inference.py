@@ -37,6 +37,32 @@ class ClipResult:
     cache_entries: int = 0
     kept_per_head: dict = field(default_factory=dict)
 
+    @classmethod
+    def of(cls, adapter, policy, prepared, tokens: list[int], *, clip: str, kv_bytes_full: int, kv_bytes_kept: int,
+           seconds_prefill: float, seconds_decode: float, hit_token_limit: bool, kept_per_head: dict | None = None):
+        """The result of decoding ``prepared`` under ``policy``: what the clip, model and policy say, plus the run's
+        own figures."""
+        return cls(
+            clip=clip,
+            text=adapter.decode(tokens),
+            model=adapter.name,
+            method=policy.name,
+            retention=policy.retention,
+            scope=policy.scope,
+            audio_seconds=round(prepared.audio_seconds, 3),
+            prompt_tokens=prepared.prompt_tokens,
+            cache_entries=prepared.compressed_length,
+            audio_tokens=prepared.audio_tokens,
+            generated_tokens=len(tokens),
+            kv_bytes_full=kv_bytes_full,
+            kv_bytes_kept=kv_bytes_kept,
+            seconds_prefill=round(seconds_prefill, 4),
+            seconds_decode=round(seconds_decode, 4),
+            hit_token_limit=hit_token_limit,
+            token_ids=tokens,
+            kept_per_head=kept_per_head or {},
+        )
+
     @property
     def kept_ratio(self) -> float:
         return self.kv_bytes_kept / self.kv_bytes_full if self.kv_bytes_full else 1.0
@@ -83,23 +109,8 @@ def run_clip(
         tokens, seconds_decode, hit_limit = decode_greedy(
             adapter, session.model_cache, logits, max_new_tokens, stop_at_eos, on_token
         )
-    return ClipResult(
-        clip=clip,
-        text=adapter.decode(tokens),
-        model=adapter.name,
-        method=policy.name,
-        retention=policy.retention,
-        scope=policy.scope,
-        audio_seconds=round(prepared.audio_seconds, 3),
-        prompt_tokens=prepared.prompt_tokens,
-        cache_entries=prepared.compressed_length,
-        audio_tokens=prepared.audio_tokens,
-        generated_tokens=len(tokens),
-        kv_bytes_full=full_bytes,
-        kv_bytes_kept=kept_bytes,
-        seconds_prefill=round(seconds_prefill, 4),
-        seconds_decode=round(seconds_decode, 4),
-        hit_token_limit=hit_limit,
-        token_ids=tokens,
-        kept_per_head=session.summary() if policy.evicts else {},
+    return ClipResult.of(
+        adapter, policy, prepared, tokens, clip=clip, kv_bytes_full=full_bytes, kv_bytes_kept=kept_bytes,
+        seconds_prefill=seconds_prefill, seconds_decode=seconds_decode, hit_token_limit=hit_limit,
+        kept_per_head=session.summary() if policy.evicts else None,
     )
