@@ -65,10 +65,13 @@ def audiokv_attention(module, query, key, value, attention_mask, dropout: float 
 
 
 def register() -> None:
-    """Make "audiokv" a valid attention implementation (idempotent)."""
-    from transformers import AttentionInterface
+    """Make "audiokv" a valid attention implementation (idempotent), with SDPA's masks: without a mask function
+    transformers builds no mask at all, and sliding-window layers would attend to the whole prompt."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTENTION_NAME, audiokv_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
 @contextmanager

@@ -422,3 +422,74 @@ def build_tiny_whisper(out_dir: str | Path, seed: int = 0, num_layers: int = 2, 
     processor = WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+# Gemma-3n's special tokens. The multimodal ones come last, as in the released vocabulary: the start-of-image and
+# start-of-audio markers are text tokens, the rest fall in the vision and audio embedders' id ranges.
+GEMMA3N_TOKENS = ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"]
+GEMMA3N_MEDIA_TOKENS = {
+    "boi_token": "<start_of_image>", "boa_token": "<start_of_audio>",
+    "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>",
+    "eoa_token": "<end_of_audio>", "audio_token": "<audio_soft_token>",
+}
+GEMMA3N_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<start_of_turn>"
+    "{{ 'model' if message['role'] == 'assistant' else message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] | trim }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'audio' %}<audio_soft_token>{% elif item['type'] == 'text' %}{{ item['text'] | trim }}"
+    "{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n"
+    "{% endif %}"
+)
+
+
+def build_tiny_gemma3n(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 6, num_heads: int = 4, num_kv_heads: int = 2,
+    hidden: int = 64, sliding_window: int = 512, num_kv_shared_layers: int = 2,
+) -> Path:
+    """A random Gemma3nForConditionalGeneration (conformer audio encoder; decoder alternating sliding-window and
+    global layers, the last ``num_kv_shared_layers`` reading earlier layers' caches), built and saved without its
+    vision tower, and its processor files."""
+    import torch
+    from transformers import Gemma3nAudioFeatureExtractor, Gemma3nConfig, Gemma3nForConditionalGeneration
+
+    from audiokv_cli.models.gemma3n import gemma3n_processor, without_vision_tower
+    from audiokv_cli.testing import build_character_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        GEMMA3N_TOKENS, eos_token="<end_of_turn>", pad_token="<pad>", bos_token="<bos>", with_newline=True,
+        extra_special_tokens=GEMMA3N_MEDIA_TOKENS, chat_template=GEMMA3N_TEMPLATE,
+    )
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in GEMMA3N_MEDIA_TOKENS.items()}
+    vision_offset, audio_offset = ids["eoi_token"], ids["eoa_token"]
+    processor = gemma3n_processor(Gemma3nAudioFeatureExtractor(), tokenizer, chat_template=GEMMA3N_TEMPLATE)
+    head_dim = hidden // num_heads
+    config = Gemma3nConfig(
+        text_config={
+            **_text_config(tokenizer, "gemma3n_text", num_layers, num_heads, num_kv_heads, hidden, head_dim=head_dim),
+            "vocab_size_per_layer_input": vision_offset,
+            "hidden_size_per_layer_input": 8,
+            "laurel_rank": 8,
+            "altup_num_inputs": 2,
+            "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)],
+            "sliding_window": sliding_window,
+            "num_kv_shared_layers": num_kv_shared_layers,
+            "activation_sparsity_pattern": [0.0] * num_layers,
+            "bos_token_id": tokenizer.bos_token_id,
+        },
+        audio_config={
+            "hidden_size": 32, "conf_num_attention_heads": 2, "conf_num_hidden_layers": 1,
+            "sscp_conv_channel_size": [8, 8], "vocab_size": len(tokenizer) - audio_offset, "vocab_offset": audio_offset,
+        },
+        vision_config={"hidden_size": 16, "vocab_size": audio_offset - vision_offset, "vocab_offset": vision_offset},
+        boi_token_id=ids["boi_token"], eoi_token_id=ids["eoi_token"], image_token_id=ids["image_token"],
+        boa_token_id=ids["boa_token"], eoa_token_id=ids["eoa_token"], audio_token_id=ids["audio_token"],
+    )
+    torch.manual_seed(seed)
+    with without_vision_tower():
+        model = Gemma3nForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<eos>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -24,9 +24,9 @@ class RecordingRaggedCache(RaggedKVCache):
         super().__init__(num_layers)
         self.keep_masks: dict[int, torch.Tensor] = {}
 
-    def compress_layer(self, layer_idx: int, keep: torch.Tensor) -> None:
+    def compress_layer(self, layer_idx: int, keep: torch.Tensor, window: int | None = None) -> None:
         self.keep_masks[layer_idx] = keep.detach().clone()
-        super().compress_layer(layer_idx, keep)
+        super().compress_layer(layer_idx, keep, window)
 
 
 class MaskedDenseAttention:
@@ -37,15 +37,15 @@ class MaskedDenseAttention:
         self.prompt_tokens = prompt_tokens
         self.layer_index = adapter.cache_layer_index if adapter is not None else (lambda module: module.layer_idx)
         self.cross_attention = adapter is not None and adapter.compressed_attention == "cross"
-        self.prefilled: set[int] = set()
+        self.prefilled: set[int] = set()  # ids of the attention modules that have run their prefill
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         layer = self.layer_index(module)
         keep = self.keep_masks.get(layer) if layer is not None else None
-        if keep is None or layer not in self.prefilled:
-            # The first call of a layer is its prefill: full attention, as in the compressed run.
-            if layer is not None:
-                self.prefilled.add(layer)
+        if keep is None or id(module) not in self.prefilled:
+            # The first call of a module is its prefill: full attention, as in the compressed run (a layer that
+            # reads another layer's cache has its own first call).
+            self.prefilled.add(id(module))
             return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
         length = key.shape[-2]
         batch, query_heads, q_len, _ = query.shape
@@ -56,6 +56,9 @@ class MaskedDenseAttention:
             # Causal among the new tokens (a multi-token step sees only itself and earlier ones).
             positions = torch.arange(length, device=query.device)
             allowed &= positions[None, :] <= (positions[-q_len:])[:, None]
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            # The model's own mask (a sliding window) applies on top of the evictions.
+            allowed &= attention_mask[..., -q_len:, -length:].to(query.device)
         allowed = allowed.repeat_interleave(group, dim=1)
         keys = key.float().repeat_interleave(group, dim=1)
         values = value.float().repeat_interleave(group, dim=1)
@@ -124,7 +127,7 @@ def assert_matches_masked_dense(adapter, prepared, policy: CompressionPolicy, st
     """The check every adapter's tests run: compressed logits equal the masked dense ones at every step, and the
     comparison is not vacuous (entries were evicted in every layer, and they changed the logits)."""
     result = compare_with_masked_dense(adapter, prepared, policy, steps)
-    assert sorted(result.keep_masks) == list(range(len(result.keep_masks))) and result.keep_masks
+    assert sorted(result.keep_masks) == adapter.compressed_layers() and result.keep_masks
     assert all(not bool(mask.all()) for mask in result.keep_masks.values()), "a layer evicted nothing"
     assert result.max_difference <= atol, f"compressed vs masked dense: {result.max_difference:.2e} > {atol:g}"
     # Prefill logits are exact either way; after it, eviction must show in the full-cache run's logits.

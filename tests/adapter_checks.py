@@ -44,8 +44,8 @@ def check_lossless_equals_generate(adapter, audio: np.ndarray, steps: int = 8) -
         assert result.token_ids == expected[: len(result.token_ids)], method
         assert len(result.token_ids) == len(expected) or result.hit_token_limit, method
         if method != "full":
-            assert result.kept_per_head["kept"] == [[prepared.prompt_tokens] * adapter.geometry.num_kv_heads] * (
-                adapter.geometry.num_layers
+            assert result.kept_per_head["kept"] == [[prepared.prompt_tokens] * adapter.geometry.num_kv_heads] * len(
+                adapter.compressed_layers()
             )
 
 

@@ -5,6 +5,10 @@ segment order with positions ascending inside a segment, plus one length per seg
 generated after compression are appended to every head, so they form a dense `[B, Hkv, T, head_dim]` tail that grows
 in chunks. Nothing evicted survives: after `compress` the dense prompt tensors are released. The segment layout the
 decode kernels need (`decode_kernels.SegmentLayout`) is built once, at compress time.
+
+A sliding-window layer (a query at position t sees keys after t - window) also remembers each kept entry's
+position; `expire` drops the entries a new query can no longer see, prompt and tail alike, as transformers' own
+sliding cache does, so the decode kernels need no window mask.
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ class RaggedLayer(CacheLayerMixin):
         self.tail_keys: torch.Tensor | None = None
         self.tail_values: torch.Tensor | None = None
         self.tail_length = 0
+        # Sliding-window layers only: the window, each packed entry's position, tail tokens already expired.
+        self.window: int | None = None
+        self.flat_positions: torch.Tensor | None = None
+        self.tail_dropped = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -67,8 +75,9 @@ class RaggedLayer(CacheLayerMixin):
         self.tail_values[:, :, self.tail_length : needed] = value_states
         self.tail_length = needed
 
-    def compress(self, keep: torch.Tensor) -> None:
-        """Keep only ``keep[b, h, position]`` entries of the dense prompt cache and free the rest."""
+    def compress(self, keep: torch.Tensor, window: int | None = None) -> None:
+        """Keep only ``keep[b, h, position]`` entries of the dense prompt cache and free the rest; ``window``: the
+        layer attends over a sliding window of that many positions."""
         if self.compressed:
             raise RuntimeError("layer is already compressed")
         batch, heads, length, _ = self.keys.shape
@@ -78,6 +87,8 @@ class RaggedLayer(CacheLayerMixin):
         rows, kv_heads, positions = keep.nonzero(as_tuple=True)
         self.flat_keys = self.keys[rows, kv_heads, positions].contiguous()
         self.flat_values = self.values[rows, kv_heads, positions].contiguous()
+        if window is not None:
+            self.window, self.flat_positions = window, positions.to(torch.int32)
         self.segment_lengths = keep.sum(-1).reshape(-1)
         self.layout = SegmentLayout.from_lengths(self.segment_lengths)
         self.prompt_length = length
@@ -100,9 +111,33 @@ class RaggedLayer(CacheLayerMixin):
         self.tail_length = 0
         self.compressed = True
 
+    def expire(self, query_position: int) -> None:
+        """Sliding-window layer: drop every entry a query at ``query_position`` (and any later one) cannot see."""
+        if self.window is None:
+            return
+        horizon = query_position - self.window  # entries at or before it are outside the window
+        visible = self.flat_positions > horizon
+        if not bool(visible.all()):
+            segments = torch.repeat_interleave(
+                torch.arange(self.segment_lengths.numel(), device=visible.device), self.segment_lengths
+            )
+            self.flat_keys = self.flat_keys[visible].contiguous()
+            self.flat_values = self.flat_values[visible].contiguous()
+            self.flat_positions = self.flat_positions[visible]
+            self.segment_lengths = torch.bincount(segments[visible], minlength=self.segment_lengths.numel())
+            self.layout = SegmentLayout.from_lengths(self.segment_lengths)
+        tail_start = self.prompt_length + self.tail_dropped
+        stale = min(max(0, horizon + 1 - tail_start), self.tail_length)
+        if stale:
+            # Shift the tail down; its capacity is kept for the tokens still to come.
+            kept = self.tail_length - stale
+            self.tail_keys[:, :, :kept] = self.tail_keys[:, :, stale : self.tail_length].clone()
+            self.tail_values[:, :, :kept] = self.tail_values[:, :, stale : self.tail_length].clone()
+            self.tail_length, self.tail_dropped = kept, self.tail_dropped + stale
+
     def get_seq_length(self) -> int:
         if self.compressed:
-            return self.prompt_length + self.tail_length
+            return self.prompt_length + self.tail_dropped + self.tail_length
         if self.keys is None:
             return 0
         return self.keys.shape[-2]
@@ -122,7 +157,7 @@ class RaggedLayer(CacheLayerMixin):
 
     def physical_bytes(self, include_tail: bool = True) -> int:
         """Bytes of storage the layer holds (allocated tail capacity included)."""
-        tensors = [self.keys, self.values, self.flat_keys, self.flat_values, self.segment_lengths]
+        tensors = [self.keys, self.values, self.flat_keys, self.flat_values, self.segment_lengths, self.flat_positions]
         if include_tail:
             tensors += [self.tail_keys, self.tail_values]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
@@ -134,8 +169,8 @@ class RaggedKVCache(Cache):
     def __init__(self, num_layers: int):
         super().__init__(layers=[RaggedLayer() for _ in range(num_layers)])
 
-    def compress_layer(self, layer_idx: int, keep: torch.Tensor) -> None:
-        self.layers[layer_idx].compress(keep)
+    def compress_layer(self, layer_idx: int, keep: torch.Tensor, window: int | None = None) -> None:
+        self.layers[layer_idx].compress(keep, window)
 
     def is_compressed(self, layer_idx: int) -> bool:
         return self.layers[layer_idx].compressed

@@ -85,6 +85,11 @@ class ChunkedSession(CompressionSession):
 
     def __init__(self, policy: CompressionPolicy, adapter, prepared, chunk: int):
         check_chunked(policy, chunk)
+        layers = adapter.compressed_layers()
+        if len(layers) != adapter.geometry.num_layers or any(adapter.sliding_window(i) for i in layers):
+            raise AudiokvError(
+                f"--prefill-chunk does not support {adapter.name}: its layers share caches or attend over a sliding window"
+            )
         super().__init__(policy, adapter, prepared)
         self.chunk = chunk
         self.prefilling = True

@@ -20,6 +20,7 @@ from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
 from audiokv_cli.compression.scorers import Scorer, bit_reversal_rank
 from audiokv_cli.compression.selection import SCOPES, audio_mask, select_positions
 from audiokv_cli.compression.smoothers import NoSmoothing, Smoother
+from audiokv_cli.errors import AudiokvError
 
 
 # Which positions the smoother filters: every evictable one, or only the evictable audio tokens.
@@ -142,7 +143,15 @@ class LayerKeepStats:
 
 
 class CompressionSession:
-    """Binds a policy to one prompt: owns the cache and does the per-layer work during prefill."""
+    """Binds a policy to one prompt: owns the cache and does the per-layer work during prefill.
+
+    Each layer that owns a cache is compressed once (`adapter.compressed_layers`); a layer that reads another
+    layer's cache (`adapter.cache_sources`) attends over that layer's dense keys in prefill and over its compressed
+    cache afterwards, so both always see the same entries. Budgets are shared among the cache-owning layers, and a
+    head profile's scores of sharing layers count for the cache they read. A sliding-window layer is compressed
+    among the prompt entries the first generated token can still see, and its cache drops entries as the window
+    moves on (`RaggedLayer.expire`).
+    """
 
     def __init__(self, policy: CompressionPolicy, adapter, prepared, cache: RaggedKVCache | None = None):
         self.adapter = adapter
@@ -154,13 +163,20 @@ class CompressionSession:
         self.cross_attention = adapter.compressed_attention == "cross"
         if self.cross_attention and policy.cross_attention:
             policy = policy.for_cross_attention()
+        self.sources = adapter.cache_sources()
+        # Budget allocators count layers 0..K-1 over the K layers that own a cache.
+        self.budget_layer = {layer: rank for rank, layer in enumerate(adapter.compressed_layers())}
+        if len(self.budget_layer) != geometry.num_layers and isinstance(policy.budget, ProfileBudget):
+            policy = dataclasses.replace(policy, budget=ProfileBudget(
+                self.owner_head_scores(policy.budget.head_scores), floor_fraction=policy.budget.floor_fraction
+            ))
         self.policy = policy
         self.context = BudgetContext(
             retention=policy.retention,
             prompt_len=prepared.compressed_length,
             # A cross-attention cache holds only audio frames: no observation window among its keys to force.
             window=0 if self.cross_attention else policy.window,
-            num_layers=geometry.num_layers,
+            num_layers=len(self.budget_layer),
             num_kv_heads=geometry.num_kv_heads,
             num_query_heads=geometry.num_query_heads,
             scope=policy.scope,
@@ -171,6 +187,43 @@ class CompressionSession:
         # Largest cache footprint seen during prefill: compressed layers so far plus the one still dense.
         self.peak_prefill_bytes = 0
 
+    def owner_head_scores(self, head_scores: torch.Tensor) -> torch.Tensor:
+        """[K, Hq]: each cache-owning layer's row plus the rows of the layers that read its cache."""
+        if head_scores.shape[0] != len(self.sources):
+            return head_scores  # the budget reports the shape mismatch
+        merged = torch.zeros(len(self.budget_layer), head_scores.shape[1], dtype=head_scores.dtype)
+        for layer, source in enumerate(self.sources):
+            merged[self.budget_layer[source]] += head_scores[layer].to(merged.device)
+        return merged
+
+    def live_start(self, layer_idx: int) -> int:
+        """First prompt position the first generated token can see in this layer (0 unless a window cuts it)."""
+        window = self.adapter.sliding_window(layer_idx)
+        if window is None or self.cross_attention:
+            return 0
+        return max(0, self.prepared.compressed_length - (window - 1))
+
+    def live_context(self, context: BudgetContext, start: int) -> BudgetContext:
+        """``context`` for the prompt suffix from ``start``: the part a sliding-window layer still attends to."""
+        spans = tuple((max(a, start) - start, b - start) for a, b in context.audio_spans if b > start)
+        return dataclasses.replace(context, prompt_len=context.prompt_len - start, audio_spans=spans)
+
+    def layer_keep_mask(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> torch.Tensor:
+        """bool ``[B, Hkv, L]``: what this session's policy keeps of the layer's prompt entries."""
+        rank = self.budget_layer[layer_idx]
+        start = self.live_start(layer_idx)
+        if start == 0:
+            return self.policy.keep_mask(rank, queries, keys, scaling, self.context, scores=scores)
+        if scores is None:
+            # Scored over the whole prompt, then cut: the same numbers a recorded prefill replays (evaluation).
+            scores = self.policy.scorer.score(queries, keys, scaling)
+        keep = torch.zeros(keys.shape[:-1], dtype=torch.bool, device=keys.device)
+        keep[..., start:] = self.policy.keep_mask(
+            rank, queries, keys[..., start:, :], scaling, self.live_context(self.context, start),
+            scores=scores[..., start:],
+        )
+        return keep
+
     def audio_position_mask(self, length: int, device) -> torch.Tensor:
         """bool[length]: the audio positions among the first `length` prompt positions (a chunked prefill's part)."""
         spans = [(start, min(end, length)) for start, end in self.prepared.audio_spans if start < length]
@@ -180,25 +233,34 @@ class CompressionSession:
         layer = self.cache.layers[layer_idx]
         self.full_prompt_bytes += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         self.peak_prefill_bytes = max(self.peak_prefill_bytes, self.cache.physical_bytes(include_tail=False))
-        keep = self.policy.keep_mask(layer_idx, queries, keys, scaling, self.context, scores=scores)
+        keep = self.layer_keep_mask(layer_idx, queries, keys, scaling, scores=scores)
         audio = self.audio_position_mask(keep.shape[-1], keep.device)
         self.layer_stats[layer_idx] = LayerKeepStats(
             kept=keep[0].sum(-1).tolist(),
             audio_kept=(keep[0] & audio).sum(-1).tolist(),
             text_kept=(keep[0] & ~audio).sum(-1).tolist(),
         )
-        self.cache.compress_layer(layer_idx, keep)
+        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx))
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         layer_idx = self.adapter.cache_layer_index(module)
         if layer_idx is None:
             return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        if self.cache.is_compressed(layer_idx):
-            return ragged_decode_attention(self.cache.layers[layer_idx], query, scaling), None
+        sharing = layer_idx != module.layer_idx
+        if self.cache.is_compressed(layer_idx) and not (sharing and self.is_prefill(query, key)):
+            return self.decode_attention(layer_idx, query, scaling), None
         output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        if self.evicts and self.is_prefill(query, key):
+        if self.evicts and not sharing and self.is_prefill(query, key):
             self.compress_layer(layer_idx, query, key, scaling)
         return output
+
+    def decode_attention(self, layer_idx: int, query, scaling: float) -> torch.Tensor:
+        layer = self.cache.layers[layer_idx]
+        if layer.window is not None:
+            if query.shape[-2] != 1:
+                raise AudiokvError("a compressed sliding-window layer decodes one token at a time")
+            layer.expire(layer.get_seq_length() - 1)
+        return ragged_decode_attention(layer, query, scaling)
 
     @property
     def evicts(self) -> bool:

@@ -42,9 +42,8 @@ class CellBatchSession(CompressionSession):
         for row, session in enumerate(self.rows):
             if session.policy.evicts:
                 row_queries = None if queries is None else queries[row : row + 1]
-                mask = session.policy.keep_mask(
-                    layer_idx, row_queries, keys[row : row + 1], scaling, session.context,
-                    scores=None if scores is None else scores[row],
+                mask = session.layer_keep_mask(
+                    layer_idx, row_queries, keys[row : row + 1], scaling, scores=None if scores is None else scores[row]
                 )
                 keep[row] = mask[0]
             session.layer_stats[layer_idx] = LayerKeepStats(
@@ -52,7 +51,7 @@ class CellBatchSession(CompressionSession):
                 audio_kept=(keep[row] & audio).sum(-1).tolist(),
                 text_kept=(keep[row] & ~audio).sum(-1).tolist(),
             )
-        self.cache.compress_layer(layer_idx, keep)
+        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx))
         self.seconds_compress += time.perf_counter() - start
 
     def kept_bytes(self, row: int) -> int:
@@ -89,13 +88,13 @@ def run_cells_replayed(adapter, prepared, record, policies: Sequence[Compression
     rows = len(policies)
     session = CellBatchSession(policies, adapter, prepared)
     with torch.no_grad():
-        for index, layer in enumerate(record.layers):
+        for layer in record.layers:
             keys = layer.keys.expand(rows, *layer.keys.shape[1:])
             values = layer.values.expand(rows, *layer.values.shape[1:])
             # update() keeps references; compression builds new tensors, so the record stays intact.
-            session.cache.layers[index].update(keys, values)
+            session.cache.layers[layer.index].update(keys, values)
             scores = [layer.scores.get(scorer_key(policy)) for policy in policies]
-            session.compress_layer(index, None, keys, layer.scaling, scores=scores)
+            session.compress_layer(layer.index, None, keys, layer.scaling, scores=scores)
     with use_attention_handler(adapter, session):
         logits = record.first_logits.expand(rows, *record.first_logits.shape[1:])
         tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens)

@@ -122,6 +122,7 @@ def scorer_key(policy: CompressionPolicy) -> str | None:
 
 @dataclass
 class LayerRecord:
+    index: int  # the decoder layer whose cache this is
     keys: torch.Tensor
     values: torch.Tensor
     scaling: float
@@ -140,18 +141,20 @@ class PrefillRecord:
 class _Recorder:
     """Attention handler for the shared prefill: full attention, plus each layer's dense K/V and raw scores."""
 
-    def __init__(self, prompt_tokens: int, scorers: Mapping[str, object]):
+    def __init__(self, prompt_tokens: int, scorers: Mapping[str, object], owners: set[int]):
         self.prompt_tokens = prompt_tokens
         self.scorers = scorers
+        self.owners = owners  # layers that own a cache; a layer sharing another's has nothing to record
         self.layers: dict[int, LayerRecord] = {}
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        if query.shape[-2] == self.prompt_tokens and key.shape[-2] == query.shape[-2]:
+        prefill = query.shape[-2] == self.prompt_tokens and key.shape[-2] == query.shape[-2]
+        if prefill and module.layer_idx in self.owners:
             # The same calls a live session makes on the same tensors, so the scores are bit-identical; H2O needs
             # every query row, which is why scores are computed here and the queries are not kept.
             scores = {name: scorer.score(query, key, scaling) for name, scorer in self.scorers.items()}
-            self.layers[module.layer_idx] = LayerRecord(key, value, scaling, scores)
+            self.layers[module.layer_idx] = LayerRecord(module.layer_idx, key, value, scaling, scores)
         return output
 
 
@@ -160,7 +163,8 @@ def record_prefill(adapter, prepared, policies: Sequence[CompressionPolicy]) -> 
     from audiokv_cli.compression.cache import RaggedKVCache
 
     scorers = {scorer_key(p): p.scorer for p in policies if p.evicts}
-    recorder = _Recorder(prepared.prompt_tokens, scorers)
+    owners = adapter.compressed_layers()
+    recorder = _Recorder(prepared.prompt_tokens, scorers, set(owners))
     cache = RaggedKVCache(adapter.geometry.num_layers)
     synchronize(adapter.device)
     start = time.perf_counter()
@@ -168,7 +172,7 @@ def record_prefill(adapter, prepared, policies: Sequence[CompressionPolicy]) -> 
         logits = adapter.next_token_logits(prepared.inputs, cache)
     synchronize(adapter.device)
     seconds = time.perf_counter() - start
-    missing = [i for i in range(adapter.geometry.num_layers) if i not in recorder.layers]
+    missing = [i for i in owners if i not in recorder.layers]
     if missing:
         raise AudiokvError(f"prefill did not reach decoder layers {missing}; the model's attention is not routed")
     return PrefillRecord([recorder.layers[i] for i in sorted(recorder.layers)], logits, seconds)
@@ -189,12 +193,12 @@ def run_cell(adapter, prepared, record: PrefillRecord, policy: CompressionPolicy
     session = CompressionSession(policy, adapter, prepared)
     start = time.perf_counter()
     with torch.no_grad():
-        for index, layer in enumerate(record.layers):
+        for layer in record.layers:
             # update() keeps references; compression builds new tensors, so the record stays intact for later cells.
-            session.cache.layers[index].update(layer.keys, layer.values)
+            session.cache.layers[layer.index].update(layer.keys, layer.values)
             if policy.evicts:
                 scores = layer.scores[scorer_key(policy)]
-                session.compress_layer(index, None, layer.keys, layer.scaling, scores=scores)
+                session.compress_layer(layer.index, None, layer.keys, layer.scaling, scores=scores)
     seconds_compress = time.perf_counter() - start
     kept = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
     with use_attention_handler(adapter, session):

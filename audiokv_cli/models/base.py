@@ -38,6 +38,8 @@ class AttentionGeometry:
     num_kv_heads: int
     head_dim: int
     hidden_size: int
+    #: layers that own a cache, where some layers read another layer's (Gemma-3n); None: all of them.
+    num_cache_layers: int | None = None
 
     @property
     def group_size(self) -> int:
@@ -47,7 +49,7 @@ class AttentionGeometry:
     def kv_bytes_per_token(self, dtype: torch.dtype) -> int:
         """Bytes one prompt token occupies in a dense cache (keys and values, every layer and KV head)."""
         element = torch.empty((), dtype=dtype).element_size()
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element
+        return 2 * (self.num_cache_layers or self.num_layers) * self.num_kv_heads * self.head_dim * element
 
 
 @dataclass
@@ -145,6 +147,24 @@ class ModelAdapter(ABC):
         """Layer of the compressed cache that attention `module` reads; None for attention audiokv leaves alone
         (full SDPA: an encoder's, or a decoder's self-attention when the cross-attention cache is compressed)."""
         return module.layer_idx
+
+    def profile_layer_index(self, module: torch.nn.Module) -> int | None:
+        """Row of the head profile that attention `module`'s query heads fill; None for attention not profiled.
+        The compressed cache's layer, except where a layer reads another layer's cache: it has heads of its own."""
+        return self.cache_layer_index(module)
+
+    def cache_sources(self) -> list[int]:
+        """Per decoder layer, the layer whose cache it attends over: itself, except where layers share one
+        (Gemma-3n's last layers reuse an earlier layer's keys and values)."""
+        return list(range(self.geometry.num_layers))
+
+    def compressed_layers(self) -> list[int]:
+        """The layers that own a cache, each compressed once."""
+        return sorted(set(self.cache_sources()))
+
+    def sliding_window(self, layer_idx: int) -> int | None:
+        """The attention window of a sliding-window layer (a query at t sees keys after t - window), else None."""
+        return None
 
     def model_cache(self, compressed_cache):
         """The cache object the model's forward takes, built around the cache audiokv compresses."""

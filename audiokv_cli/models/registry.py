@@ -12,6 +12,7 @@ import torch
 
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.models.base import ModelAdapter
+from audiokv_cli.models.gemma3n import Gemma3nAdapter
 from audiokv_cli.models.glm_asr import GlmAsrAdapter
 from audiokv_cli.models.music_flamingo import MusicFlamingoAdapter
 from audiokv_cli.models.omniasr import OmniASRAdapter
@@ -64,6 +65,14 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
         "Qwen/Qwen3-Omni-30B-A3B-Instruct", "Qwen3-Omni 30B-A3B MoE thinker (audio + text in, text out)",
         model_type="qwen3_omni_moe",
     ),
+    "gemma-3n-e2b": ModelAlias(
+        "google/gemma-3n-E2B-it", "Gemma-3n E2B instruct (audio + text in; loaded without its vision tower)",
+        model_type="gemma3n",
+    ),
+    "gemma-3n-e4b": ModelAlias(
+        "google/gemma-3n-E4B-it", "Gemma-3n E4B instruct (audio + text in; loaded without its vision tower)",
+        model_type="gemma3n",
+    ),
     "audio-flamingo-3": ModelAlias(
         "nvidia/audio-flamingo-3-hf", "Audio Flamingo 3 (Qwen2.5-7B decoder)", model_type="audioflamingo3"
     ),
@@ -98,7 +107,7 @@ if small_model_trained():  # offered once scripts/small_model has produced its t
     )
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
-    Qwen2AudioAdapter, Qwen2_5OmniAdapter, Qwen3OmniMoeAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter,
+    Qwen2AudioAdapter, Qwen2_5OmniAdapter, Qwen3OmniMoeAdapter, Gemma3nAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter,
     VoxtralAdapter, GlmAsrAdapter, MusicFlamingoAdapter, OmniASRAdapter, WhisperAdapter,
 )
 

@@ -58,7 +58,7 @@ class AttentionRecorder:
     ):
         if top_k < 1:
             raise AudiokvError("--top-k must be at least 1")
-        # Which attention calls are the profiled cache's layers (the adapter's cache_layer_index); others pass.
+        # Which attention calls fill which row of the profile (the adapter's profile_layer_index); others pass.
         self.layer_index = layer_index
         self.num_layers = num_layers
         self.top_k = top_k

@@ -152,7 +152,7 @@ def profile_clip(
             raise AudiokvError(f"clip {clip_id!r}: teacher forcing needs the clip's text")
         forced = tokenizer(transcript, add_special_tokens=False)["input_ids"]
     recorder = AttentionRecorder(
-        geometry.num_layers, settings.top_k, prepared.audio_spans, layer_index=adapter.cache_layer_index
+        geometry.num_layers, settings.top_k, prepared.audio_spans, layer_index=adapter.profile_layer_index
     )
     tokens, records = _decode_with_capture(adapter, prepared, recorder, settings.max_new_tokens, forced)
     stats = HeadStatistics.zeros(geometry.num_layers, geometry.num_query_heads, settings.top_k)
