@@ -107,16 +107,13 @@ class Gemma3nAdapter(AudioLMAdapter):
 
     def cache_sources(self) -> list[int]:
         config = self.text_config
-        modes = config.kv_sharing_modes
-        sources = []
-        for layer, mode in enumerate(modes):
-            if mode != "reuse":
-                sources.append(layer)
-                continue
-            # The last earlier layer of the same kind that computes its own keys and values.
-            kind = config.layer_types[layer]
-            sources.append(max(i for i in range(layer) if modes[i] != "reuse" and config.layer_types[i] == kind))
-        return sources
+        kinds = config.layer_types
+        first_shared = config.num_hidden_layers - (config.num_kv_shared_layers or 0)
+        # A sharing layer reads the last layer of its kind before the sharing ones.
+        return [
+            layer if layer < first_shared else max(i for i in range(first_shared) if kinds[i] == kinds[layer])
+            for layer in range(config.num_hidden_layers)
+        ]
 
     def compressed_layers(self) -> list[int]:
         return sorted(set(self.cache_sources()))
