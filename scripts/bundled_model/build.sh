@@ -19,6 +19,7 @@ if [[ "$STAGE" == all ]]; then
     # 4,750 training clips (seeded plan: the first N jobs do not depend on N) + 120 held-out monitoring clips.
     python $B/prepare_data.py --out .build/data --num-train 4750 --num-heldout 120 --shard-size 250
 
+    # A killed stage continues from its <out>/latest when its command is rerun with --resume (see train.py).
     # Stage 1: from scratch, 384-token BPE, auxiliary CTC from the first step (stopped after 499 steps).
     python $B/train.py --data .build/data --out .build/stage1 --minutes 35.2 --max-steps 499 \
         --vocab-size 384 --ctc-weight 0.4

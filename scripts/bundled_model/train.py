@@ -12,7 +12,24 @@ runs over the whole wall-clock budget, so training ends exactly at ``--end-utc``
 Checkpoints (complete model + processor folders) go to ``<out>/latest`` every ``--save-every-min`` and to
 ``<out>/final`` at the end; held-out loss / CER / WER are logged to ``<out>/metrics.jsonl``.
 
+Resumable: ``latest`` also holds the training state: ``training_state.json`` (step, epoch, clips seen, elapsed
+training seconds and budget, last learning rate, loss averages, the data RNG and the batches left in the current
+epoch) and ``optimizer.pt`` (AdamW state, the auxiliary CTC head, the torch RNG; tensors and plain types, read back
+with ``weights_only``). ``--resume`` continues from it when it is there and starts normally otherwise, so one
+command both starts and continues a run (killed at any moment, machine rebooted). The schedule is a function of the
+elapsed training time over the budget: the time the runs' processes ran (set-up, evaluations and saves included, as
+in an uninterrupted run); time while no process ran does not count, and the steps after the last save are redone. On
+resume ``--minutes`` replaces the saved budget (stretching or shrinking the rest of the schedule) and ``--end-utc``
+sets it to end then; ``--max-steps`` counts steps across resumes. Data order: the epoch goes on with its saved
+remaining batches and the data RNG continues its stream, so no clip of the epoch is repeated (with the same shards,
+the order is that of an uninterrupted run). A checkpoint is written to ``.latest.tmp`` and renamed in, so a kill
+during a save leaves the previous ``latest`` (or the new one) complete.
+
+``--init-from FOLDER`` starts from a model folder (a checkpoint, or the exported ``audiokv_cli/assets/tiny`` whose
+float16 weights load as float32) with a fresh optimizer, schedule and CTC head (it takes the model weights only).
+
 Usage: python scripts/bundled_model/train.py --data .build/data --out .build/train --end-utc 05:05
+       python scripts/bundled_model/train.py --data .build/data --out .build/train --minutes 120 --resume
 """
 
 from __future__ import annotations
@@ -332,17 +349,72 @@ def build_model(vocab_size: int, eos_id: int, pad_id: int, audio_id: int):
     return model
 
 
-def save_checkpoint(model, processor, out: Path, name: str, info: dict) -> None:
-    tmp = out / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+STATE_FILE = "training_state.json"  # counters, loss averages, data RNG, rest of the epoch (JSON); written last
+TRAINER_FILE = "optimizer.pt"  # AdamW state, auxiliary CTC head, torch RNG: tensors and plain types only
+
+
+def fsync_folder(folder: Path) -> None:
+    """Flush a folder's files and the folder itself, so a reboot right after the rename finds them complete."""
+    for path in folder.iterdir():
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+
+
+def recover_checkpoint(out: Path, name: str) -> None:
+    """Finish a swap that a kill interrupted between its two renames.
+
+    ``name`` missing while ``.name.old`` exists happens only there, and then ``.name.tmp`` is complete (it is renamed
+    only once fully written); the check for its state file is a second guard.
+    """
+    final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
+    if final.exists() or not old.exists():
+        return
+    os.replace(tmp if (tmp / STATE_FILE).exists() else old, final)
+    print(f"recovered {final} from an interrupted save", flush=True)
+
+
+def save_checkpoint(model, processor, out: Path, name: str, info: dict, trainer: dict | None = None) -> None:
+    """Write ``out/name`` (model + processor, ``info`` as JSON, ``trainer`` with torch.save) so that a kill at any
+    moment leaves either the old or the new folder complete: everything goes to ``.name.tmp`` first, then the old
+    folder is moved aside and the new one renamed in (a directory cannot be renamed over a non-empty one)."""
+    recover_checkpoint(out, name)
+    final, tmp, old = out / name, out / f".{name}.tmp", out / f".{name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "training_state.json").write_text(json.dumps(info, indent=1))
-    final = out / name
+    if trainer is not None:
+        torch.save(trainer, tmp / TRAINER_FILE)
+    (tmp / STATE_FILE).write_text(json.dumps(info, indent=1))
+    fsync_folder(tmp)
+    shutil.rmtree(old, ignore_errors=True)  # only a leftover of a kill during the last line below
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, old)
     os.replace(tmp, final)
+    fsync_folder(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resumable_state(folder: Path) -> dict | None:
+    """The training state of a checkpoint folder, or None when it has none (absent, or saved before resume existed)."""
+    path = folder / STATE_FILE
+    if not path.exists() or not (folder / TRAINER_FILE).exists():
+        return None
+    state = json.loads(path.read_text())
+    return state if "elapsed" in state and "budget" in state else None
+
+
+def rng_to_json(rng: random.Random) -> list:
+    version, internal, gauss_next = rng.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def rng_from_json(data: list) -> tuple:
+    return (data[0], tuple(data[1]), data[2])
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -363,7 +435,19 @@ def end_timestamp(args) -> float:
         if end <= now:
             raise SystemExit(f"end time {args.end_utc} UTC is in the past")
         return end.timestamp()
-    return time.time() + args.minutes * 60
+    return time.time() + (args.minutes or 60.0) * 60
+
+
+def load_model_folder(folder: Path):
+    """Processor + float32 model from a model folder (checkpoint, or exported with float16 weights on disk)."""
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    processor = AutoProcessor.from_pretrained(folder)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in model.parameters()), f"{folder} did not load as float32"
+    for p in model.model.audio_tower.parameters():
+        p.requires_grad_(False)
+    return processor, model
 
 
 def main() -> None:
@@ -372,7 +456,11 @@ def main() -> None:
     parser.add_argument("--corpus-cache", type=Path, default=Path(".build/corpus.json"))
     parser.add_argument("--out", type=Path, default=Path(".build/train"))
     parser.add_argument("--end-utc", default=None, help="HH:MM (UTC, today) when training must end")
-    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget, the schedule's length (default 60; given on resume, it replaces the "
+                             "saved budget)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <out>/latest when it holds a training state (else start normally)")
     parser.add_argument("--vocab-size", type=int, default=2000)
     parser.add_argument("--token-budget", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1.5e-3)
@@ -383,7 +471,8 @@ def main() -> None:
     parser.add_argument("--short-first-frac", type=float, default=0.1,
                         help="budget share trained on short clips only (alignment is found on short clips first)")
     parser.add_argument("--short-seconds", type=float, default=12.0, help="what counts as a short clip")
-    parser.add_argument("--init-from", type=Path, default=None, help="checkpoint folder to continue from")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="model folder to start from (checkpoint or exported model): weights only")
     parser.add_argument("--ctc-weight", type=float, default=0.0, help="auxiliary CTC loss weight (0 = off)")
     parser.add_argument("--ctc-layer", type=int, default=2, help="decoder layer whose audio positions feed CTC")
     parser.add_argument("--guide-weight", type=float, default=0.0, help="guided-attention loss weight (0 = off)")
@@ -395,27 +484,38 @@ def main() -> None:
     parser.add_argument("--eval-decode", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (smoke tests)")
+    parser.add_argument("--max-steps", type=int, default=0,
+                        help="stop once the step counter (counted across resumes) reaches this (smoke tests)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
-    start = time.time()
-    end = end_timestamp(args)
-    budget = end - start
+    start = time.time()  # elapsed training time = saved elapsed + time since this process started
+    budget = end_timestamp(args) - start if args.end_utc else (args.minutes or 60.0) * 60
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if args.init_from:
-        # Continue from a checkpoint folder (weights + its tokenizer) with a fresh optimizer and schedule.
-        from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    latest = args.out / "latest"
+    recover_checkpoint(args.out, "latest")
+    saved = resumable_state(latest)
+    if args.resume and saved is None:
+        print(f"nothing to resume in {latest}: starting afresh", flush=True)
+    elif not args.resume and saved is not None:
+        print(f"note: {latest} holds a resumable state (step {saved['step']}); without --resume this run starts "
+              f"afresh and overwrites it", flush=True)
+    resuming = args.resume and saved is not None
 
-        processor = AutoProcessor.from_pretrained(args.init_from)
+    if resuming:
+        processor, model = load_model_folder(latest)
         hf_tok = processor.tokenizer
-        model = Qwen2AudioForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
-        for p in model.model.audio_tower.parameters():
-            p.requires_grad_(False)
-        print(f"initialized from {args.init_from}", flush=True)
+        if args.init_from:
+            print(f"--init-from {args.init_from} ignored: resuming", flush=True)
+    elif args.init_from:
+        # Continue from a model folder (weights + its tokenizer) with a fresh optimizer, schedule and CTC head.
+        processor, model = load_model_folder(args.init_from)
+        hf_tok = processor.tokenizer
+        print(f"initialized from {args.init_from}" + (" (model weights only: the auxiliary CTC head starts fresh)"
+                                                     if args.ctc_weight > 0 else ""), flush=True)
     else:
         tokenizer = train_tokenizer(load_corpus_texts(args.corpus_cache) + [ASR_TEXT.split("<")[0]] * 50,
                                     args.vocab_size)
@@ -429,9 +529,6 @@ def main() -> None:
 
     train = Examples(Shards(args.data, "train"), hf_tok)
     heldout = Examples(Shards(args.data, "heldout"), hf_tok)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"train clips {len(train.targets)}, heldout clips {len(heldout.targets)}, trainable params {n_params}, "
-          f"budget {budget / 60:.1f} min", flush=True)
     ho_rng = random.Random(123)
     ho_all = list(range(len(heldout.targets)))
     loss_idx = ho_rng.sample(ho_all, min(60, len(ho_all)))
@@ -451,35 +548,89 @@ def main() -> None:
         lr=args.lr, betas=(0.9, 0.98), eps=1e-8,
     )
 
+    # Everything a resumed run continues with; the loss averages and the epoch's remaining batches included.
+    state = {"step": 0, "epoch": 0, "clips_seen": 0, "elapsed": 0.0, "budget": budget, "lr": None,
+             "last_eval": 0.0, "last_save": 0.0, "train_loss": None, "ctc_loss": None, "guide_loss": None,
+             "phase": None, "batches": []}
+
     def lr_at(frac: float) -> float:
         if frac < args.warmup_frac:
             return args.lr * max(frac / args.warmup_frac, 0.02)
         progress = (frac - args.warmup_frac) / (1 - args.warmup_frac)
         return args.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
+    if resuming:
+        trainer = torch.load(latest / TRAINER_FILE, weights_only=True)  # tensors and plain types, nothing pickled
+        try:
+            optim.load_state_dict(trainer["optimizer"])
+        except ValueError:  # the parameter set changed (CTC switched on or off): moments cannot be matched
+            print("optimizer state does not fit (CTC head switched on/off): fresh optimizer moments", flush=True)
+        for group, weight_decay in zip(optim.param_groups, (args.weight_decay, 0.0)):
+            group["weight_decay"] = weight_decay  # the flags of this run apply; lr is set every step
+        if ctc_head is not None and trainer.get("ctc_head") is not None:
+            ctc_head.load_state_dict(trainer["ctc_head"])
+        elif ctc_head is not None:
+            print("the checkpoint has no CTC head: it starts fresh", flush=True)
+        torch.set_rng_state(trainer["torch_rng"])
+        rng.setstate(rng_from_json(saved["python_rng"]))
+        state.update({k: saved[k] for k in state if k in saved and k != "budget"})
+        # Saved clip indices stay valid: shards are read in name order and only appended to.
+        kept = ([i for i in batch if i < len(train.targets)] for batch in saved["batches"])
+        state["batches"] = [batch for batch in kept if batch]
+        state["budget"] = saved["budget"]
+        if args.end_utc:  # end at that time: what is left until then, on top of what was trained
+            state["budget"] = saved["elapsed"] + end_timestamp(args) - start
+        elif args.minutes is not None:
+            state["budget"] = args.minutes * 60
+        if abs(state["budget"] - saved["budget"]) > 1e-6:
+            print(f"budget changed from {saved['budget'] / 60:.2f} to {state['budget'] / 60:.2f} min: the schedule "
+                  f"{'stretches' if state['budget'] > saved['budget'] else 'shrinks'} from here", flush=True)
+        print(f"resumed from {latest} at step {state['step']}, epoch {state['epoch']} ({len(state['batches'])} "
+              f"batches left in it), clips {state['clips_seen']}, elapsed {state['elapsed'] / 60:.2f} of "
+              f"{state['budget'] / 60:.2f} min, last lr {state['lr'] or 0:.2e}, lr now "
+              f"{lr_at(state['elapsed'] / state['budget']):.2e}", flush=True)
+    budget, saved_elapsed, first_step = state["budget"], state["elapsed"], state["step"]
+    saved_as = [(first_step, saved["budget"]) if resuming else None]  # what latest holds
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"train clips {len(train.targets)}, heldout clips {len(heldout.targets)}, trainable params {n_params}, "
+          f"budget {budget / 60:.1f} min", flush=True)
+
+    def elapsed_now() -> float:
+        return saved_elapsed + time.time() - start
+
+    def save_latest() -> None:
+        if saved_as[0] == (state["step"], budget):  # nothing new since the last save (it fell on the last step)
+            return
+        saved_as[0] = (state["step"], budget)
+        state["elapsed"] = elapsed_now()
+        info = dict(state, python_rng=rng_to_json(rng), args={k: str(v) for k, v in vars(args).items()})
+        trainer = {"optimizer": optim.state_dict(), "torch_rng": torch.get_rng_state(),
+                   "ctc_head": None if ctc_head is None else ctc_head.state_dict()}
+        save_checkpoint(model, processor, args.out, "latest", info, trainer)
+        print(f"saved latest: step {state['step']} lr {state['lr'] or 0:.2e} elapsed "
+              f"{state['elapsed'] / 60:.2f} of {budget / 60:.2f} min", flush=True)
+
     metrics_path = args.out / "metrics.jsonl"
-    step, epoch, ema, seen, ctc_ema, guide_ema = 0, 0, None, 0, None, None
     guide_heads = [tuple(int(x) for x in pair.split(":")) for pair in args.guide_heads.split(",")]
-    last_save = last_eval = time.time()
-    batches: list[list[int]] = []
-    phase = None
+    batches: list[list[int]] = state["batches"]  # the same list: saving it saves the rest of the epoch
     while True:
-        now = time.time()
-        frac = (now - start) / budget
-        if frac >= 1.0 or (args.max_steps and step >= args.max_steps):
+        elapsed = elapsed_now()
+        frac = elapsed / budget
+        if frac >= 1.0 or (args.max_steps and state["step"] >= args.max_steps):
             break
         want_phase = "short" if frac < args.short_first_frac else "all"
-        if not batches or want_phase != phase:
-            if want_phase != phase:
-                phase = want_phase
+        if not batches or want_phase != state["phase"]:
+            if want_phase != state["phase"]:
+                state["phase"] = want_phase
             else:
-                epoch += 1
+                state["epoch"] += 1
             if train.shards.refresh():
                 train.sync()
                 print(f"train clips now {len(train.targets)}", flush=True)
             all_idx = list(range(len(train.targets)))
             short_idx = [i for i in all_idx if train.shards.metas[i]["seconds"] < args.short_seconds]
-            batches = make_batches(train, short_idx if phase == "short" else all_idx, args.token_budget, rng)
+            batches[:] = make_batches(train, short_idx if state["phase"] == "short" else all_idx, args.token_budget,
+                                      rng)
             if not batches:  # data preparation has not written a training shard yet
                 time.sleep(15)
                 continue
@@ -506,38 +657,47 @@ def main() -> None:
             guide = (guide_weight, guide_heads, rows)
         parts: dict = {}
         loss, _ = forward_loss(model, inputs, mask, labels, args.label_smoothing, ctc, parts, guide)
-        guide_ema = moving_average(guide_ema, parts.get("guide"))
-        ctc_ema = moving_average(ctc_ema, parts.get("ctc"))
+        state["guide_loss"] = moving_average(state["guide_loss"], parts.get("guide"))
+        state["ctc_loss"] = moving_average(state["ctc_loss"], parts.get("ctc"))
         optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
         optim.step()
-        step += 1
-        seen += len(batch)
-        loss_value = float(loss.detach())
-        ema = moving_average(ema, loss_value)
+        state["step"] += 1
+        state["clips_seen"] += len(batch)
+        state["lr"] = lr
+        state["train_loss"] = moving_average(state["train_loss"], float(loss.detach()))
+        step, ema, ctc_ema, guide_ema = state["step"], state["train_loss"], state["ctc_loss"], state["guide_loss"]
+        if step == first_step + 1:  # shows where the schedule (re)starts
+            print(f"step {step} (first of this run) lr {lr:.2e} elapsed {elapsed / 60:.2f} of {budget / 60:.2f} min "
+                  f"loss {ema:.3f}", flush=True)
         if step % 25 == 0:
-            print(f"step {step} ep {epoch} {phase} min {(time.time() - start) / 60:.1f} lr {lr:.2e} loss {ema:.3f} "
-                  f"gnorm {grad_norm:.2f} clips {seen}" + (f" ctc {ctc_ema:.3f}" if ctc_ema is not None else "")
+            print(f"step {step} ep {state['epoch']} {state['phase']} min {elapsed_now() / 60:.1f} lr {lr:.2e} "
+                  f"loss {ema:.3f} gnorm {grad_norm:.2f} clips {state['clips_seen']}"
+                  + (f" ctc {ctc_ema:.3f}" if ctc_ema is not None else "")
                   + (f" guide {guide_ema:.3f}" if guide_ema is not None else ""), flush=True)
             with open(metrics_path, "a") as fh:
-                fh.write(json.dumps({"step": step, "minutes": (time.time() - start) / 60, "lr": lr,
+                fh.write(json.dumps({"step": step, "minutes": elapsed_now() / 60, "lr": lr,
                                      "train_loss": ema, "ctc_loss": ctc_ema, "guide_loss": guide_ema,
-                                     "clips_seen": seen}) + "\n")
-        if time.time() - last_eval > args.eval_every_min * 60:
+                                     "clips_seen": state["clips_seen"]}) + "\n")
+        if elapsed_now() - state["last_eval"] > args.eval_every_min * 60:
             result = evaluate(model, heldout, loss_idx, decode_idx, hf_tok)
-            result.update(step=step, minutes=(time.time() - start) / 60, train_loss=ema, clips_seen=seen)
+            result.update(step=step, minutes=elapsed_now() / 60, train_loss=ema, clips_seen=state["clips_seen"])
             print("EVAL " + json.dumps(result), flush=True)
             with open(metrics_path, "a") as fh:
                 fh.write(json.dumps(result) + "\n")
-            last_eval = time.time()
-        if time.time() - last_save > args.save_every_min * 60:
-            save_checkpoint(model, processor, args.out, "latest", {"step": step, "epoch": epoch, "clips_seen": seen})
-            last_save = time.time()
-    save_checkpoint(model, processor, args.out, "final", {"step": step, "epoch": epoch, "clips_seen": seen,
-                                                          "args": {k: str(v) for k, v in vars(args).items()}})
+            state["last_eval"] = elapsed_now()
+        if elapsed_now() - state["last_save"] > args.save_every_min * 60:
+            state["last_save"] = elapsed_now()
+            save_latest()
+    # latest too, so that rerunning with --resume finds the run finished instead of redoing its tail
+    save_latest()
+    save_checkpoint(model, processor, args.out, "final", {
+        "step": state["step"], "epoch": state["epoch"], "clips_seen": state["clips_seen"],
+        "elapsed": elapsed_now(), "args": {k: str(v) for k, v in vars(args).items()}})
     result = evaluate(model, heldout, loss_idx, decode_idx, hf_tok)
-    result.update(step=step, minutes=(time.time() - start) / 60, train_loss=ema, clips_seen=seen, final=True)
+    result.update(step=state["step"], minutes=elapsed_now() / 60, train_loss=state["train_loss"],
+                  clips_seen=state["clips_seen"], final=True)
     print("EVAL " + json.dumps(result), flush=True)
     with open(metrics_path, "a") as fh:
         fh.write(json.dumps(result) + "\n")
