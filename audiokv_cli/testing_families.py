@@ -493,3 +493,184 @@ def build_tiny_gemma3n(
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
+
+
+# MOSS-Transcribe-Diarize's trained instruction, added by the released chat template whenever the user turn holds
+# audio; a text item becomes a context line before it.
+MOSS_TRANSCRIBE_DIARIZE_INSTRUCTION = (
+    "请将音频转写为文本，每一段需以起始时间戳和说话人编号（[S01]、[S02]、[S03]…）开头，正文为对应的语音内容，"
+    "并在段末标注结束时间戳，以清晰标明该段语音范围。"
+)
+# The released chat template, trimmed to its default system turn and user turns with audio.
+MOSS_TRANSCRIBE_DIARIZE_TEMPLATE = (
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% set context = message['content'] | selectattr('type', 'equalto', 'text') | list %}"
+    "{% for item in message['content'] %}{% if item['type'] == 'audio' %}<|audio_start|><|audio_pad|><|audio_end|>\n"
+    "{% endif %}{% endfor %}{% if context %}补充信息：{{ context[0]['text'] }}\n\n{% endif %}"
+    + MOSS_TRANSCRIBE_DIARIZE_INSTRUCTION
+    + "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_moss_transcribe_diarize(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64
+) -> Path:
+    """A random MossTranscribeDiarizeForConditionalGeneration (Whisper-style encoder, four frames merged per token,
+    Qwen3 decoder) and its processor, which writes time markers every 2 s into the audio span."""
+    import torch
+    from transformers import (
+        MossTranscribeDiarizeConfig,
+        MossTranscribeDiarizeFeatureExtractor,
+        MossTranscribeDiarizeForConditionalGeneration,
+        MossTranscribeDiarizeProcessor,
+    )
+
+    from audiokv_cli.testing import build_character_tokenizer, tiny_audio_encoder_config
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|audio_start|>", "<|audio_end|>", "<|audio_pad|>"],
+        eos_token="<|im_end|>", pad_token="<|endoftext|>", with_newline=True,
+    )
+    processor = MossTranscribeDiarizeProcessor(
+        feature_extractor=MossTranscribeDiarizeFeatureExtractor(return_attention_mask=True),
+        tokenizer=tokenizer,
+        chat_template=MOSS_TRANSCRIBE_DIARIZE_TEMPLATE,
+    )
+    config = MossTranscribeDiarizeConfig(
+        audio_config={"model_type": "moss_transcribe_diarize_audio", **tiny_audio_encoder_config(32)},
+        text_config=_text_config(
+            tokenizer, "qwen3", num_layers, num_heads, num_kv_heads, hidden, head_dim=hidden // num_heads
+        ),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"),
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = MossTranscribeDiarizeForConditionalGeneration(config).eval()
+    return _finish(model, tokenizer, processor, out_dir, seed)
+
+
+# VibeVoice-ASR's chat template as the transformers conversion writes it: a system turn, then per user turn the audio
+# and an instruction naming its duration (the processor fills in <|AUDIO_DURATION|>), with the first text item as
+# extra info; no assistant turn is opened.
+VIBEVOICE_ASR_TEMPLATE = """{%- set system_prompt = system_prompt | default("You are a helpful assistant that transcribes audio input into text output in JSON format.") -%}
+<|im_start|>system
+{{ system_prompt }}<|im_end|>
+{%- set audio_token = audio_token | default("<|box_start|>") -%}
+{%- set audio_start_token = "<|object_ref_start|>" -%}
+{%- set audio_end_token = "<|object_ref_end|>" -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}
+{{ '\\n' }}<|im_start|>user{{ '\\n' }}{%- set text_items = message['content'] | selectattr('type', 'equalto', 'text') | list -%}
+        {%- set context_text = text_items[0]['text'] if text_items else none -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'audio' -%}
+{{ audio_start_token }}{{ audio_token }}{{ audio_end_token }}{{ "\\n" }}{%- if context_text -%}
+This is a <|AUDIO_DURATION|> seconds audio, with extra info: {{ context_text }}
+
+Please transcribe it with these keys: Start time, End time, Speaker ID, Content{%- else -%}
+This is a <|AUDIO_DURATION|> seconds audio, please transcribe it with these keys: Start time, End time, Speaker ID, Content{%- endif -%}
+            {%- endif -%}
+        {%- endfor -%}
+<|im_end|>{{ '\\n' }}
+    {%- endif -%}
+{%- endfor -%}"""
+
+
+def build_tiny_vibevoice_asr(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+    hidden: int = 64, chunk_seconds: float = 4.0,
+) -> Path:
+    """A random VibeVoiceAsrForConditionalGeneration (acoustic and semantic convolutional tokenizers with the
+    released 3,200-sample stride, Qwen2 decoder) and its processor. The tokenizers encode ``chunk_seconds`` chunks
+    (60 s released) so short test clips cross a chunk boundary."""
+    import torch
+    from transformers import (
+        VibeVoiceAcousticTokenizerFeatureExtractor,
+        VibeVoiceAsrConfig,
+        VibeVoiceAsrForConditionalGeneration,
+        VibeVoiceAsrProcessor,
+    )
+
+    from audiokv_cli.testing import build_character_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>"],
+        eos_token="<|endoftext|>", pad_token="<|endoftext|>", with_newline=True,
+    )
+    feature_extractor = VibeVoiceAcousticTokenizerFeatureExtractor()
+    processor = VibeVoiceAsrProcessor(
+        feature_extractor=feature_extractor, tokenizer=tokenizer, chat_template=VIBEVOICE_ASR_TEMPLATE
+    )
+    # The released strides reordered to downsample first, and ConvNeXt blocks only at the lowest rate: the same
+    # 3,200-sample hop at a fraction of the compute. Random convolutions at the released initializer range (0.01)
+    # shrink the signal to ~1e-10 over seven layers, leaving every audio embedding alike; 0.1 keeps them apart.
+    tokenizer_encoder = {
+        "model_type": "vibevoice_acoustic_tokenizer_encoder", "num_filters": 2,
+        "downsampling_ratios": [8, 5, 5, 4, 2, 2], "depths": [0, 0, 0, 0, 0, 0, 1], "initializer_range": 0.1,
+    }
+    token = tokenizer.convert_tokens_to_ids
+    config = VibeVoiceAsrConfig(
+        acoustic_tokenizer_encoder_config={**tokenizer_encoder, "hidden_size": 8},
+        semantic_tokenizer_encoder_config={**tokenizer_encoder, "hidden_size": 16},
+        text_config=_text_config(tokenizer, "qwen2", num_layers, num_heads, num_kv_heads, hidden),
+        audio_token_id=token("<|box_start|>"),
+        audio_bos_token_id=token("<|object_ref_start|>"),
+        audio_eos_token_id=token("<|object_ref_end|>"),
+        acoustic_tokenizer_chunk_size=int(chunk_seconds * feature_extractor.sampling_rate),
+    )
+    torch.manual_seed(seed)
+    model = VibeVoiceAsrForConditionalGeneration(config).eval()
+    return _finish(model, tokenizer, processor, out_dir, seed)
+
+
+# Cohere ASR's decoder-prompt tokens (as `CohereAsrProcessor.get_decoder_prompt_ids` names them) and its text markers.
+COHERE_ASR_TOKENS = [
+    "<pad>", "<|endoftext|>", "<|startoftranscript|>", "<|startofcontext|>", "<|emo:undefined|>", "<|en|>", "<|pnc|>",
+    "<|nopnc|>", "<|noitn|>", "<|notimestamp|>", "<|nodiarize|>", "▁",
+]
+
+
+def build_tiny_cohere_asr(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2, hidden: int = 64
+) -> Path:
+    """A random CohereAsrForConditionalGeneration (one-layer Parakeet encoder, Transformer decoder with
+    cross-attention) and its processor (the released 128-bin feature extractor)."""
+    import torch
+    from transformers import (
+        CohereAsrConfig,
+        CohereAsrFeatureExtractor,
+        CohereAsrForConditionalGeneration,
+        CohereAsrProcessor,
+    )
+
+    from audiokv_cli.testing import build_character_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        COHERE_ASR_TOKENS, eos_token="<|endoftext|>", pad_token="<pad>", bos_token="<|startoftranscript|>"
+    )
+    feature_extractor = CohereAsrFeatureExtractor()
+    processor = CohereAsrProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+    config = CohereAsrConfig(
+        # At the released initializer range (0.02) the random encoder's output shrinks to ~1e-4 and is alike in
+        # every frame, so evicting frames would change nothing; 0.5 keeps the frames apart.
+        encoder_config={
+            "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+            "num_mel_bins": feature_extractor.feature_size, "subsampling_conv_channels": 8, "initializer_range": 0.5,
+        },
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=2 * hidden,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = CohereAsrForConditionalGeneration(config).eval()
+    return _finish(model, tokenizer, processor, out_dir, seed)

@@ -255,3 +255,21 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_adapter, tiny_model_di
     for name, tensor in reference.tensors().items():
         assert torch.equal(resumed.tensors()[name], tensor), name
     assert not partial.exists()
+
+
+def test_words_of_a_long_clip_land_in_their_own_segment(tiny_adapter, monkeypatch):
+    """A 45 s clip is two audio items in the prompt; a word spoken at 40 s is scored against the second item's
+    tokens, at 40 ms per token from the first item's start (the text between the items is skipped)."""
+    from audiokv_cli.profiling.statistics import HeadStatistics
+
+    spans = []
+    monkeypatch.setattr(HeadStatistics, "add_step", lambda self, topk, mass, span: spans.append(span))
+    audio = (np.random.default_rng(0).standard_normal(45 * 16000) * 0.1).astype(np.float32)
+    words = [WordTiming("alpha", 1.0, 1.4, 1.0), WordTiming("bravo", 40.0, 40.4, 1.0)]
+    settings = ProfileSettings(aligner="manifest", top_k=4, max_new_tokens=16, teacher_forcing=True)
+    profile_clip(tiny_adapter, audio, words, settings, "long", "alpha bravo")
+    prepared = tiny_adapter.prepare(audio)
+    (first_start, first_end), (second_start, _) = prepared.audio_spans
+    assert spans and spans[0] == (first_start + 25, first_start + 35)
+    offset = 1000 - (first_end - first_start)  # token 1000 (40 s) counted across the items
+    assert spans[-1] == (second_start + offset, second_start + offset + 10)

@@ -96,6 +96,16 @@ def test_batched_cells_decode_like_single_runs(adapter):
         assert outcome.kv_bytes_kept == pytest.approx(single.kv_bytes_kept, rel=0.001), policy.name
 
 
+def test_chunked_prefill_is_refused_in_one_line(adapter):
+    from audiokv_cli.compression.chunked import ChunkedSession
+    from audiokv_cli.compression.methods import MethodOptions, build_policy
+    from audiokv_cli.errors import AudiokvError
+
+    prepared = adapter.prepare(torch.zeros(16000).numpy())
+    with pytest.raises(AudiokvError, match="cross-attention over the encoder's frames"):
+        ChunkedSession(build_policy("snapkv", 0.4, MethodOptions(window=4)), adapter, prepared, chunk=64)
+
+
 def test_profile_scores_cross_attention_heads(adapter, tmp_path):
     from audiokv_cli.profiling.runner import ProfileSettings, profile_clip
 

@@ -86,6 +86,11 @@ class ChunkedSession(CompressionSession):
     def __init__(self, policy: CompressionPolicy, adapter, prepared, chunk: int):
         check_chunked(policy, chunk)
         layers = adapter.compressed_layers()
+        if adapter.compressed_attention == "cross":
+            raise AudiokvError(
+                f"--prefill-chunk does not apply to {adapter.name}: its compressed cache is cross-attention over the "
+                "encoder's frames, filled in one step"
+            )
         if len(layers) != adapter.geometry.num_layers or any(adapter.sliding_window(i) for i in layers):
             raise AudiokvError(
                 f"--prefill-chunk does not support {adapter.name}: its layers share caches or attend over a sliding window"

@@ -9,6 +9,7 @@ which model class to load, how long its audio may be, and how its prompt reads.
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import ClassVar
 
 import numpy as np
@@ -17,6 +18,21 @@ import torch
 from audiokv_cli.audio import SAMPLE_RATE, check_length
 from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.models.base import ModelAdapter, PreparedInput
+
+
+def extract_transcription(processor, text: str) -> str:
+    """The spoken text of a diarized transcript, through the processor's own parser (``extract_transcription``):
+    segments' text without timestamps and speaker tags. Text the parser cannot read (a free-form answer) comes back
+    as it is, without the warning the parser logs for it."""
+    parser_log = logging.getLogger(type(processor).__module__)
+    level = parser_log.level
+    parser_log.setLevel(logging.ERROR)
+    try:
+        return processor.extract_transcription(text)
+    except ValueError:  # transformers 5.10's JSON parser raises on a transcript cut short by the token limit
+        return text
+    finally:
+        parser_log.setLevel(level)
 
 
 class AudioLMAdapter(ModelAdapter):

@@ -12,8 +12,10 @@ import torch
 
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.models.base import ModelAdapter
+from audiokv_cli.models.cohere_asr import CohereAsrAdapter
 from audiokv_cli.models.gemma3n import Gemma3nAdapter
 from audiokv_cli.models.glm_asr import GlmAsrAdapter
+from audiokv_cli.models.moss_transcribe_diarize import MossTranscribeDiarizeAdapter
 from audiokv_cli.models.music_flamingo import MusicFlamingoAdapter
 from audiokv_cli.models.omniasr import OmniASRAdapter
 from audiokv_cli.models.audio_flamingo3 import AudioFlamingo3Adapter
@@ -21,6 +23,7 @@ from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
 from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
 from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
 from audiokv_cli.models.qwen3_omni_moe import Qwen3OmniMoeAdapter
+from audiokv_cli.models.vibevoice_asr import VibeVoiceAsrAdapter
 from audiokv_cli.models.voxtral import VoxtralAdapter
 from audiokv_cli.models.small_model import assemble_small, small_model_trained
 from audiokv_cli.models.whisper import WhisperAdapter
@@ -93,6 +96,19 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
         "nvidia/music-flamingo-2601-hf", "Music Flamingo (music and sound, Qwen2.5-7B decoder)",
         model_type="musicflamingo",
     ),
+    "moss-transcribe-diarize": ModelAlias(
+        "hf-audio/MOSS-Transcribe-Diarize-HF",
+        "MOSS-Transcribe-Diarize 0.9B (diarized transcription; a prompt is context)",
+        model_type="moss_transcribe_diarize",
+    ),
+    "vibevoice-asr": ModelAlias(
+        "microsoft/VibeVoice-ASR-HF", "VibeVoice-ASR (diarized transcription; a prompt is context)",
+        model_type="vibevoice_asr",
+    ),
+    "cohere-transcribe": ModelAlias(
+        "CohereLabs/cohere-transcribe-03-2026", "Cohere Transcribe (encoder-decoder: the cross-attention cache)",
+        model_type="cohere_asr",
+    ),
     **{
         name: ModelAlias(f"pypi:{asset.requirement}", asset.description, asset=name, model_type="whisper")
         for name, asset in WHISPER_ASSETS.items()
@@ -108,7 +124,8 @@ if small_model_trained():  # offered once scripts/small_model has produced its t
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2AudioAdapter, Qwen2_5OmniAdapter, Qwen3OmniMoeAdapter, Gemma3nAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter,
-    VoxtralAdapter, GlmAsrAdapter, MusicFlamingoAdapter, OmniASRAdapter, WhisperAdapter,
+    VoxtralAdapter, GlmAsrAdapter, MusicFlamingoAdapter, OmniASRAdapter, MossTranscribeDiarizeAdapter,
+    VibeVoiceAsrAdapter, WhisperAdapter, CohereAsrAdapter,
 )
 
 

@@ -1,10 +1,8 @@
-"""OpenAI Whisper (`WhisperForConditionalGeneration`): its audio KV cache is the decoder's cross-attention.
+"""OpenAI Whisper (`WhisperForConditionalGeneration`): its audio KV cache is the decoder's cross-attention
+(models/encoder_decoder.py).
 
-Every decoder layer reads the encoded audio (1,500 frames of 20 ms, a 30 s window) through cross-attention, whose
-keys and values are computed once from the encoder output and held for the whole transcription: per layer and head
-the same object AudioKV evicts in a decoder-only audio LM, and the part of Whisper's decoding memory that grows
-with the audio. audiokv compresses that cross-attention cache per head (scored from the decoder prompt's queries);
-the decoder's own self-attention cache (a few hundred text tokens) stays dense. Retention counts all 1,500 frames.
+Every decoder layer reads the encoded audio (1,500 frames of 20 ms, a 30 s window) through cross-attention: the
+part of Whisper's decoding memory that grows with the audio. Retention counts all 1,500 frames.
 """
 
 from __future__ import annotations
@@ -15,33 +13,21 @@ import numpy as np
 import torch
 
 from audiokv_cli.audio import SAMPLE_RATE
-from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.models.base import AttentionGeometry, ModelAdapter, PreparedInput
+from audiokv_cli.models.base import AttentionGeometry, PreparedInput
+from audiokv_cli.models.encoder_decoder import EncoderDecoderAdapter
 
 
-def _encoder_decoder_cache(compressed_cache):
-    """The pair Whisper's decoder takes, carrying the encoder output every decoding step must be handed again (the
-    decoder runs cross-attention only when it is given one; the keys then come from this cache)."""
-    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
-
-    cache = EncoderDecoderCache(DynamicCache(), compressed_cache)
-    cache.encoder_hidden_states = None
-    return cache
-
-
-class WhisperAdapter(ModelAdapter):
+class WhisperAdapter(EncoderDecoderAdapter):
     model_types = ("whisper",)
     # The encoder's two convolutions give one frame per 20 ms; 1,500 frames are one 30 s window.
     seconds_per_audio_token = 0.02
     max_audio_seconds = 30.0
-    compressed_attention = "cross"
     tiny_model = "audiokv_cli.testing_families:build_tiny_whisper"
 
     def __init__(self, model, processor, name, revision=None, language: str = "en"):
         super().__init__(model, processor, name, revision)
         self.language = language
-        self._cross_index = {id(layer.encoder_attn): i for i, layer in enumerate(model.model.decoder.layers)}
         tokenizer = processor.tokenizer
         self.end_of_text = int(model.config.eos_token_id)
         self.multilingual = model.config.vocab_size >= 51865
@@ -68,11 +54,6 @@ class WhisperAdapter(ModelAdapter):
         return cls(model, processor, name, revision)
 
     @property
-    def text_config(self):
-        # One config serves encoder and decoder; the attention implementation set on it routes both.
-        return self.model.config
-
-    @property
     def geometry(self) -> AttentionGeometry:
         cfg = self.model.config
         heads = cfg.decoder_attention_heads
@@ -83,15 +64,6 @@ class WhisperAdapter(ModelAdapter):
             head_dim=cfg.d_model // heads,
             hidden_size=cfg.d_model,
         )
-
-    def decoder_layers(self) -> list[torch.nn.Module]:
-        return [layer.encoder_attn for layer in self.model.model.decoder.layers]
-
-    def cache_layer_index(self, module: torch.nn.Module) -> int | None:
-        return self._cross_index.get(id(module))
-
-    def model_cache(self, compressed_cache):
-        return _encoder_decoder_cache(compressed_cache)
 
     @property
     def frames(self) -> int:
@@ -121,21 +93,12 @@ class WhisperAdapter(ModelAdapter):
             cached_length=self.frames,
         )
 
+    def encode(self, inputs: dict) -> torch.Tensor:
+        return self.model.model.encoder(inputs["input_features"]).last_hidden_state
+
     def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
-        """Prefill (``input_features`` present): encode once, keep the encoder output on the cache; decode steps
-        reuse it. Whisper's own decoding rules apply: its suppressed tokens never, its first-step ones not first."""
-        model = self.model.model
-        if "input_features" in inputs:
-            encoded = model.encoder(inputs["input_features"]).last_hidden_state
-            # Several prompts over one clip (a batch of eviction cells) share one encoder pass.
-            cache.encoder_hidden_states = encoded.expand(inputs["input_ids"].shape[0], -1, -1)
-        hidden = model.decoder(
-            input_ids=inputs["input_ids"],
-            encoder_hidden_states=cache.encoder_hidden_states,
-            use_cache=True,
-            **cache_kwargs(model.decoder, cache),
-        ).last_hidden_state
-        logits = self.model.proj_out(hidden[:, -1]).float()
+        """Whisper's own decoding rules apply: its suppressed tokens never, its first-step ones not first."""
+        logits = super().next_token_logits(inputs, cache).float()
         logits[:, self._suppress.to(logits.device)] = float("-inf")
         if "input_features" in inputs:
             logits[:, self._suppress_first.to(logits.device)] = float("-inf")
@@ -144,8 +107,3 @@ class WhisperAdapter(ModelAdapter):
     @property
     def eos_token_ids(self) -> list[int]:
         return [self.end_of_text]
-
-    def fingerprint(self) -> dict:
-        record = super().fingerprint()
-        record["compressed_attention"] = "cross"
-        return record

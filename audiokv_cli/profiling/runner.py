@@ -169,12 +169,16 @@ def profile_clip(
     outcome.words = len(kept)
     aligned = align_tokens_to_words(pieces, words, settings.min_confidence)
     used: set[int] = set()
+    # The audio may come as several spans (segments, time markers between them): words are placed on the audio
+    # tokens in order, then mapped back to prompt positions.
+    audio_positions = [p for start, end in prepared.audio_spans for p in range(start, end)]
     for (topk, mass), word in zip(records, aligned):
         if word is None:
             continue
-        span = word_token_span(
-            word.start, word.end, prepared.audio_spans[0], adapter.seconds_per_audio_token, prepared.audio_seconds
+        first, end = word_token_span(
+            word.start, word.end, (0, len(audio_positions)), adapter.seconds_per_audio_token, prepared.audio_seconds
         )
+        span = (audio_positions[first], audio_positions[end - 1] + 1)
         stats.add_step(topk, mass, span)
         outcome.scored_steps += 1
         used.add(id(word))

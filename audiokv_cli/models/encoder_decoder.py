@@ -1,0 +1,76 @@
+"""Encoder-decoder speech models (Whisper, Cohere ASR): the audio KV cache is the decoder's cross-attention.
+
+Every decoder layer reads the encoded audio through cross-attention, whose keys and values are computed once from
+the encoder output and held for the whole transcript: per layer and head the object AudioKV evicts in a
+decoder-only audio LM. audiokv compresses that cache per head (scored from the decoder prompt's queries); the
+decoder's own self-attention cache over the text so far stays dense, and the encoder has no cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from audiokv_cli.compat import cache_kwargs
+from audiokv_cli.models.base import ModelAdapter
+
+
+def encoder_decoder_cache(compressed_cache):
+    """The pair the decoder takes, carrying the encoder output every decoding step must be handed again (the
+    decoder runs cross-attention only when it is given one; the keys then come from this cache)."""
+    from transformers.cache_utils import DynamicCache, EncoderDecoderCache
+
+    cache = EncoderDecoderCache(DynamicCache(), compressed_cache)
+    cache.encoder_hidden_states = None
+    return cache
+
+
+class EncoderDecoderAdapter(ModelAdapter):
+    """A `model.model.encoder` + `model.model.decoder` with `encoder_attn` in every decoder layer, `proj_out` head."""
+
+    compressed_attention = "cross"
+
+    def __init__(self, model, processor, name, revision=None):
+        super().__init__(model, processor, name, revision)
+        self._cross_index = {id(layer.encoder_attn): i for i, layer in enumerate(model.model.decoder.layers)}
+
+    @property
+    def text_config(self):
+        # The top-level config is the decoder's: switching its attention routes the decoder's self- and
+        # cross-attention (and, where encoder and decoder share it, the encoder's, which the handler passes through).
+        return self.model.config
+
+    def decoder_layers(self) -> list[torch.nn.Module]:
+        return [layer.encoder_attn for layer in self.model.model.decoder.layers]
+
+    def cache_layer_index(self, module: torch.nn.Module) -> int | None:
+        return self._cross_index.get(id(module))
+
+    def model_cache(self, compressed_cache):
+        return encoder_decoder_cache(compressed_cache)
+
+    def encode(self, inputs: dict) -> torch.Tensor:
+        """``[1, frames, d_model]``: the encoder output the cross-attention cache is computed from."""
+        raise NotImplementedError
+
+    def last_hidden_state(self, inputs: dict, cache) -> torch.Tensor:
+        """The decoder's hidden state at the last position, ``[batch, d_model]``. Prefill (``input_features``
+        present) encodes once and keeps the output on the cache; decode steps reuse it, and several prompts over one
+        clip (a batch of eviction cells) share one encoder pass."""
+        if "input_features" in inputs:
+            cache.encoder_hidden_states = self.encode(inputs).expand(inputs["input_ids"].shape[0], -1, -1)
+        decoder = self.model.model.decoder
+        hidden = decoder(
+            input_ids=inputs["input_ids"],
+            encoder_hidden_states=cache.encoder_hidden_states,
+            use_cache=True,
+            **cache_kwargs(decoder, cache),
+        ).last_hidden_state
+        return hidden[:, -1]
+
+    def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
+        return self.model.proj_out(self.last_hidden_state(inputs, cache))
+
+    def fingerprint(self) -> dict:
+        record = super().fingerprint()
+        record["compressed_attention"] = "cross"
+        return record
