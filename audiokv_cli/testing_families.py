@@ -674,3 +674,76 @@ def build_tiny_cohere_asr(
     torch.manual_seed(seed)
     model = CohereAsrForConditionalGeneration(config).eval()
     return _finish(model, tokenizer, processor, out_dir, seed)
+
+
+# Granite's chat turns, trimmed from the released template to what an audio prompt uses (the adapter always gives
+# the system turn, so the released template's dated default system turn is left out).
+GRANITE_SPEECH_TEMPLATE = (
+    "{% for message in messages %}<|start_of_role|>{{ message['role'] }}<|end_of_role|>{{ message['content'] }}"
+    "<|end_of_text|>\n{% endfor %}{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{% endif %}"
+)
+# Granite Speech's preprocessor_config.json in the layout GraniteSpeechFeatureExtractor saves, with its defaults, which
+# the released checkpoints use (transformers' processor tests on granite-speech-3.3-8b: 269,920 samples give 844
+# frames of 160 values and 171 audio tokens).
+GRANITE_SPEECH_PREPROCESSOR = {
+    "feature_extractor_type": "GraniteSpeechFeatureExtractor",
+    "melspec_kwargs": {"hop_length": 160, "n_fft": 512, "n_mels": 80, "sample_rate": 16000, "win_length": 400},
+    "processor_class": "GraniteSpeechProcessor",
+    "projector_downsample_rate": 5,
+    "projector_window_size": 15,
+    "sampling_rate": 16000,
+}
+
+
+def build_tiny_granite_speech(
+    out_dir: str | Path, seed: int = 0, num_layers: int = 2, num_heads: int = 4, num_kv_heads: int = 2,
+    hidden: int = 64,
+) -> Path:
+    """A random GraniteSpeechForConditionalGeneration (two-layer conformer, one-layer Q-Former with the released
+    15-frame windows and 5x downsampling, Granite decoder) with its tokenizer and the released preprocessor config,
+    written as files rather than through `GraniteSpeechFeatureExtractor`, which cannot be built without torchaudio.
+    No speech LoRA (`has_lora_adapter` false): transformers 5.24 loads one only with peft >= 0.22.0, and PyPI's
+    newest peft was 0.21.2 when this was written."""
+    import json
+
+    import torch
+    from transformers import GraniteSpeechConfig, GraniteSpeechForConditionalGeneration
+
+    from audiokv_cli.testing import build_character_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_character_tokenizer(
+        ["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|audio|>"],
+        eos_token="<|end_of_text|>", pad_token="<|end_of_text|>", with_newline=True,
+    )
+    tokenizer.chat_template = GRANITE_SPEECH_TEMPLATE
+    mel_bins = GRANITE_SPEECH_PREPROCESSOR["melspec_kwargs"]["n_mels"]
+    config = GraniteSpeechConfig(
+        # 50-frame attention blocks (200 released), so the 2-3 s test clips span several blocks.
+        encoder_config={
+            "input_dim": 2 * mel_bins, "num_layers": 2, "hidden_dim": 32, "num_heads": 2, "output_dim": 8,
+            "context_size": 50, "conv_kernel_size": 5,
+        },
+        projector_config={
+            "model_type": "blip_2_qformer", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 64, "encoder_hidden_size": 32, "cross_attention_frequency": 1,
+        },
+        # Granite scales attention scores by `attention_multiplier` (1 / head size in the released models), not by
+        # 1 / sqrt(head size): set so, the compressed path is checked with the module's own scaling.
+        text_config=_text_config(
+            tokenizer, "granite", num_layers, num_heads, num_kv_heads, hidden, attention_multiplier=num_heads / hidden
+        ),
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|audio|>"),
+        window_size=GRANITE_SPEECH_PREPROCESSOR["projector_window_size"],
+        downsample_rate=GRANITE_SPEECH_PREPROCESSOR["projector_downsample_rate"],
+        has_lora_adapter=False,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = GraniteSpeechForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / "preprocessor_config.json").write_text(json.dumps(GRANITE_SPEECH_PREPROCESSOR, indent=2) + "\n")
+    return out_dir

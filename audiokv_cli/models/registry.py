@@ -15,6 +15,7 @@ from audiokv_cli.models.base import ModelAdapter
 from audiokv_cli.models.cohere_asr import CohereAsrAdapter
 from audiokv_cli.models.gemma3n import Gemma3nAdapter
 from audiokv_cli.models.glm_asr import GlmAsrAdapter
+from audiokv_cli.models.granite_speech import GraniteSpeechAdapter
 from audiokv_cli.models.moss_transcribe_diarize import MossTranscribeDiarizeAdapter
 from audiokv_cli.models.music_flamingo import MusicFlamingoAdapter
 from audiokv_cli.models.omniasr import OmniASRAdapter
@@ -105,6 +106,14 @@ MODEL_ALIASES: dict[str, ModelAlias] = {
         "microsoft/VibeVoice-ASR-HF", "VibeVoice-ASR (diarized transcription; a prompt is context)",
         model_type="vibevoice_asr",
     ),
+    "granite-speech-3.3-2b": ModelAlias(
+        "ibm-granite/granite-speech-3.3-2b", "Granite Speech 3.3 2B (speech LoRA: needs peft)",
+        model_type="granite_speech",
+    ),
+    "granite-speech-3.3-8b": ModelAlias(
+        "ibm-granite/granite-speech-3.3-8b", "Granite Speech 3.3 8B (speech LoRA: needs peft)",
+        model_type="granite_speech",
+    ),
     "cohere-transcribe": ModelAlias(
         "CohereLabs/cohere-transcribe-03-2026", "Cohere Transcribe (encoder-decoder: the cross-attention cache)",
         model_type="cohere_asr",
@@ -125,7 +134,7 @@ if small_model_trained():  # offered once scripts/small_model has produced its t
 ADAPTERS: tuple[type[ModelAdapter], ...] = (
     Qwen2AudioAdapter, Qwen2_5OmniAdapter, Qwen3OmniMoeAdapter, Gemma3nAdapter, AudioFlamingo3Adapter, Qwen3ASRAdapter,
     VoxtralAdapter, GlmAsrAdapter, MusicFlamingoAdapter, OmniASRAdapter, MossTranscribeDiarizeAdapter,
-    VibeVoiceAsrAdapter, WhisperAdapter, CohereAsrAdapter,
+    VibeVoiceAsrAdapter, GraniteSpeechAdapter, WhisperAdapter, CohereAsrAdapter,
 )
 
 
