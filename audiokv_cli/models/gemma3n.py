@@ -105,21 +105,23 @@ class Gemma3nAdapter(AudioLMAdapter):
     def geometry(self):
         return dataclasses.replace(super().geometry, num_cache_layers=len(self.compressed_layers()))
 
-    def cache_sources(self) -> list[int]:
+    def __init__(self, model, processor, name, revision=None):
+        super().__init__(model, processor, name, revision)
         config = self.text_config
         kinds = config.layer_types
         first_shared = config.num_hidden_layers - (config.num_kv_shared_layers or 0)
-        # A sharing layer reads the last layer of its kind before the sharing ones.
-        return [
+        # A sharing layer reads the last layer of its kind before the sharing ones. Computed once: every attention
+        # call of every decode step looks it up.
+        self._sources = tuple(
             layer if layer < first_shared else max(i for i in range(first_shared) if kinds[i] == kinds[layer])
             for layer in range(config.num_hidden_layers)
-        ]
+        )
 
-    def compressed_layers(self) -> list[int]:
-        return sorted(set(self.cache_sources()))
+    def cache_sources(self) -> list[int]:
+        return list(self._sources)
 
     def cache_layer_index(self, module: torch.nn.Module) -> int | None:
-        return self.cache_sources()[module.layer_idx]
+        return self._sources[module.layer_idx]
 
     def profile_layer_index(self, module: torch.nn.Module) -> int | None:
         return module.layer_idx
