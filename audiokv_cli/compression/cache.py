@@ -6,6 +6,10 @@ generated after compression are appended to every head, so they form a dense `[B
 in chunks. Nothing evicted survives: after `compress` the dense prompt tensors are released. The segment layout the
 decode kernels need (`decode_kernels.SegmentLayout`) is built once, at compress time.
 
+Kept entries may be stored as packed low-bit codes (`quantization`, ``--kv-bits``): keys per channel, values per
+token, dequantized on the fly by every decode kernel. The generated tail stays in the model's dtype: it is the
+full-precision residual of the newest entries, and it is not part of the compressed prompt cache.
+
 A sliding-window layer (a query at position t sees keys after t - window) also remembers each kept entry's
 position; `expire` drops the entries a new query can no longer see, prompt and tail alike, as transformers' own
 sliding cache does, so the decode kernels need no window mask.
@@ -17,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from audiokv_cli.compression.decode_kernels import DecodeProblem, SegmentLayout, decode_attention, decode_problem
+from audiokv_cli.compression.quantization import HalfEntries, QuantConfig, QuantizedEntries, store
 
 # The generated-token tail grows by this many positions at a time, so appending a token is not a full copy.
 TAIL_CHUNK = 64
@@ -30,8 +35,10 @@ class RaggedLayer(CacheLayerMixin):
         super().__init__()
         self.compressed = False
         self.prompt_length = 0
-        self.flat_keys: torch.Tensor | None = None
-        self.flat_values: torch.Tensor | None = None
+        self.flat_keys: torch.Tensor | QuantizedEntries | None = None
+        self.flat_values: torch.Tensor | QuantizedEntries | None = None
+        # A logit bias per kept entry (a merged entry's log-weight), or None.
+        self.flat_bias: torch.Tensor | None = None
         self.segment_lengths: torch.Tensor | None = None
         self.layout: SegmentLayout | None = None
         self.tail_keys: torch.Tensor | None = None
@@ -75,9 +82,10 @@ class RaggedLayer(CacheLayerMixin):
         self.tail_values[:, :, self.tail_length : needed] = value_states
         self.tail_length = needed
 
-    def compress(self, keep: torch.Tensor, window: int | None = None) -> None:
+    def compress(self, keep: torch.Tensor, window: int | None = None, quant: QuantConfig | None = None) -> None:
         """Keep only ``keep[b, h, position]`` entries of the dense prompt cache and free the rest; ``window``: the
-        layer attends over a sliding window of that many positions."""
+        layer attends over a sliding window of that many positions; ``quant``: store the kept entries as packed
+        low-bit codes."""
         if self.compressed:
             raise RuntimeError("layer is already compressed")
         batch, heads, length, _ = self.keys.shape
@@ -91,11 +99,27 @@ class RaggedLayer(CacheLayerMixin):
             self.window, self.flat_positions = window, positions.to(torch.int32)
         self.segment_lengths = keep.sum(-1).reshape(-1)
         self.layout = SegmentLayout.from_lengths(self.segment_lengths)
+        if quant is not None:
+            self.quantize(quant)
         self.prompt_length = length
         self.num_kv_heads = heads
         self.batch = batch
         self.keys = self.values = None
         self.compressed = True
+
+    def quantize(self, quant: QuantConfig) -> None:
+        """Store the packed entries as ``quant`` says: low-bit codes (keys per token where entries expire one by one)
+        or float16."""
+        self.flat_keys, self.flat_values = store(
+            self.flat_keys, self.flat_values, self.layout, quant, per_token_keys=self.window is not None
+        )
+
+    @property
+    def kv_bits(self) -> int:
+        """Bits per stored element of the kept entries."""
+        if isinstance(self.flat_keys, torch.Tensor):
+            return 8 * self.flat_keys.element_size()
+        return self.flat_keys.bits
 
     def replace_prompt(
         self, flat_keys: torch.Tensor, flat_values: torch.Tensor, lengths: torch.Tensor, prompt_length: int,
@@ -107,7 +131,7 @@ class RaggedLayer(CacheLayerMixin):
         self.segment_lengths = lengths.reshape(-1)
         self.layout = SegmentLayout.from_lengths(self.segment_lengths)
         self.prompt_length, self.num_kv_heads, self.batch = prompt_length, num_kv_heads, batch
-        self.keys = self.values = self.tail_keys = self.tail_values = None
+        self.keys = self.values = self.tail_keys = self.tail_values = self.flat_bias = None
         self.tail_length = 0
         self.compressed = True
 
@@ -121,8 +145,10 @@ class RaggedLayer(CacheLayerMixin):
             segments = torch.repeat_interleave(
                 torch.arange(self.segment_lengths.numel(), device=visible.device), self.segment_lengths
             )
-            self.flat_keys = self.flat_keys[visible].contiguous()
-            self.flat_values = self.flat_values[visible].contiguous()
+            self.flat_keys = _select(self.flat_keys, visible)
+            self.flat_values = _select(self.flat_values, visible)
+            if self.flat_bias is not None:
+                self.flat_bias = self.flat_bias[visible].contiguous()
             self.flat_positions = self.flat_positions[visible]
             self.segment_lengths = torch.bincount(segments[visible], minlength=self.segment_lengths.numel())
             self.layout = SegmentLayout.from_lengths(self.segment_lengths)
@@ -157,10 +183,29 @@ class RaggedLayer(CacheLayerMixin):
 
     def physical_bytes(self, include_tail: bool = True) -> int:
         """Bytes of storage the layer holds (allocated tail capacity included)."""
-        tensors = [self.keys, self.values, self.flat_keys, self.flat_values, self.segment_lengths, self.flat_positions]
+        tensors = [self.keys, self.values, self.segment_lengths, self.flat_positions, self.flat_bias]
         if include_tail:
             tensors += [self.tail_keys, self.tail_values]
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None) + sum(
+            _nbytes(entries) for entries in (self.flat_keys, self.flat_values) if entries is not None
+        )
+
+    def row_bytes(self) -> list[int]:
+        """Bytes of each batch row's compressed prompt entries: codes or values, scales, the per-head length,
+        positions and logit biases. They add up to `physical_bytes(include_tail=False)` of a compressed layer."""
+        lengths = list(self.layout.lengths)
+        per_segment = [0] * len(lengths)
+        for entries in (self.flat_keys, self.flat_values):
+            if isinstance(entries, (QuantizedEntries, HalfEntries)):
+                part = entries.segment_bytes(lengths)
+            else:
+                part = [n * entries.shape[-1] * entries.element_size() for n in lengths]
+            per_segment = [a + b for a, b in zip(per_segment, part)]
+        per_entry = sum(t.element_size() for t in (self.flat_positions, self.flat_bias) if t is not None)
+        length_bytes = self.segment_lengths.element_size()
+        per_segment = [total + n * per_entry + length_bytes for total, n in zip(per_segment, lengths)]
+        heads = len(lengths) // self.batch
+        return [sum(per_segment[row * heads : (row + 1) * heads]) for row in range(self.batch)]
 
 
 class RaggedKVCache(Cache):
@@ -169,14 +214,38 @@ class RaggedKVCache(Cache):
     def __init__(self, num_layers: int):
         super().__init__(layers=[RaggedLayer() for _ in range(num_layers)])
 
-    def compress_layer(self, layer_idx: int, keep: torch.Tensor, window: int | None = None) -> None:
-        self.layers[layer_idx].compress(keep, window)
+    def compress_layer(
+        self, layer_idx: int, keep: torch.Tensor, window: int | None = None, quant: QuantConfig | None = None
+    ) -> None:
+        self.layers[layer_idx].compress(keep, window, quant)
 
     def is_compressed(self, layer_idx: int) -> bool:
         return self.layers[layer_idx].compressed
 
     def physical_bytes(self, include_tail: bool = True) -> int:
         return sum(layer.physical_bytes(include_tail) for layer in self.layers)
+
+    def kept_bytes(self) -> list[int]:
+        """Per batch row: bytes of the compressed prompt cache (every compressed layer; the generated tail and the
+        layers that were never compressed are not counted). The one place kept bytes are counted."""
+        rows: list[int] | None = None
+        for layer in self.layers:
+            if layer.compressed:
+                part = layer.row_bytes()
+                rows = part if rows is None else [a + b for a, b in zip(rows, part)]
+        return rows or [0]
+
+
+def _nbytes(entries) -> int:
+    if isinstance(entries, (QuantizedEntries, HalfEntries)):
+        return entries.nbytes
+    return entries.numel() * entries.element_size()
+
+
+def _select(entries, visible: torch.Tensor):
+    if isinstance(entries, (QuantizedEntries, HalfEntries)):
+        return entries.select(visible)
+    return entries[visible].contiguous()
 
 
 def layer_problem(layer: RaggedLayer, query: torch.Tensor, scaling: float) -> DecodeProblem:
@@ -187,7 +256,9 @@ def layer_problem(layer: RaggedLayer, query: torch.Tensor, scaling: float) -> De
         # [B, Hkv, capacity, D] is [S, capacity, D] in memory.
         tail_keys = layer.tail_keys.view(segments, capacity, dim)[:, : layer.tail_length]
         tail_values = layer.tail_values.view(segments, capacity, dim)[:, : layer.tail_length]
-    return decode_problem(layer.layout, layer.flat_keys, layer.flat_values, tail_keys, tail_values, query, scaling)
+    return decode_problem(
+        layer.layout, layer.flat_keys, layer.flat_values, tail_keys, tail_values, query, scaling, layer.flat_bias
+    )
 
 
 def ragged_decode_attention(

@@ -21,6 +21,11 @@ timed once per process on the first problem of each shape (`cpu_choice`).
 
 A layer whose tail stays empty (cross-attention over a compressed encoder memory) is attended without a tail and
 without a causal mask.
+
+Kept entries may be packed low-bit codes (`quantization.QuantizedEntries`): every backend reads them through
+`DecodeProblem.run_keys` / `run_values` (one run expanded at a time) or `dense_keys` / `dense_values` (the padded and
+varlen backends), so all of them give what attending over the dequantized entries gives. An entry may also carry a
+logit bias (``bias [N]``, added to its score before the softmax: a merged entry's log-weight); every backend adds it.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Callable
 
 import torch
 
+from audiokv_cli.compression.quantization import HalfEntries, QuantizedEntries
 from audiokv_cli.errors import AudiokvError
 
 KERNEL_ENV = "AUDIOKV_DECODE_KERNEL"
@@ -87,13 +93,14 @@ class DecodeProblem:
     """One call's tensors, per segment: queries ``[S, W, D]`` (W = group x q_len) and tail views ``[S, T, D]``."""
 
     layout: SegmentLayout
-    keys: torch.Tensor
-    values: torch.Tensor
+    keys: "torch.Tensor | QuantizedEntries | HalfEntries"
+    values: "torch.Tensor | QuantizedEntries | HalfEntries"
     queries: torch.Tensor
     tail_keys: torch.Tensor | None
     tail_values: torch.Tensor | None
     q_len: int
     scaling: float
+    bias: torch.Tensor | None = None
 
     @property
     def tail_length(self) -> int:
@@ -108,10 +115,37 @@ class DecodeProblem:
         position = torch.arange(self.q_len, device=device).repeat(group) + self.tail_length - self.q_len
         return torch.arange(self.tail_length, device=device)[None, :] > position[:, None]  # [W, T]
 
-    def run_views(self, first: int, end: int, length: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run(self, entries, first: int, end: int, length: int, offset: int) -> torch.Tensor:
+        if not isinstance(entries, torch.Tensor):
+            return entries.run(first, end, length, offset)
         count = (end - first) * length
-        shape = (end - first, length, self.keys.shape[-1])
-        return self.keys[offset : offset + count].view(shape), self.values[offset : offset + count].view(shape)
+        return entries[offset : offset + count].view(end - first, length, entries.shape[-1])
+
+    def run_keys(self, first: int, end: int, length: int, offset: int) -> torch.Tensor:
+        """``[segments, length, D]`` keys of one run (dequantized when the entries are packed codes)."""
+        return self._run(self.keys, first, end, length, offset)
+
+    def run_values(self, first: int, end: int, length: int, offset: int) -> torch.Tensor:
+        return self._run(self.values, first, end, length, offset)
+
+    def run_views(self, first: int, end: int, length: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.run_keys(first, end, length, offset), self.run_values(first, end, length, offset)
+
+    def run_bias(self, first: int, end: int, length: int, offset: int) -> torch.Tensor | None:
+        """``[segments, 1, length]`` float32 logit bias of one run's entries, or None."""
+        if self.bias is None:
+            return None
+        return self.bias[offset : offset + (end - first) * length].float().view(end - first, 1, length)
+
+    def dense_keys(self) -> torch.Tensor:
+        return self.keys if isinstance(self.keys, torch.Tensor) else self.keys.dense(self.layout)
+
+    def dense_values(self) -> torch.Tensor:
+        return self.values if isinstance(self.values, torch.Tensor) else self.values.dense(self.layout)
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        return self.keys.dtype
 
 
 def _tail_part(problem: DecodeProblem) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,19 +194,25 @@ def matmul_kernel(problem: DecodeProblem) -> torch.Tensor:
     direct = queries.dtype == torch.float32
     whole = len(layout.runs) == 1 and layout.runs[0][2] == longest
     if whole:  # uniform budgets: the packed cache is a [S, L, D] view, no score buffer needed
-        keys, values = problem.run_views(*layout.runs[0])
+        keys = problem.run_keys(*layout.runs[0])
         scores = torch.bmm(queries, keys.transpose(1, 2)).float()
+        bias = problem.run_bias(*layout.runs[0])
+        if bias is not None:
+            scores += bias
         if tail:
             scores = torch.cat([scores, torch.bmm(queries, problem.tail_keys.transpose(1, 2)).float()], dim=-1)
     else:
         scores = torch.full((segments, width, longest + tail), float("-inf"), device=queries.device)
         for first, end, length, offset in layout.runs:
             if length:
-                keys, _ = problem.run_views(first, end, length, offset)
+                keys = problem.run_keys(first, end, length, offset)
                 if direct:
                     torch.bmm(queries[first:end], keys.transpose(1, 2), out=scores[first:end, :, :length])
                 else:
                     scores[first:end, :, :length] = torch.bmm(queries[first:end], keys.transpose(1, 2))
+                bias = problem.run_bias(first, end, length, offset)
+                if bias is not None:
+                    scores[first:end, :, :length] += bias
         if tail:
             if direct:
                 torch.bmm(queries, problem.tail_keys.transpose(1, 2), out=scores[:, :, longest:])
@@ -181,14 +221,14 @@ def matmul_kernel(problem: DecodeProblem) -> torch.Tensor:
     mask = problem.tail_mask()
     if mask is not None:
         scores[:, :, longest:].masked_fill_(mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(problem.values.dtype)
+    probs = torch.softmax(scores, dim=-1).to(problem.cache_dtype)
     if whole:
-        out = torch.bmm(probs[:, :, :longest], values)
+        out = torch.bmm(probs[:, :, :longest], problem.run_values(*layout.runs[0]))
     else:
-        out = queries.new_zeros(segments, width, dim, dtype=problem.values.dtype if direct else torch.float32)
+        out = queries.new_zeros(segments, width, dim, dtype=problem.cache_dtype if direct else torch.float32)
         for first, end, length, offset in layout.runs:
             if length:
-                _, values = problem.run_views(first, end, length, offset)
+                values = problem.run_values(first, end, length, offset)
                 if direct:
                     torch.bmm(probs[first:end, :, :length], values, out=out[first:end])
                 else:
@@ -211,8 +251,12 @@ def sdpa_kernel(problem: DecodeProblem) -> torch.Tensor:
     for first, end, length, offset in layout.runs:
         if length:
             keys, values = problem.run_views(first, end, length, offset)
+            bias = problem.run_bias(first, end, length, offset)
+            if bias is not None:
+                bias = bias[:, None].to(queries.dtype)  # [S, 1, 1, L]: broadcast over the query rows
             run_out, run_lse = flash(
-                queries[first:end, None], keys[:, None], values[:, None], 0.0, False, scale=problem.scaling
+                queries[first:end, None], keys[:, None], values[:, None], 0.0, False, attn_mask=bias,
+                scale=problem.scaling,
             )
             out[first:end] = run_out[:, 0]
             lse[first:end] = run_lse[:, 0]
@@ -222,16 +266,24 @@ def sdpa_kernel(problem: DecodeProblem) -> torch.Tensor:
 def padded_kernel(problem: DecodeProblem) -> torch.Tensor:
     """Kept entries gathered into a padded copy next to the tail, then one masked SDPA call for all segments."""
     index, valid = problem.layout.padded_index()
-    keys, values = problem.keys[index], problem.values[index]  # [S, L, D]
+    keys, values = problem.dense_keys()[index], problem.dense_values()[index]  # [S, L, D]
     mask = valid[:, None, :].expand(-1, problem.queries.shape[1], -1)
+    if problem.bias is not None:
+        # A float mask: each entry's bias, -inf on the padding.
+        bias = problem.bias.float()[index].masked_fill(~valid, float("-inf"))
+        mask = bias[:, None, :].expand(-1, problem.queries.shape[1], -1)
     if problem.tail_length:
         keys = torch.cat([keys, problem.tail_keys], dim=1)
         values = torch.cat([values, problem.tail_values], dim=1)
         tail_mask = problem.tail_mask()
-        tail_visible = torch.ones_like(mask[:, :, :1]).expand(-1, -1, problem.tail_length)
+        tail_visible = torch.ones_like(mask[:, :, :1], dtype=torch.bool).expand(-1, -1, problem.tail_length)
         if tail_mask is not None:
             tail_visible = tail_visible & ~tail_mask[None]
+        if mask.dtype != torch.bool:
+            tail_visible = torch.zeros_like(tail_visible, dtype=mask.dtype).masked_fill(~tail_visible, float("-inf"))
         mask = torch.cat([mask, tail_visible], dim=-1)
+    if mask.dtype != torch.bool:
+        mask = mask.to(problem.queries.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(
         problem.queries[:, None], keys[:, None], values[:, None], attn_mask=mask[:, None], scale=problem.scaling
     )
@@ -241,7 +293,10 @@ def padded_kernel(problem: DecodeProblem) -> torch.Tensor:
 def _varlen_inputs(problem: DecodeProblem):
     segments, width, dim = problem.queries.shape
     cu_q = torch.arange(0, (segments + 1) * width, width, dtype=torch.int32, device=problem.queries.device)
-    return problem.queries.reshape(segments * width, 1, dim), problem.keys[:, None], problem.values[:, None], cu_q
+    return (
+        problem.queries.reshape(segments * width, 1, dim), problem.dense_keys()[:, None],
+        problem.dense_values()[:, None], cu_q,
+    )
 
 
 def _varlen_result(problem: DecodeProblem, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
@@ -257,6 +312,8 @@ def _varlen_result(problem: DecodeProblem, out: torch.Tensor, lse: torch.Tensor)
 
 def varlen_kernel(problem: DecodeProblem) -> torch.Tensor:
     """torch.nn.attention.varlen: every segment is one sequence of one head, queries included (non-causal)."""
+    if problem.bias is not None:
+        return padded_kernel(problem)  # varlen_attn takes no per-entry bias
     from torch.nn.attention.varlen import AuxRequest, varlen_attn
 
     segments, width, dim = problem.queries.shape
@@ -270,6 +327,8 @@ def varlen_kernel(problem: DecodeProblem) -> torch.Tensor:
 
 def flash_attn_kernel(problem: DecodeProblem) -> torch.Tensor:
     """flash_attn_varlen_func, the kernel AdaKV and KVCache-Factory decode with."""
+    if problem.bias is not None:
+        return padded_kernel(problem)  # flash_attn_varlen_func takes no per-entry bias
     from flash_attn import flash_attn_varlen_func
 
     segments, width, dim = problem.queries.shape
@@ -330,7 +389,11 @@ MATMUL_SCORES_LIMIT = 1 << 22
 def _shape_key(problem: DecodeProblem) -> tuple:
     layout = problem.layout
     # Same segment count, query width, head size and dtype, one run or many, lengths within a factor of two.
-    return (*problem.queries.shape, problem.keys.dtype, len(layout.runs) == 1, layout.max_length.bit_length())
+    quantized = getattr(problem.keys, "bits", None)
+    return (
+        *problem.queries.shape, problem.cache_dtype, len(layout.runs) == 1, layout.max_length.bit_length(), quantized,
+        problem.bias is not None,
+    )
 
 
 def cpu_choice(problem: DecodeProblem) -> str:
@@ -391,9 +454,11 @@ def use_kernel_option(name: str, device: torch.device | str, dtype: torch.dtype)
 def resolve_kernel(name: str, problem: DecodeProblem) -> str:
     if name != "auto":
         return name
-    device, dtype = problem.queries.device, problem.keys.dtype
+    device, dtype = problem.queries.device, problem.cache_dtype
     if device.type == "cpu":
         return cpu_choice(problem)
+    if problem.bias is not None:
+        return "padded"  # the varlen kernels take no per-entry bias
     return available_kernels(device, dtype)[0] if dtype in HALF else "padded"
 
 
@@ -405,15 +470,19 @@ def decode_problem(
     tail_values: torch.Tensor | None,
     query: torch.Tensor,
     scaling: float,
+    bias: torch.Tensor | None = None,
 ) -> DecodeProblem:
-    """``query`` ``[B, Hq, q_len, D]`` over packed kept entries ``[N, D]`` and an optional tail ``[S, T, D]``."""
+    """``query`` ``[B, Hq, q_len, D]`` over packed kept entries ``[N, D]`` (plain or `QuantizedEntries`), their
+    optional logit bias ``[N]`` and an optional tail ``[S, T, D]``."""
     batch, query_heads, q_len, dim = query.shape
     width = query_heads * batch // layout.segments * q_len
     # Query head h reads KV head h // group: [B, Hq, q, D] is already [B, Hkv, group, q, D] in memory order.
     queries = query.to(keys.dtype).reshape(layout.segments, width, dim)
     if tail_keys is not None and not tail_keys.shape[1]:
         tail_keys = tail_values = None
-    return DecodeProblem(layout, keys, values, queries, tail_keys, tail_values, q_len=q_len, scaling=scaling)
+    return DecodeProblem(
+        layout, keys, values, queries, tail_keys, tail_values, q_len=q_len, scaling=scaling, bias=bias
+    )
 
 
 def decode_attention(problem: DecodeProblem, query: torch.Tensor, kernel: str | None = None) -> torch.Tensor:

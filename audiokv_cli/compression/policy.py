@@ -15,8 +15,10 @@ from typing import Iterator
 import torch
 
 from audiokv_cli.attention import sdpa_attention, use_attention_handler
+from audiokv_cli.compression import byte_budget
 from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, ProfileBudget, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
+from audiokv_cli.compression.quantization import QuantConfig, check_bits
 from audiokv_cli.compression.scorers import Scorer, bit_reversal_rank
 from audiokv_cli.compression.selection import SCOPES, audio_mask, select_positions
 from audiokv_cli.compression.smoothers import NoSmoothing, Smoother
@@ -43,6 +45,10 @@ class CompressionPolicy:
     coverage: float = 0.0
     #: field values that replace these where the compressed cache is cross-attention over encoder frames.
     cross_attention: dict = field(default_factory=dict)
+    #: bits per kept key/value element: None keeps the model's dtype; 16 stores float16; 8, 4, 2 packed codes.
+    kv_bits: int | None = None
+    #: the byte budget this policy was chosen for (`byte_budget`), None when retention and bits were given.
+    kv_budget: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.coverage <= 1.0:
@@ -55,10 +61,23 @@ class CompressionPolicy:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {self.scope!r}")
         if self.window < 1:
             raise ValueError(f"window must be at least 1, got {self.window}")
+        if self.kv_bits is not None:
+            check_bits(self.kv_bits)
+        if self.kv_budget is not None and not 0.0 < self.kv_budget <= 1.0:
+            raise ValueError(f"kv_budget must be in (0, 1], got {self.kv_budget}")
 
     @property
     def evicts(self) -> bool:
         return self.scorer is not None
+
+    @property
+    def quant(self) -> QuantConfig | None:
+        return None if self.kv_bits is None else QuantConfig(self.kv_bits)
+
+    @property
+    def compresses(self) -> bool:
+        """Whether the prompt cache is rewritten after prefill (entries evicted, or all kept in fewer bits)."""
+        return self.evicts or self.kv_bits is not None or self.kv_budget is not None
 
     def keep_mask(
         self,
@@ -170,6 +189,8 @@ class CompressionSession:
             policy = dataclasses.replace(policy, budget=ProfileBudget(
                 self.owner_head_scores(policy.budget.head_scores), floor_fraction=policy.budget.floor_fraction
             ))
+        if policy.kv_budget is not None:
+            policy = self.spend_budget(policy, geometry, prepared)
         self.policy = policy
         self.context = BudgetContext(
             retention=policy.retention,
@@ -186,6 +207,18 @@ class CompressionSession:
         self.full_prompt_bytes = 0
         # Largest cache footprint seen during prefill: compressed layers so far plus the one still dense.
         self.peak_prefill_bytes = 0
+
+    def spend_budget(self, policy: CompressionPolicy, geometry, prepared) -> CompressionPolicy:
+        """The policy's byte budget turned into retention and bits for this prompt (`byte_budget.resolve`)."""
+        probe = BudgetContext(
+            retention=1.0, prompt_len=prepared.compressed_length, window=0 if self.cross_attention else policy.window,
+            scope=policy.scope, audio_spans=tuple(prepared.audio_spans),
+        )
+        sliding = any(self.adapter.sliding_window(layer) is not None for layer in self.budget_layer)
+        return byte_budget.resolve(
+            policy, length=prepared.compressed_length, head_dim=geometry.head_dim, forced=probe.num_forced,
+            cross_attention=self.cross_attention, sliding=sliding,
+        )
 
     def owner_head_scores(self, head_scores: torch.Tensor) -> torch.Tensor:
         """[K, Hq]: each cache-owning layer's row plus the rows of the layers that read its cache."""
@@ -210,6 +243,8 @@ class CompressionSession:
 
     def layer_keep_mask(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> torch.Tensor:
         """bool ``[B, Hkv, L]``: what this session's policy keeps of the layer's prompt entries."""
+        if not self.policy.evicts:
+            return torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device)
         rank = self.budget_layer[layer_idx]
         start = self.live_start(layer_idx)
         if start == 0:
@@ -240,7 +275,7 @@ class CompressionSession:
             audio_kept=(keep[0] & audio).sum(-1).tolist(),
             text_kept=(keep[0] & ~audio).sum(-1).tolist(),
         )
-        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx))
+        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx), self.policy.quant)
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         layer_idx = self.adapter.cache_layer_index(module)
@@ -250,7 +285,7 @@ class CompressionSession:
         if self.cache.is_compressed(layer_idx) and not (sharing and self.is_prefill(query, key)):
             return self.decode_attention(layer_idx, query, scaling), None
         output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        if self.evicts and not sharing and self.is_prefill(query, key):
+        if self.compresses and not sharing and self.is_prefill(query, key):
             self.compress_layer(layer_idx, query, key, scaling)
         return output
 
@@ -266,6 +301,10 @@ class CompressionSession:
     def evicts(self) -> bool:
         return self.policy.evicts
 
+    @property
+    def compresses(self) -> bool:
+        return self.policy.compresses
+
     def is_prefill(self, query, key) -> bool:
         """The call that fills the layer's cache with the whole prompt (or, cross-attention, all audio frames)."""
         if key.shape[-2] != self.prepared.compressed_length:
@@ -273,8 +312,11 @@ class CompressionSession:
         return self.cross_attention or query.shape[-2] == key.shape[-2]
 
     def kept_bytes(self) -> int:
-        """Physical bytes of the compressed prompt cache (generated-token tail excluded)."""
-        return self.cache.physical_bytes(include_tail=False)
+        """Physical bytes of the prompt cache (generated-token tail excluded): what the compressed layers hold
+        (`RaggedKVCache.kept_bytes`), or the dense prompt cache of a run that compresses nothing."""
+        if not self.compresses:
+            return self.cache.physical_bytes(include_tail=False)
+        return sum(self.cache.kept_bytes())
 
     def summary(self) -> dict:
         """Per-layer, per-head counts of kept audio and text entries."""

@@ -1,0 +1,300 @@
+"""Kept cache entries stored as packed low-bit codes (`--kv-bits 8|4|2`), dequantized on the fly by the decode kernels.
+
+Group-wise asymmetric (affine) quantization as KIVI does it: keys per channel (a few key channels carry outliers, so
+each channel gets its own scale over a group of consecutive entries of one head), values per token (a scale per
+group of channels of one entry). Each group stores a float16 scale and a float16 minimum; codes are
+``round((x - minimum) / scale)`` in ``[0, 2**bits - 1]``, packed two 4-bit or four 2-bit codes per byte along the
+channel axis. Nothing is ever kept as dequantized floats: a decode step expands one run of equal-length segments at a
+time into a temporary (`QuantizedEntries.run`), the way a fused kernel would read it tile by tile.
+
+A layer that drops entries later (sliding window: `RaggedLayer.expire`) quantizes its keys per token too, so any
+subset of entries stays exactly representable (`select`).
+
+The primitives are written here rather than taken from torchao: on these CPU decode sizes torchao 0.18's
+``dequantize_affine`` took 28 ms for a 12,000 x 64 tensor where the expression below takes 0.85 ms, and importing it
+costs 1.8 s and prints load errors for its CUDA extensions (docs/compression.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from audiokv_cli.errors import AudiokvError
+
+BITS = (16, 8, 4, 2)  # 16: not quantized
+# Entries per key scale (per channel) and channels per value scale (per token): KIVI's group sizes.
+KEY_GROUP = 64
+VALUE_GROUP = 64
+SCALE_BYTES = 2 + 2  # float16 scale + float16 minimum per group
+
+
+def check_bits(bits: int) -> int:
+    if bits not in BITS:
+        raise AudiokvError(f"--kv-bits must be one of {', '.join(map(str, BITS))}, got {bits}")
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int
+    key_group: int = KEY_GROUP
+    value_group: int = VALUE_GROUP
+
+    def __post_init__(self) -> None:
+        if self.bits not in BITS:
+            raise ValueError(f"bits must be one of 16, 8, 4, 2, got {self.bits}")
+        if self.key_group < 1 or self.value_group < 1:
+            raise ValueError("quantization groups must hold at least one element")
+
+    def value_group_for(self, head_dim: int) -> int:
+        """Channels per token group: the configured size where it divides the head, else the whole head."""
+        return self.value_group if head_dim % self.value_group == 0 else head_dim
+
+    def entry_bytes(self, head_dim: int, per_token_keys: bool = False) -> float:
+        """Bytes one kept entry costs (key and value codes and per-token scales), key channel scales not included."""
+        codes = 2 * head_dim * self.bits / 8
+        per_token = head_dim // self.value_group_for(head_dim)
+        scales = per_token * SCALE_BYTES * (2 if per_token_keys else 1)
+        return codes + scales
+
+    def key_group_bytes(self, head_dim: int) -> int:
+        """Bytes of one per-channel key group (a scale and a minimum for every channel)."""
+        return head_dim * SCALE_BYTES
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., D]`` -> ``[..., D * bits / 8]`` bytes, the first code in the low bits."""
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    parts = codes.unflatten(-1, (-1, per_byte))
+    packed = parts[..., 0].clone()
+    for index in range(1, per_byte):
+        packed |= parts[..., index] << (bits * index)
+    return packed
+
+
+def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The inverse of `pack`: uint8 codes ``[..., D]``."""
+    if bits == 8:
+        return packed
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * index)) & mask for index in range(8 // bits)]
+    return torch.stack(parts, dim=-1).flatten(-2)
+
+
+def _affine(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int):
+    """Codes, float16 scale and float16 minimum for ``x`` given each element's group min/max (broadcast)."""
+    levels = (1 << bits) - 1
+    minimum = low.to(torch.float16)
+    scale = ((high - minimum.float()) / levels).clamp(min=1e-5).to(torch.float16)
+    codes = torch.round((x.float() - minimum.float()) / scale.float()).clamp_(0, levels).to(torch.uint8)
+    return codes, scale, minimum
+
+
+def quantize_per_token(x: torch.Tensor, bits: int, group: int):
+    """``x [N, D]`` -> (packed codes ``[N, D*bits/8]``, scales ``[N, D/group]``, minimums ``[N, D/group]``)."""
+    count, dim = x.shape
+    grouped = x.float().view(count, dim // group, group)
+    codes, scale, minimum = _affine(
+        grouped, grouped.amin(-1, keepdim=True), grouped.amax(-1, keepdim=True), bits
+    )
+    return pack(codes.view(count, dim), bits), scale[..., 0], minimum[..., 0]
+
+
+def dequantize_per_token(packed, scale, minimum, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    codes = unpack(packed, bits)
+    count, dim = codes.shape
+    groups = scale.shape[-1]
+    out = torch.addcmul(
+        minimum.float()[..., None], codes.view(count, groups, dim // groups).float(), scale.float()[..., None]
+    )
+    return out.view(count, dim).to(dtype)
+
+
+@dataclass
+class QuantizedEntries:
+    """Packed entries ``[N, D]`` of a compressed layer, in the segment order of its `SegmentLayout`.
+
+    ``per_channel``: scales ``[G, D]`` over groups of ``group`` consecutive entries of one segment (groups never
+    cross segments; a segment's last group may be shorter); otherwise scales ``[N, D / group]`` per entry.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor
+    bits: int
+    dim: int
+    dtype: torch.dtype
+    group: int
+    per_channel: bool
+    # per_channel only: first segment of each run -> index of its first scale group
+    run_groups: dict[int, int]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.codes.shape[0], self.dim)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
+
+    def run(self, first: int, end: int, length: int, offset: int) -> torch.Tensor:
+        """The dequantized entries of segments ``first..end`` (all ``length`` long, starting at ``offset``)."""
+        segments = end - first
+        count = segments * length
+        codes = self.codes[offset : offset + count]
+        if not self.per_channel:
+            rows = slice(offset, offset + count)
+            flat = dequantize_per_token(codes, self.scale[rows], self.minimum[rows], self.bits, self.dtype)
+            return flat.view(segments, length, self.dim)
+        codes = unpack(codes, self.bits).view(segments, length, self.dim)
+        groups = -(-length // self.group)
+        start = self.run_groups[first]
+        scale = self.scale[start : start + segments * groups].view(segments, groups, self.dim).float()
+        minimum = self.minimum[start : start + segments * groups].view(segments, groups, self.dim).float()
+        out = torch.empty(segments, length, self.dim, dtype=torch.float32, device=codes.device)
+        whole = length // self.group
+        if whole:
+            span = whole * self.group
+            torch.addcmul(
+                minimum[:, :whole, None], codes[:, :span].view(segments, whole, self.group, self.dim).float(),
+                scale[:, :whole, None], out=out[:, :span].view(segments, whole, self.group, self.dim),
+            )
+        if length % self.group:
+            span = whole * self.group
+            torch.addcmul(minimum[:, whole:], codes[:, span:].float(), scale[:, whole:], out=out[:, span:])
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def dense(self, layout) -> torch.Tensor:
+        """All entries dequantized ``[N, D]`` (the padded and varlen kernels read a plain tensor)."""
+        if not self.per_channel:
+            return dequantize_per_token(self.codes, self.scale, self.minimum, self.bits, self.dtype)
+        out = torch.empty(self.codes.shape[0], self.dim, dtype=self.dtype, device=self.device)
+        for first, end, length, offset in layout.runs:
+            if length:
+                out[offset : offset + (end - first) * length] = self.run(first, end, length, offset).flatten(0, 1)
+        return out
+
+    def select(self, visible: torch.Tensor) -> "QuantizedEntries":
+        """The entries where ``visible`` is true (per-token scales only: each entry is self-contained)."""
+        if self.per_channel:
+            raise RuntimeError("per-channel quantized entries cannot drop single entries")
+        return QuantizedEntries(
+            self.codes[visible].contiguous(), self.scale[visible].contiguous(), self.minimum[visible].contiguous(),
+            self.bits, self.dim, self.dtype, self.group, False, {},
+        )
+
+    def segment_bytes(self, lengths: list[int]) -> list[int]:
+        """Bytes attributable to each segment (codes, scales, minimums)."""
+        code_bytes = self.codes.shape[-1] * self.codes.element_size()
+        if not self.per_channel:
+            per_entry = code_bytes + self.scale.shape[-1] * SCALE_BYTES
+            return [n * per_entry for n in lengths]
+        group_bytes = self.dim * SCALE_BYTES
+        return [n * code_bytes + -(-n // self.group) * group_bytes for n in lengths]
+
+
+@dataclass
+class HalfEntries:
+    """Kept entries of a float32 model stored as float16 (``--kv-bits 16``), widened per run on the fly."""
+
+    data: torch.Tensor
+    dtype: torch.dtype
+    bits: int = 16
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+    def run(self, first: int, end: int, length: int, offset: int) -> torch.Tensor:
+        count = (end - first) * length
+        return self.data[offset : offset + count].view(end - first, length, -1).to(self.dtype)
+
+    def dense(self, layout) -> torch.Tensor:
+        return self.data.to(self.dtype)
+
+    def select(self, visible: torch.Tensor) -> "HalfEntries":
+        return HalfEntries(self.data[visible].contiguous(), self.dtype)
+
+    def segment_bytes(self, lengths: list[int]) -> list[int]:
+        return [n * self.data.shape[-1] * self.data.element_size() for n in lengths]
+
+
+def store(keys: torch.Tensor, values: torch.Tensor, layout, config: QuantConfig, per_token_keys: bool):
+    """Kept keys and values ``[N, D]`` in the form ``config`` asks for (plain tensors where nothing changes)."""
+    if config.bits == 16:
+        if keys.element_size() <= 2:
+            return keys, values
+        return HalfEntries(keys.half(), keys.dtype), HalfEntries(values.half(), values.dtype)
+    stored_keys = quantize_values(keys, config) if per_token_keys else quantize_keys(keys, layout, config)
+    return stored_keys, quantize_values(values, config)
+
+
+def quantize_values(values: torch.Tensor, config: QuantConfig) -> QuantizedEntries:
+    """Values (or a sliding layer's keys) per token: ``[N, D]`` packed entries with per-entry scales."""
+    count, dim = values.shape
+    group = config.value_group_for(dim)
+    codes, scale, minimum = quantize_per_token(values, config.bits, group)
+    return QuantizedEntries(codes, scale, minimum, config.bits, dim, values.dtype, group, False, {})
+
+
+def quantize_keys(keys: torch.Tensor, layout, config: QuantConfig) -> QuantizedEntries:
+    """Keys per channel: within each segment, groups of ``config.key_group`` consecutive entries share one scale
+    and minimum per channel."""
+    count, dim = keys.shape
+    group = config.key_group
+    code_parts, scale_parts, minimum_parts, run_groups = [], [], [], {}
+    next_group = 0
+    for first, end, length, offset in layout.runs:
+        run_groups[first] = next_group
+        if not length:
+            continue
+        segments = end - first
+        x = keys[offset : offset + segments * length].float().view(segments, length, dim)
+        groups = -(-length // group)
+        low = torch.empty(segments, groups, dim, device=keys.device)
+        high = torch.empty_like(low)
+        whole = length // group
+        if whole:
+            body = x[:, : whole * group].view(segments, whole, group, dim)
+            low[:, :whole], high[:, :whole] = body.amin(2), body.amax(2)
+        if length % group:
+            rest = x[:, whole * group :]
+            low[:, whole], high[:, whole] = rest.amin(1), rest.amax(1)
+        # Each entry's group: position // group within its segment.
+        index = torch.arange(length, device=keys.device) // group
+        codes, scale, minimum = _affine(x, low[:, index], high[:, index], config.bits)
+        code_parts.append(pack(codes.view(-1, dim), config.bits))
+        # The rounded scale of each group is the same for all its entries: take one entry per group.
+        firsts = torch.arange(groups, device=keys.device) * group
+        scale_parts.append(scale[:, firsts].reshape(-1, dim))
+        minimum_parts.append(minimum[:, firsts].reshape(-1, dim))
+        next_group += segments * groups
+    empty_codes = keys.new_zeros(0, dim * config.bits // 8, dtype=torch.uint8)
+    empty_scales = keys.new_zeros(0, dim, dtype=torch.float16)
+    return QuantizedEntries(
+        torch.cat(code_parts) if code_parts else empty_codes,
+        torch.cat(scale_parts) if scale_parts else empty_scales,
+        torch.cat(minimum_parts) if minimum_parts else empty_scales,
+        config.bits, dim, keys.dtype, group, True, run_groups,
+    )
+
+
+def check_quantizable(head_dim: int, bits: int) -> None:
+    if bits < 16 and head_dim % (8 // bits if bits < 8 else 1):
+        raise AudiokvError(f"--kv-bits {bits} needs a head size divisible by {8 // bits}; this model's is {head_dim}")
