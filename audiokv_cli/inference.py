@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
@@ -29,6 +30,12 @@ class ClipResult:
     generated_tokens: int
     kv_bytes_full: int
     kv_bytes_kept: int
+    #: the compressed entries (prompt, or Whisper's encoder frames) at 16 bits: what --kv-budget is a fraction of
+    kv_bytes_full_16bit: int
+    #: bits per stored element of the kept entries (the model dtype's when not quantized)
+    kv_bits: int
+    #: the byte budget the run was given (None: retention and bits were given directly)
+    kv_budget: float | None
     seconds_prefill: float
     seconds_decode: float
     hit_token_limit: bool
@@ -40,8 +47,8 @@ class ClipResult:
     @classmethod
     def of(cls, adapter, policy, prepared, tokens: list[int], *, clip: str, kv_bytes_full: int, kv_bytes_kept: int,
            seconds_prefill: float, seconds_decode: float, hit_token_limit: bool, kept_per_head: dict | None = None):
-        """The result of decoding ``prepared`` under ``policy``: what the clip, model and policy say, plus the run's
-        own figures."""
+        """The result of decoding ``prepared`` under ``policy`` (as the session resolved it: a byte budget's
+        retention and bits): what the clip, model and policy say, plus the run's own figures."""
         return cls(
             clip=clip,
             text=adapter.decode(tokens),
@@ -56,6 +63,9 @@ class ClipResult:
             generated_tokens=len(tokens),
             kv_bytes_full=kv_bytes_full,
             kv_bytes_kept=kv_bytes_kept,
+            kv_bytes_full_16bit=full_bytes_16bit(adapter, prepared),
+            kv_bits=policy.kv_bits or 8 * torch.empty((), dtype=adapter.dtype).element_size(),
+            kv_budget=policy.kv_budget,
             seconds_prefill=round(seconds_prefill, 4),
             seconds_decode=round(seconds_decode, 4),
             hit_token_limit=hit_token_limit,
@@ -73,7 +83,15 @@ class ClipResult:
             record.pop("token_ids")
             record.pop("kept_per_head")
         record["retention_measured"] = round(self.kept_ratio, 6)
+        record["kept_ratio_16bit"] = round(self.kv_bytes_kept / self.kv_bytes_full_16bit, 6) if (
+            self.kv_bytes_full_16bit
+        ) else 1.0
         return record
+
+
+def full_bytes_16bit(adapter, prepared) -> int:
+    """`kv_bytes_full_16bit` of a prompt: its compressed entries, every cache-owning layer and KV head, K and V."""
+    return prepared.compressed_length * adapter.geometry.kv_bytes_per_token(torch.float16)
 
 
 def run_clip(
@@ -105,12 +123,12 @@ def run_clip(
         if not prefill_chunk:
             logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
         full_bytes = prepared.compressed_length * adapter.geometry.kv_bytes_per_token(adapter.dtype)
-        kept_bytes = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
+        kept_bytes = session.kept_bytes()
         tokens, seconds_decode, hit_limit = decode_greedy(
             adapter, session.model_cache, logits, max_new_tokens, stop_at_eos, on_token
         )
     return ClipResult.of(
-        adapter, policy, prepared, tokens, clip=clip, kv_bytes_full=full_bytes, kv_bytes_kept=kept_bytes,
+        adapter, session.policy, prepared, tokens, clip=clip, kv_bytes_full=full_bytes, kv_bytes_kept=kept_bytes,
         seconds_prefill=seconds_prefill, seconds_decode=seconds_decode, hit_token_limit=hit_limit,
-        kept_per_head=session.summary() if policy.evicts else None,
+        kept_per_head=session.summary() if session.policy.evicts else None,
     )

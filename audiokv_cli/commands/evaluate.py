@@ -77,6 +77,9 @@ def evaluate(
     model: str = typer.Option("tiny", "--model", "-m", help="Short name (tiny, qwen2-audio, qwen2-audio-base), local directory or Hub id."),
     methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated methods; also METHOD+SMOOTHER (snapkv+sss), audiokv-nosss, SCORER+SMOOTHER+BUDGET."),
     retention: str = typer.Option("0.8,0.6,0.4,0.2", help="Comma-separated fractions of the prompt KV to keep, each in (0, 1]."),
+    kv_bits: str = typer.Option("auto", "--kv-bits", help="Comma-separated bits per kept element for the retention cells: auto (the model's dtype), 16, 8, 4, 2 (full@4bit: quantization alone)."),
+    kv_budget: Optional[str] = typer.Option(None, "--kv-budget", help="Comma-separated byte budgets (fractions of the 16-bit cache): METHOD@budget cells spend each on entries and bits (full@budget: every entry, the most bits that fit)."),
+    budget_bits: str = typer.Option("auto", "--budget-bits", help="Bits for the --kv-budget cells: auto (the shipped frontier's choice) or fixed 16, 8, 4, 2 (METHOD@budget-4bit)."),
     scope: str = typer.Option("all", help="Comma-separated eviction scopes: all, audio (text tokens always kept)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for methods with profile budgets: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
     max_new_tokens: int = typer.Option(128, min=1, help="Stop each transcript after this many tokens."),
@@ -105,6 +108,8 @@ def evaluate(
     from audiokv_cli.evaluation.sweep import (
         ModelSource,
         SweepResult,
+        parse_bits,
+        parse_budgets,
         parse_methods,
         parse_retentions,
         parse_scopes,
@@ -120,6 +125,9 @@ def evaluate(
         raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")
     specs = parse_methods(methods)
     retentions = parse_retentions(retention)
+    bits_list = parse_bits(kv_bits, "--kv-bits")
+    budgets = parse_budgets(kv_budget)
+    budget_bits_list = parse_bits(budget_bits, "--budget-bits")
     scopes = parse_scopes(scope)
     check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
     check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
@@ -127,7 +135,8 @@ def evaluate(
         window=window, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho, coverage=coverage, smooth_over=smooth_over
     )
     needs_profile = any(spec.uses_profile for spec in specs)
-    plan_cells([s for s in specs if not s.uses_profile], retentions, scopes, options)  # validates the parts
+    cell_axes = dict(kv_bits=bits_list, kv_budgets=budgets, budget_bits=budget_bits_list)
+    plan_cells([s for s in specs if not s.uses_profile], retentions, scopes, options, **cell_axes)  # validates
     if needs_profile and profile is not None:
         from audiokv_cli.profiling.reference import check_reference
 
@@ -152,7 +161,7 @@ def evaluate(
 
         profile_path = profile if profile is not None else find_profile(adapter)
         options.head_scores = resolve_head_scores(adapter, profile)
-    cells = plan_cells(specs, retentions, scopes, options)
+    cells = plan_cells(specs, retentions, scopes, options, **cell_axes)
     source = ModelSource(model, device.value, dtype.value, trust_remote_code, device_map.value if device_map else None)
     journal = _journal(out, adapter, data, cells, max_new_tokens, options, ranks)
     done = journal.read() if resume else {}
@@ -188,6 +197,9 @@ def evaluate(
         "methods": [spec.label for spec in specs],
         "policies": {cell.method: cell.policy.name for cell in cells},
         "retentions": retentions,
+        "kv_bits": bits_list,
+        "kv_budgets": budgets,
+        "budget_bits": budget_bits_list,
         "scopes": scopes,
         "max_new_tokens": max_new_tokens,
         "window": window,

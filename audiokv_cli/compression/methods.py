@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from audiokv_cli.compression.budgets import BUDGET_NAMES, make_budget
+from audiokv_cli.compression.byte_budget import check_budget
+from audiokv_cli.compression.quantization import check_bits
 from audiokv_cli.compression.policy import SMOOTH_OVER, CompressionPolicy
 from audiokv_cli.compression.scorers import SCORER_NAMES, make_scorer
 from audiokv_cli.compression.smoothers import SMOOTHER_NAMES, make_smoother
@@ -68,6 +70,8 @@ class MethodOptions:
     seed: int = 0
     head_scores: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    kv_bits: int | None = None  # bits per kept element (None: the model's dtype, or under a budget the frontier's)
+    kv_budget: float | None = None  # byte budget: retention (and bits unless kv_bits) chosen per prompt
 
 
 def _scorer(name: str, options: MethodOptions):
@@ -119,11 +123,18 @@ def build_policy(
         raise AudiokvError(f"coverage must be in [0, 1], got {options.coverage}")
     if options.smooth_over is not None and options.smooth_over not in SMOOTH_OVER:
         raise AudiokvError(f"smooth-over must be one of {', '.join(SMOOTH_OVER)}, got {options.smooth_over!r}")
+    if options.kv_bits is not None:
+        check_bits(options.kv_bits)
+    if options.kv_budget is not None:
+        check_budget(options.kv_budget)
+    storage = dict(kv_bits=options.kv_bits, kv_budget=options.kv_budget)
     scorer_name = scorer or recipe.scorer
     if scorer_name is None:
         if smoother or budget:
             raise AudiokvError("method 'full' evicts nothing; add --scorer to compose an eviction method")
-        return CompressionPolicy(name="full", scorer=None, retention=1.0, window=options.window, scope=options.scope)
+        return CompressionPolicy(
+            name="full", scorer=None, retention=1.0, window=options.window, scope=options.scope, **storage
+        )
     smoother_name = smoother or recipe.smoother
     budget_name = budget or recipe.budget
     overridden = (scorer_name, smoother_name, budget_name) != (recipe.scorer, recipe.smoother, recipe.budget)
@@ -142,6 +153,7 @@ def build_policy(
         cross_attention={
             key: value for key, value in recipe.cross_attention.items() if getattr(options, key) is None
         },
+        **storage,
     )
 
 

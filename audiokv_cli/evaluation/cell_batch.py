@@ -34,6 +34,10 @@ class CellBatchSession(CompressionSession):
     def evicts(self) -> bool:
         return True  # rows that keep everything are compressed to all their entries, like the others
 
+    @property
+    def compresses(self) -> bool:
+        return True
+
     def compress_layer(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> None:
         """``scores``: None (score from ``queries``) or one recorded score tensor (or None) per row."""
         start = time.perf_counter()
@@ -51,15 +55,24 @@ class CellBatchSession(CompressionSession):
                 audio_kept=(keep[row] & audio).sum(-1).tolist(),
                 text_kept=(keep[row] & ~audio).sum(-1).tolist(),
             )
-        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx))
+        # Rows share one packed layer, so they share its storage (run_cells_batched groups rows by it).
+        quant = self.rows[0].policy.quant
+        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx), quant)
         self.seconds_compress += time.perf_counter() - start
 
     def kept_bytes(self, row: int) -> int:
-        """Bytes of row `row`'s kept entries (keys and values, every layer and head)."""
-        geometry = self.adapter.geometry
-        element = torch.empty((), dtype=self.adapter.dtype).element_size()
-        kept = sum(sum(stats.kept) for stats in self.rows[row].layer_stats.values())
-        return 2 * kept * geometry.head_dim * element
+        """Bytes of row `row`'s compressed prompt cache (`RaggedKVCache.kept_bytes`)."""
+        return self.cache.kept_bytes()[row]
+
+
+def storage_groups(adapter, prepared, policies: Sequence[CompressionPolicy]) -> list[list[int]]:
+    """Indices of ``policies`` grouped by how their kept entries are stored (bits after any byte budget is spent):
+    the rows of one batch share a packed layer."""
+    groups: dict[int | None, list[int]] = {}
+    for index, policy in enumerate(policies):
+        resolved = CompressionSession(policy, adapter, prepared).policy
+        groups.setdefault(resolved.kv_bits, []).append(index)
+    return list(groups.values())
 
 
 def batched_inputs(prepared, rows: int) -> dict:
@@ -71,7 +84,18 @@ def batched_inputs(prepared, rows: int) -> dict:
 
 
 def run_cells_batched(adapter, prepared, policies: Sequence[CompressionPolicy], max_new_tokens: int):
-    """Decode `prepared` under every policy at once; returns (CellOutcome per policy, seconds of the prefill)."""
+    """Decode `prepared` under every policy at once (one batch per way of storing entries); returns (CellOutcome
+    per policy, seconds of the prefill)."""
+    groups = storage_groups(adapter, prepared, policies)
+    if len(groups) > 1:
+        outcomes: list = [None] * len(policies)
+        seconds = 0.0
+        for group in groups:
+            part, part_seconds = run_cells_batched(adapter, prepared, [policies[i] for i in group], max_new_tokens)
+            seconds += part_seconds
+            for index, outcome in zip(group, part):
+                outcomes[index] = outcome
+        return outcomes, seconds
     session = CellBatchSession(policies, adapter, prepared)
     with use_attention_handler(adapter, session), torch.no_grad():
         logits, seconds = prefill(adapter, batched_inputs(prepared, len(policies)), session.model_cache)
@@ -86,6 +110,14 @@ def run_cells_replayed(adapter, prepared, record, policies: Sequence[Compression
     from audiokv_cli.evaluation.sweep import scorer_key
 
     rows = len(policies)
+    groups = storage_groups(adapter, prepared, policies)
+    if len(groups) > 1:
+        outcomes: list = [None] * rows
+        for group in groups:
+            part = run_cells_replayed(adapter, prepared, record, [policies[i] for i in group], max_new_tokens)
+            for index, outcome in zip(group, part):
+                outcomes[index] = outcome
+        return outcomes
     session = CellBatchSession(policies, adapter, prepared)
     with torch.no_grad():
         for layer in record.layers:
@@ -108,6 +140,7 @@ def _outcomes(session: CellBatchSession, policies, tokens, max_new_tokens: int, 
     outcomes = []
     for row, policy in enumerate(policies):
         full = not policy.evicts
+        resolved = session.rows[row].policy
         outcomes.append(
             CellOutcome(
                 token_ids=tokens[row],
@@ -116,6 +149,7 @@ def _outcomes(session: CellBatchSession, policies, tokens, max_new_tokens: int, 
                 seconds_compress=session.seconds_compress * share,
                 seconds_decode=seconds_decode * share,
                 kept_per_head={} if full else session.rows[row].summary(),
+                policy=resolved,
             )
         )
     return outcomes

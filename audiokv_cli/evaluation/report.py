@@ -158,7 +158,8 @@ def _table_layout(summary: Sequence[Mapping], metric: str, scope: str | None) ->
     show_scope = len(wanted) > 1
 
     def included(row: Mapping) -> bool:
-        return not wanted or row.get("scope") in wanted
+        # Rows without a scope (quantization alone: every entry kept) belong to every scope's table.
+        return not wanted or not row.get("scope") or row.get("scope") in wanted
 
     retentions = sorted({float(row["retention"]) for row in summary if not _is_full(row) and included(row)})
     retentions.reverse()

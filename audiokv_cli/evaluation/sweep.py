@@ -56,6 +56,46 @@ def parse_retentions(text: str) -> list[float]:
     return sorted(values, reverse=True)
 
 
+def parse_bits(text: str, option: str) -> list[int | None]:
+    """``auto,16,8,4,2`` -> [None, 16, 8, 4, 2] (auto: the model's dtype, or under a byte budget the frontier's)."""
+    from audiokv_cli.compression.quantization import BITS
+
+    values: list[int | None] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part == "auto":
+            value = None
+        elif part.isdigit() and int(part) in BITS:
+            value = int(part)
+        else:
+            raise AudiokvError(f"{option}: {part!r} is not one of auto, {', '.join(map(str, BITS))}")
+        if value not in values:
+            values.append(value)
+    if not values:
+        raise AudiokvError(f"{option} is empty; give auto or bits ({', '.join(map(str, BITS))})")
+    return values
+
+
+def parse_budgets(text: str | None) -> list[float]:
+    """``--kv-budget 0.5,0.125`` -> [0.5, 0.125] (fractions of the 16-bit cache, largest first)."""
+    if not text:
+        return []
+    values: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            value = float(part)
+        except ValueError:
+            raise AudiokvError(f"--kv-budget: {part!r} is not a number") from None
+        if not 0.0 < value <= 1.0:
+            raise AudiokvError(f"--kv-budget values must be in (0, 1], got {part}")
+        if value not in values:
+            values.append(value)
+    return sorted(values, reverse=True)
+
+
 def parse_scopes(text: str) -> list[str]:
     scopes: list[str] = []
     for part in (p.strip() for p in text.split(",")):
@@ -88,27 +128,61 @@ class Cell:
         return (self.method, self.retention, self.scope)
 
 
+def bits_label(bits: int | None) -> str:
+    return "" if bits is None else f"{bits}bit"
+
+
 def plan_cells(
     specs: Sequence[MethodSpec],
     retentions: Sequence[float],
     scopes: Sequence[str],
     options: MethodOptions,
+    kv_bits: Sequence[int | None] = (None,),
+    kv_budgets: Sequence[float] = (),
+    budget_bits: Sequence[int | None] = (None,),
 ) -> list[Cell]:
-    """Cells in report order: the full cache once, then each method x scope x retention (high to low).
+    """Cells in report order: the full cache once, then each method x scope x bits x retention (high to low), then
+    each method x scope x byte budget x bits.
 
+    A cell with stored bits is labelled ``METHOD@4bit``. A byte-budget cell is labelled ``METHOD@budget`` (bits from
+    the frontier table) or ``METHOD@budget-4bit`` and its ``retention`` is the budget: the retention it runs at
+    depends on the prompt and is reported per row (``retention_run``). Quantization alone is ``full@4bit`` (every
+    entry kept; its bytes are what the bits cost), so the full cache gets no budget cells.
     Builds every policy, so bad parameters fail here; methods with profile budgets need options.head_scores.
     """
     cells: list[Cell] = []
+    full_options = dataclasses.replace(options, scope="all")
     if any(spec.is_full for spec in specs):
-        full_options = dataclasses.replace(options, scope="all")
-        cells.append(Cell(FULL_METHOD, 1.0, None, build_policy(FULL_METHOD, 1.0, full_options)))
+        for bits in kv_bits:
+            policy = build_policy(FULL_METHOD, 1.0, full_options)
+            policy.kv_bits = bits
+            label = FULL_METHOD if bits is None else f"{FULL_METHOD}@{bits_label(bits)}"
+            policy.name = label
+            cells.append(Cell(label, 1.0, None, policy))
     for spec in specs:
         if spec.is_full:
             continue
         for scope in scopes:
             scoped = dataclasses.replace(options, scope=scope)
-            for retention in retentions:
-                cells.append(Cell(spec.label, retention, scope, spec.policy(retention, scoped)))
+            for bits in kv_bits:
+                for retention in retentions:
+                    policy = spec.policy(retention, scoped)
+                    if bits is not None:
+                        policy.kv_bits = bits
+                        policy.name = f"{policy.name}@{bits_label(bits)}"
+                    cells.append(Cell(policy.name if bits is not None else spec.label, retention, scope, policy))
+    for spec in specs:
+        if spec.is_full:
+            continue  # quantization alone is full@BITS: its bytes are what the bits give
+        for scope in scopes:
+            scoped = dataclasses.replace(options, scope=scope)
+            for budget in kv_budgets:
+                for bits in budget_bits:
+                    policy = spec.policy(1.0, scoped)
+                    policy = dataclasses.replace(policy, kv_budget=budget, kv_bits=bits)
+                    label = f"{spec.label or policy.name}@budget" + (f"-{bits_label(bits)}" if bits else "")
+                    policy.name = label
+                    cells.append(Cell(label, budget, scope, policy))
     return cells
 
 
@@ -186,6 +260,8 @@ class CellOutcome:
     seconds_compress: float
     seconds_decode: float
     kept_per_head: dict
+    #: the policy as run (a byte budget's retention and bits filled in)
+    policy: CompressionPolicy | None = None
 
 
 def run_cell(adapter, prepared, record: PrefillRecord, policy: CompressionPolicy, max_new_tokens: int) -> CellOutcome:
@@ -196,15 +272,15 @@ def run_cell(adapter, prepared, record: PrefillRecord, policy: CompressionPolicy
         for layer in record.layers:
             # update() keeps references; compression builds new tensors, so the record stays intact for later cells.
             session.cache.layers[layer.index].update(layer.keys, layer.values)
-            if policy.evicts:
-                scores = layer.scores[scorer_key(policy)]
+            if policy.compresses:
+                scores = layer.scores.get(scorer_key(policy))
                 session.compress_layer(layer.index, None, layer.keys, layer.scaling, scores=scores)
     seconds_compress = time.perf_counter() - start
-    kept = session.kept_bytes() if policy.evicts else session.cache.physical_bytes(include_tail=False)
+    kept = session.kept_bytes()
     with use_attention_handler(adapter, session):
         tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.cache, record.first_logits, max_new_tokens)
     per_head = session.summary() if policy.evicts else {}
-    return CellOutcome(tokens, hit_limit, kept, seconds_compress, seconds_decode, per_head)
+    return CellOutcome(tokens, hit_limit, kept, seconds_compress, seconds_decode, per_head, session.policy)
 
 
 # --------------------------------------------------------------------------------------------------------- sweep
@@ -240,6 +316,8 @@ def run_sweep(
     if load_audio is None:
         load_audio = clip_loader(adapter)
     full_bytes_per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
+    bytes_per_token_16bit = adapter.geometry.kv_bytes_per_token(torch.float16)
+    dtype_bits = 8 * torch.empty((), dtype=adapter.dtype).element_size()
     rows: list[dict] = []
     for example in examples:
         todo = [cell for cell in cells if (example.id, *cell.key) not in done]
@@ -248,8 +326,10 @@ def run_sweep(
             continue
         prepared = adapter.prepare(load_audio(example.audio_path), None)
         kv_bytes_full = prepared.compressed_length * full_bytes_per_token
+        kv_bytes_16bit = prepared.compressed_length * bytes_per_token_16bit
         for cell, outcome, seconds_prefill in clip_outcomes(adapter, prepared, todo, max_new_tokens, batch_size):
             hyp = adapter.decode(outcome.token_ids)
+            resolved = outcome.policy or cell.policy
             row = {
                 "clip": example.id,
                 "lang": example.lang,
@@ -274,6 +354,11 @@ def run_sweep(
                     "kv_bytes_full": kv_bytes_full,
                     "kv_bytes_kept": outcome.kv_bytes_kept,
                     "kept_ratio": outcome.kv_bytes_kept / kv_bytes_full if kv_bytes_full else 1.0,
+                    "kv_bytes_full_16bit": kv_bytes_16bit,
+                    "kept_ratio_16bit": outcome.kv_bytes_kept / kv_bytes_16bit if kv_bytes_16bit else 1.0,
+                    "kv_bits": resolved.kv_bits or dtype_bits,
+                    "kv_budget": resolved.kv_budget,
+                    "retention_run": resolved.retention,
                     "seconds_prefill": seconds_prefill,
                     "seconds_compress": outcome.seconds_compress,
                     "seconds_decode": outcome.seconds_decode,
