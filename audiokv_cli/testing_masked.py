@@ -24,9 +24,9 @@ class RecordingRaggedCache(RaggedKVCache):
         super().__init__(num_layers)
         self.keep_masks: dict[int, torch.Tensor] = {}
 
-    def compress_layer(self, layer_idx: int, keep: torch.Tensor, window: int | None = None, quant=None) -> None:
+    def compress_layer(self, layer_idx: int, keep: torch.Tensor, *storage) -> None:
         self.keep_masks[layer_idx] = keep.detach().clone()
-        super().compress_layer(layer_idx, keep, window, quant)
+        super().compress_layer(layer_idx, keep, *storage)
 
 
 class MaskedDenseAttention:

@@ -143,9 +143,9 @@ def test_window_always_kept(tiny_adapter):
     captured = {}
     original = session.cache.compress_layer
 
-    def spy(layer_idx, keep, window=None, quant=None):
+    def spy(layer_idx, keep, *args):
         captured[layer_idx] = keep.clone()
-        original(layer_idx, keep, window, quant)
+        original(layer_idx, keep, *args)
 
     session.cache.compress_layer = spy
     with use_attention_handler(tiny_adapter, session):

@@ -74,11 +74,12 @@ def _check_lengths(model: str, examples) -> None:
 
 def evaluate(
     data: Path = typer.Option(..., "--data", "-d", help="Data set: a .jsonl manifest, a LibriSpeech tree, or audio files with same-named .txt transcripts.", show_default=False),
-    model: str = typer.Option("tiny", "--model", "-m", help="Short name (tiny, qwen2-audio, qwen2-audio-base), local directory or Hub id."),
+    model: str = typer.Option("whisper-base", "--model", "-m", help="Short name (whisper-base: OpenAI Whisper base, assembled offline on first use; whisper-tiny.en; tiny: the bundled decoder-only model; qwen2-audio, ...), local directory or Hub id."),
     methods: str = typer.Option(DEFAULT_METHODS, help="Comma-separated methods; also METHOD+SMOOTHER (snapkv+sss), audiokv-nosss, SCORER+SMOOTHER+BUDGET."),
     retention: str = typer.Option("0.8,0.6,0.4,0.2", help="Comma-separated fractions of the prompt KV to keep, each in (0, 1]."),
     kv_bits: str = typer.Option("auto", "--kv-bits", help="Comma-separated bits per kept element for the retention cells: auto (the model's dtype), 16, 8, 4, 2 (full@4bit: quantization alone)."),
     kv_budget: Optional[str] = typer.Option(None, "--kv-budget", help="Comma-separated byte budgets (fractions of the 16-bit cache): METHOD@budget cells spend each on entries and bits (full@budget: every entry, the most bits that fit)."),
+    merge: str = typer.Option("none", help="Comma-separated: none (evicted entries dropped), mean (folded into the most similar kept neighbour, log-size logit bias: METHOD:merge), values (kvpress MergingPress-style: values only, METHOD:merge-values)."),
     budget_bits: str = typer.Option("auto", "--budget-bits", help="Bits for the --kv-budget cells: auto (the shipped frontier's choice) or fixed 16, 8, 4, 2 (METHOD@budget-4bit)."),
     scope: str = typer.Option("all", help="Comma-separated eviction scopes: all, audio (text tokens always kept)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for methods with profile budgets: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
@@ -110,6 +111,7 @@ def evaluate(
         SweepResult,
         parse_bits,
         parse_budgets,
+        parse_merges,
         parse_methods,
         parse_retentions,
         parse_scopes,
@@ -128,6 +130,7 @@ def evaluate(
     bits_list = parse_bits(kv_bits, "--kv-bits")
     budgets = parse_budgets(kv_budget)
     budget_bits_list = parse_bits(budget_bits, "--budget-bits")
+    merges = parse_merges(merge)
     scopes = parse_scopes(scope)
     check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
     check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
@@ -135,7 +138,7 @@ def evaluate(
         window=window, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho, coverage=coverage, smooth_over=smooth_over
     )
     needs_profile = any(spec.uses_profile for spec in specs)
-    cell_axes = dict(kv_bits=bits_list, kv_budgets=budgets, budget_bits=budget_bits_list)
+    cell_axes = dict(kv_bits=bits_list, kv_budgets=budgets, budget_bits=budget_bits_list, merges=merges)
     plan_cells([s for s in specs if not s.uses_profile], retentions, scopes, options, **cell_axes)  # validates
     if needs_profile and profile is not None:
         from audiokv_cli.profiling.reference import check_reference
@@ -200,6 +203,7 @@ def evaluate(
         "kv_bits": bits_list,
         "kv_budgets": budgets,
         "budget_bits": budget_bits_list,
+        "merge": merges,
         "scopes": scopes,
         "max_new_tokens": max_new_tokens,
         "window": window,

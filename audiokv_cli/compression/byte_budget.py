@@ -23,6 +23,8 @@ from audiokv_cli.errors import AudiokvError
 
 # Bytes of each head's entry count (int64), one per (batch row, layer, KV head).
 LENGTH_BYTES = 8
+# A merged entry's float16 logit bias.
+BIAS_BYTES = 2
 
 
 def full_bytes_16bit(entries: int, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
@@ -30,27 +32,32 @@ def full_bytes_16bit(entries: int, num_layers: int, num_kv_heads: int, head_dim:
     return 2 * 2 * entries * num_layers * num_kv_heads * head_dim
 
 
-def segment_cost(entries: float, head_dim: int, bits: int, per_token_keys: bool = False) -> float:
-    """An upper bound of the bytes one head's segment of ``entries`` kept entries takes at ``bits``."""
+def segment_cost(
+    entries: float, head_dim: int, bits: int, per_token_keys: bool = False, extra_per_entry: int = 0
+) -> float:
+    """An upper bound of the bytes one head's segment of ``entries`` kept entries takes at ``bits``
+    (``extra_per_entry``: bytes every entry also carries, such as a merged entry's logit bias)."""
     if bits == 16:
-        return entries * 2 * head_dim * 2 + LENGTH_BYTES
+        return entries * (2 * head_dim * 2 + extra_per_entry) + LENGTH_BYTES
     config = QuantConfig(bits)
-    cost = entries * config.entry_bytes(head_dim, per_token_keys) + LENGTH_BYTES
+    cost = entries * (config.entry_bytes(head_dim, per_token_keys) + extra_per_entry) + LENGTH_BYTES
     if not per_token_keys:
         # Key scales per channel for every group of key_group entries; a head's last group may be partial.
         cost += (entries / config.key_group + 1) * head_dim * SCALE_BYTES
     return cost
 
 
-def entries_within(budget: float, length: int, head_dim: int, bits: int, per_token_keys: bool = False) -> int:
+def entries_within(
+    budget: float, length: int, head_dim: int, bits: int, per_token_keys: bool = False, extra_per_entry: int = 0
+) -> int:
     """The most entries per head (on average) whose segments cost at most ``budget`` x the 16-bit segment."""
     allowed = budget * full_bytes_16bit(length, 1, 1, head_dim)
     low, high = 0, length
-    if segment_cost(0, head_dim, bits, per_token_keys) > allowed:
+    if segment_cost(0, head_dim, bits, per_token_keys, extra_per_entry) > allowed:
         return -1
     while low < high:  # the cost grows with the entries: the largest count within the allowance
         middle = (low + high + 1) // 2
-        if segment_cost(middle, head_dim, bits, per_token_keys) <= allowed:
+        if segment_cost(middle, head_dim, bits, per_token_keys, extra_per_entry) <= allowed:
             low = middle
         else:
             high = middle - 1
@@ -101,8 +108,9 @@ def resolve(policy, *, length: int, head_dim: int, forced: int, cross_attention:
     else:
         first = table_bits(budget, cache_type)
         choices = [bits for bits in BITS if bits <= first]
+    extra = BIAS_BYTES if policy.merge == "mean" and not sliding else 0
     for bits in choices:
-        entries = entries_within(budget, length, head_dim, bits, sliding)
+        entries = entries_within(budget, length, head_dim, bits, sliding, extra)
         if entries >= max(forced, 1):
             return dataclasses.replace(policy, retention=entries / length, kv_bits=bits)
     raise AudiokvError(

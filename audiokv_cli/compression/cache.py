@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from audiokv_cli.compression.decode_kernels import DecodeProblem, SegmentLayout, decode_attention, decode_problem
+from audiokv_cli.compression.merging import merge_evicted
 from audiokv_cli.compression.quantization import HalfEntries, QuantConfig, QuantizedEntries, store
 
 # The generated-token tail grows by this many positions at a time, so appending a token is not a full copy.
@@ -82,10 +83,13 @@ class RaggedLayer(CacheLayerMixin):
         self.tail_values[:, :, self.tail_length : needed] = value_states
         self.tail_length = needed
 
-    def compress(self, keep: torch.Tensor, window: int | None = None, quant: QuantConfig | None = None) -> None:
+    def compress(
+        self, keep: torch.Tensor, window: int | None = None, quant: QuantConfig | None = None, merge: str = "none"
+    ) -> None:
         """Keep only ``keep[b, h, position]`` entries of the dense prompt cache and free the rest; ``window``: the
         layer attends over a sliding window of that many positions; ``quant``: store the kept entries as packed
-        low-bit codes."""
+        low-bit codes; ``merge``: fold the evicted entries into kept neighbours (`merging`; not on sliding-window
+        layers, whose entries must leave the window one by one)."""
         if self.compressed:
             raise RuntimeError("layer is already compressed")
         batch, heads, length, _ = self.keys.shape
@@ -93,8 +97,11 @@ class RaggedLayer(CacheLayerMixin):
             raise ValueError(f"keep mask {tuple(keep.shape)} does not match cache {(batch, heads, length)}")
         # nonzero walks the mask row-major: segments in (batch, head) order, positions ascending within each.
         rows, kv_heads, positions = keep.nonzero(as_tuple=True)
-        self.flat_keys = self.keys[rows, kv_heads, positions].contiguous()
-        self.flat_values = self.values[rows, kv_heads, positions].contiguous()
+        if merge != "none" and window is None:
+            self.flat_keys, self.flat_values, self.flat_bias = merge_evicted(self.keys, self.values, keep, merge)
+        else:
+            self.flat_keys = self.keys[rows, kv_heads, positions].contiguous()
+            self.flat_values = self.values[rows, kv_heads, positions].contiguous()
         if window is not None:
             self.window, self.flat_positions = window, positions.to(torch.int32)
         self.segment_lengths = keep.sum(-1).reshape(-1)
@@ -215,9 +222,10 @@ class RaggedKVCache(Cache):
         super().__init__(layers=[RaggedLayer() for _ in range(num_layers)])
 
     def compress_layer(
-        self, layer_idx: int, keep: torch.Tensor, window: int | None = None, quant: QuantConfig | None = None
+        self, layer_idx: int, keep: torch.Tensor, window: int | None = None, quant: QuantConfig | None = None,
+        merge: str = "none",
     ) -> None:
-        self.layers[layer_idx].compress(keep, window, quant)
+        self.layers[layer_idx].compress(keep, window, quant, merge)
 
     def is_compressed(self, layer_idx: int) -> bool:
         return self.layers[layer_idx].compressed

@@ -13,6 +13,7 @@ import torch
 
 from audiokv_cli.compression.budgets import BUDGET_NAMES, make_budget
 from audiokv_cli.compression.byte_budget import check_budget
+from audiokv_cli.compression.merging import MERGE_MODES
 from audiokv_cli.compression.quantization import check_bits
 from audiokv_cli.compression.policy import SMOOTH_OVER, CompressionPolicy
 from audiokv_cli.compression.scorers import SCORER_NAMES, make_scorer
@@ -72,6 +73,7 @@ class MethodOptions:
     extra: dict = field(default_factory=dict)
     kv_bits: int | None = None  # bits per kept element (None: the model's dtype, or under a budget the frontier's)
     kv_budget: float | None = None  # byte budget: retention (and bits unless kv_bits) chosen per prompt
+    merge: str = "none"  # evicted entries dropped, or folded into kept neighbours (compression.merging)
 
 
 def _scorer(name: str, options: MethodOptions):
@@ -127,6 +129,8 @@ def build_policy(
         check_bits(options.kv_bits)
     if options.kv_budget is not None:
         check_budget(options.kv_budget)
+    if options.merge not in MERGE_MODES:
+        raise AudiokvError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {options.merge!r}")
     storage = dict(kv_bits=options.kv_bits, kv_budget=options.kv_budget)
     scorer_name = scorer or recipe.scorer
     if scorer_name is None:
@@ -153,6 +157,7 @@ def build_policy(
         cross_attention={
             key: value for key, value in recipe.cross_attention.items() if getattr(options, key) is None
         },
+        merge=options.merge,
         **storage,
     )
 

@@ -18,6 +18,7 @@ from audiokv_cli.attention import sdpa_attention, use_attention_handler
 from audiokv_cli.compression import byte_budget
 from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, ProfileBudget, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
+from audiokv_cli.compression.merging import MERGE_MODES
 from audiokv_cli.compression.quantization import QuantConfig, check_bits
 from audiokv_cli.compression.scorers import Scorer, bit_reversal_rank
 from audiokv_cli.compression.selection import SCOPES, audio_mask, select_positions
@@ -49,6 +50,8 @@ class CompressionPolicy:
     kv_bits: int | None = None
     #: the byte budget this policy was chosen for (`byte_budget`), None when retention and bits were given.
     kv_budget: float | None = None
+    #: what happens to evicted entries: dropped ("none") or folded into kept neighbours (`merging`).
+    merge: str = "none"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.coverage <= 1.0:
@@ -63,6 +66,8 @@ class CompressionPolicy:
             raise ValueError(f"window must be at least 1, got {self.window}")
         if self.kv_bits is not None:
             check_bits(self.kv_bits)
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {self.merge!r}")
         if self.kv_budget is not None and not 0.0 < self.kv_budget <= 1.0:
             raise ValueError(f"kv_budget must be in (0, 1], got {self.kv_budget}")
 
@@ -275,7 +280,9 @@ class CompressionSession:
             audio_kept=(keep[0] & audio).sum(-1).tolist(),
             text_kept=(keep[0] & ~audio).sum(-1).tolist(),
         )
-        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx), self.policy.quant)
+        self.cache.compress_layer(
+            layer_idx, keep, self.adapter.sliding_window(layer_idx), self.policy.quant, self.policy.merge
+        )
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         layer_idx = self.adapter.cache_layer_index(module)

@@ -56,8 +56,8 @@ class CellBatchSession(CompressionSession):
                 text_kept=(keep[row] & ~audio).sum(-1).tolist(),
             )
         # Rows share one packed layer, so they share its storage (run_cells_batched groups rows by it).
-        quant = self.rows[0].policy.quant
-        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx), quant)
+        first = self.rows[0].policy
+        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx), first.quant, first.merge)
         self.seconds_compress += time.perf_counter() - start
 
     def kept_bytes(self, row: int) -> int:
@@ -66,12 +66,12 @@ class CellBatchSession(CompressionSession):
 
 
 def storage_groups(adapter, prepared, policies: Sequence[CompressionPolicy]) -> list[list[int]]:
-    """Indices of ``policies`` grouped by how their kept entries are stored (bits after any byte budget is spent):
-    the rows of one batch share a packed layer."""
-    groups: dict[int | None, list[int]] = {}
+    """Indices of ``policies`` grouped by how their kept entries are stored (bits after any byte budget is spent,
+    merging): the rows of one batch share a packed layer."""
+    groups: dict[tuple, list[int]] = {}
     for index, policy in enumerate(policies):
         resolved = CompressionSession(policy, adapter, prepared).policy
-        groups.setdefault(resolved.kv_bits, []).append(index)
+        groups.setdefault((resolved.kv_bits, resolved.merge), []).append(index)
     return list(groups.values())
 
 

@@ -77,6 +77,18 @@ def parse_bits(text: str, option: str) -> list[int | None]:
     return values
 
 
+def parse_merges(text: str) -> list[str]:
+    from audiokv_cli.compression.merging import MERGE_MODES
+
+    modes = []
+    for part in (p.strip() for p in text.split(",")):
+        if part and part not in MERGE_MODES:
+            raise AudiokvError(f"--merge: unknown mode {part!r}; choose from {', '.join(MERGE_MODES)}")
+        if part and part not in modes:
+            modes.append(part)
+    return modes or ["none"]
+
+
 def parse_budgets(text: str | None) -> list[float]:
     """``--kv-budget 0.5,0.125`` -> [0.5, 0.125] (fractions of the 16-bit cache, largest first)."""
     if not text:
@@ -132,6 +144,14 @@ def bits_label(bits: int | None) -> str:
     return "" if bits is None else f"{bits}bit"
 
 
+def cell_label(base: str, merge: str = "none", bits: int | None = None, budget: bool = False) -> str:
+    """``audiokv``, ``audiokv:merge``, ``audiokv@4bit``, ``stride:merge@budget``, ``audiokv@budget-2bit``."""
+    label = base + ("" if merge == "none" else ":merge" if merge == "mean" else f":merge-{merge}")
+    if budget:
+        return label + "@budget" + (f"-{bits_label(bits)}" if bits else "")
+    return label + (f"@{bits_label(bits)}" if bits else "")
+
+
 def plan_cells(
     specs: Sequence[MethodSpec],
     retentions: Sequence[float],
@@ -140,49 +160,47 @@ def plan_cells(
     kv_bits: Sequence[int | None] = (None,),
     kv_budgets: Sequence[float] = (),
     budget_bits: Sequence[int | None] = (None,),
+    merges: Sequence[str] = ("none",),
 ) -> list[Cell]:
-    """Cells in report order: the full cache once, then each method x scope x bits x retention (high to low), then
-    each method x scope x byte budget x bits.
+    """Cells in report order: the full cache once, then each method x scope x merge x bits x retention (high to
+    low), then each method x scope x merge x byte budget x bits.
 
-    A cell with stored bits is labelled ``METHOD@4bit``. A byte-budget cell is labelled ``METHOD@budget`` (bits from
-    the frontier table) or ``METHOD@budget-4bit`` and its ``retention`` is the budget: the retention it runs at
-    depends on the prompt and is reported per row (``retention_run``). Quantization alone is ``full@4bit`` (every
-    entry kept; its bytes are what the bits cost), so the full cache gets no budget cells.
+    A cell with stored bits is labelled ``METHOD@4bit``, one that merges evicted entries ``METHOD:merge`` (or
+    ``:merge-values``). A byte-budget cell is labelled ``METHOD@budget`` (bits from the frontier table) or
+    ``METHOD@budget-4bit`` and its ``retention`` is the budget: the retention it runs at depends on the prompt and is
+    reported per row (``retention_run``). Quantization alone is ``full@4bit`` (every entry kept; its bytes are what
+    the bits cost), so the full cache gets no budget cells.
     Builds every policy, so bad parameters fail here; methods with profile budgets need options.head_scores.
     """
     cells: list[Cell] = []
     full_options = dataclasses.replace(options, scope="all")
     if any(spec.is_full for spec in specs):
         for bits in kv_bits:
-            policy = build_policy(FULL_METHOD, 1.0, full_options)
-            policy.kv_bits = bits
-            label = FULL_METHOD if bits is None else f"{FULL_METHOD}@{bits_label(bits)}"
-            policy.name = label
-            cells.append(Cell(label, 1.0, None, policy))
+            policy = build_policy(FULL_METHOD, 1.0, dataclasses.replace(full_options, kv_bits=bits))
+            policy.name = cell_label(FULL_METHOD, bits=bits)
+            cells.append(Cell(policy.name, 1.0, None, policy))
     for spec in specs:
         if spec.is_full:
             continue
         for scope in scopes:
-            scoped = dataclasses.replace(options, scope=scope)
-            for bits in kv_bits:
-                for retention in retentions:
-                    policy = spec.policy(retention, scoped)
-                    if bits is not None:
-                        policy.kv_bits = bits
-                        policy.name = f"{policy.name}@{bits_label(bits)}"
-                    cells.append(Cell(policy.name if bits is not None else spec.label, retention, scope, policy))
+            for merge in merges:
+                for bits in kv_bits:
+                    scoped = dataclasses.replace(options, scope=scope, kv_bits=bits, merge=merge)
+                    for retention in retentions:
+                        policy = spec.policy(retention, scoped)
+                        policy.name = cell_label(spec.label or policy.name, merge, bits)
+                        cells.append(Cell(policy.name, retention, scope, policy))
     for spec in specs:
         if spec.is_full:
             continue  # quantization alone is full@BITS: its bytes are what the bits give
         for scope in scopes:
-            scoped = dataclasses.replace(options, scope=scope)
-            for budget in kv_budgets:
-                for bits in budget_bits:
-                    policy = spec.policy(1.0, scoped)
-                    policy = dataclasses.replace(policy, kv_budget=budget, kv_bits=bits)
-                    label = f"{spec.label or policy.name}@budget" + (f"-{bits_label(bits)}" if bits else "")
-                    policy.name = label
-                    cells.append(Cell(label, budget, scope, policy))
+            for merge in merges:
+                for budget in kv_budgets:
+                    for bits in budget_bits:
+                        scoped = dataclasses.replace(options, scope=scope, kv_bits=bits, kv_budget=budget, merge=merge)
+                        policy = spec.policy(1.0, scoped)
+                        policy.name = cell_label(spec.label or policy.name, merge, bits, budget=True)
+                        cells.append(Cell(policy.name, budget, scope, policy))
     return cells
 
 
