@@ -47,6 +47,10 @@ class BenchRow:
     peak_memory_bytes: int | None = None
     # Decode tokens per second at each batch size (rows are copies of the prompt).
     tokens_per_second: dict[int, float] = field(default_factory=dict)
+    # The compressed entries at 16 bits (what --kv-budget is a fraction of), the stored bits and the byte budget.
+    kv_bytes_full_16bit: int = 0
+    kv_bits: int | None = None
+    kv_budget: float | None = None
 
     @property
     def kept_ratio(self) -> float:
@@ -144,7 +148,7 @@ def _run(adapter, prepared, policy: CompressionPolicy, new_tokens: int, prefill_
         with use_attention_handler(adapter, session):
             logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
     with use_attention_handler(adapter, session):
-        kept = session.cache.physical_bytes(include_tail=False)
+        kept = session.kept_bytes()
         tokens, seconds_decode, _ = decode_greedy(adapter, session.model_cache, logits, new_tokens, stop_at_eos=False)
     return session, kept, seconds_prefill, tokens, seconds_decode
 
@@ -186,14 +190,18 @@ def bench_policies(
             with PeakTensorBytes() as meter:
                 _run(adapter, prepared, policy, new_tokens, prefill_chunk)
             peak_memory = meter.peak
+        run = session.policy  # a byte budget's retention and bits filled in
         rows.append(
             BenchRow(
                 method=policy.name,
-                retention=policy.retention,
+                retention=run.retention,
+                kv_bytes_full_16bit=prepared.compressed_length * adapter.geometry.kv_bytes_per_token(torch.float16),
+                kv_bits=run.kv_bits or 8 * torch.empty((), dtype=adapter.dtype).element_size(),
+                kv_budget=run.kv_budget,
                 prompt_tokens=prepared.prompt_tokens,
                 kv_bytes_full=full,
                 kv_bytes_kept=kept,
-                peak_prefill_cache_bytes=session.peak_prefill_bytes if policy.evicts or prefill_chunk else kept,
+                peak_prefill_cache_bytes=session.peak_prefill_bytes if policy.compresses or prefill_chunk else kept,
                 seconds_prefill=record["prefill"],
                 ms_per_token=1000 * record["decode"],
                 new_tokens=len(tokens),

@@ -26,5 +26,5 @@ done
 python scripts/gpu_bench.py --out "$OUT" --prompt-tokens 8192,32768 --retention 0.4,0.2 --batch-sizes 4,8 \
   --new-tokens 32 --repeats 3 --device cuda --dtype bfloat16
 audiokv bench --model tiny --methods full,snapkv,audiokv --retention 0.4 --seconds 30 --device cuda \
-  --batch-sizes 1,4,8 --kv-budget-gb 1 --json > "$OUT/tiny.jsonl"
+  --batch-sizes 1,4,8 --memory-gb 1 --json > "$OUT/tiny.jsonl"
 echo "wrote $OUT"

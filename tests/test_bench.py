@@ -39,7 +39,7 @@ def test_bench_prompt_tokens_batches_and_streams(tiny_model_dir):
     result = CliRunner().invoke(
         app,
         ["bench", "--model", str(tiny_model_dir), "--methods", "full,snapkv", "--prompt-tokens", "700",
-         "--new-tokens", "3", "--repeats", "1", "--batch-sizes", "1,2", "--kv-budget-gb", "0.5", "--no-memory",
+         "--new-tokens", "3", "--repeats", "1", "--batch-sizes", "1,2", "--memory-gb", "0.5", "--no-memory",
          "--json"],
     )
     full, snapkv = _rows(result)
@@ -76,7 +76,11 @@ def test_bench_kernel_rows(monkeypatch):
         (["--batch-sizes", "1,0"], "--batch-sizes must list"),
         (["--decode-kernel", "fastest"], "unknown decode kernel 'fastest'"),
         (["--kernel", "--geometry", "gpt-9"], "unknown geometry 'gpt-9'"),
-        (["--kv-budget-gb", "0"], "--kv-budget-gb must be positive"),
+        (["--memory-gb", "0"], "--memory-gb must be positive"),
+        (["--kv-budget-gb", "0"], "--memory-gb must be positive"),
+        (["--kv-bits", "3"], "--kv-bits"),
+        (["--kv-budget", "1.5"], "--kv-budget"),
+        (["--merge", "some"], "--merge"),
     ],
 )
 def test_bench_rejects_bad_options(tiny_model_dir, options, message):

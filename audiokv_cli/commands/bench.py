@@ -28,7 +28,7 @@ def _print_rows(records: list[dict]) -> None:
 
 
 def bench(
-    model: str = typer.Option("tiny", "--model", "-m", help="Short name, local directory or Hub id."),
+    model: str = typer.Option("whisper-base", "--model", "-m", help="Short name (default whisper-base; tiny: the bundled decoder-only model), local directory or Hub id."),
     methods: str = typer.Option("full,snapkv,audiokv", help="Comma-separated methods (full is the reference)."),
     retention: float = typer.Option(0.4, help="Retention for every evicting method."),
     seconds: float = typer.Option(30.0, help="Length of the synthetic clip (without --prompt-tokens)."),
@@ -36,7 +36,11 @@ def bench(
     new_tokens: int = typer.Option(64, min=2, help="Decode steps timed (EOS ignored)."),
     repeats: int = typer.Option(3, min=1, help="Best of this many runs, interleaved across methods."),
     batch_sizes: str = typer.Option("1", help="Decode tokens/s at each batch size (copies of the prompt), e.g. 1,4,8."),
-    kv_budget_gb: Optional[float] = typer.Option(None, help="Concurrent streams of this prompt whose KV fits in this many GB."),
+    memory_gb: Optional[float] = typer.Option(None, "--memory-gb", help="Concurrent streams of this prompt whose KV fits in this many GB."),
+    kv_budget_gb: Optional[float] = typer.Option(None, "--kv-budget-gb", hidden=True, help="Old name of --memory-gb."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Evicting methods store kept keys/values in 16, 8, 4 or 2 bits."),
+    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Evicting methods spend this byte budget (fraction of the 16-bit cache) on entries and bits; replaces --retention."),
+    merge: str = typer.Option("none", help="Evicting methods fold evicted entries into kept neighbours: none, mean, values."),
     kernel: bool = typer.Option(False, "--kernel", help="Time the decode attention alone on random tensors of --geometry."),
     geometry: str = typer.Option("qwen2-audio-7b", help="Decoder geometry for --kernel: qwen2-audio-7b, qwen2.5-omni-7b, qwen2.5-omni-3b, qwen3-omni-30b, tiny."),
     decode_kernel: str = typer.Option("auto", help="Decode attention backend: auto, matmul, sdpa, varlen, flash-attn, padded (--kernel: every one here)."),
@@ -51,12 +55,15 @@ def bench(
 ) -> None:
     """Time prefill and decoding and measure the kept KV bytes of each method on the same prompt."""
     from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, select_kernel
-    from audiokv_cli.compression.methods import MethodOptions, resolve_method
+    from audiokv_cli.compression.methods import MethodOptions, build_policy, resolve_method
 
     check_range("--retention", retention, 0.0, 1.0, low_open=True)
     check_range("--seconds", seconds, 0.0, 3600.0, low_open=True)
-    if kv_budget_gb is not None and kv_budget_gb <= 0:
-        raise AudiokvError(f"--kv-budget-gb must be positive, got {kv_budget_gb:g}")
+    memory_gb = memory_gb if memory_gb is not None else kv_budget_gb
+    if memory_gb is not None and memory_gb <= 0:
+        raise AudiokvError(f"--memory-gb must be positive, got {memory_gb:g}")
+    storage = MethodOptions(kv_bits=kv_bits, kv_budget=kv_budget, merge=merge)
+    build_policy("snapkv", retention, storage)  # bad --kv-bits, --kv-budget or --merge fail before loading anything
     if decode_kernel not in KERNEL_NAMES:
         raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")
     sizes = _batch_sizes(batch_sizes)
@@ -68,13 +75,14 @@ def bench(
             torch.set_num_threads(threads)
         _bench_kernel(geometry, specs, retention, prompt_tokens or 8192, sizes, repeats, decode_kernel, device, dtype, as_json)
         return
-    _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
-                 decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, attn_implementation, as_json)
+    _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, memory_gb,
+                 decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, attn_implementation, as_json,
+                 storage)
 
 
 def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
                  decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, attn_implementation,
-                 as_json) -> None:
+                 as_json, options) -> None:
     import torch
 
     from audiokv_cli.benchmark import bench_policies, prompt_of, streams_in_budget, synthetic_clip
@@ -84,7 +92,6 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
     from audiokv_cli.compression.methods import MethodOptions
     from audiokv_cli.memory import peak_host_rss_bytes
 
-    options = MethodOptions()
     adapter = load_model(model, device, dtype, attn_implementation=attn_implementation)
     host_peak_loading = peak_host_rss_bytes()
     check_kernel(decode_kernel, adapter.device, adapter.dtype)
@@ -96,7 +103,8 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
         prepared = prompt_of(adapter, prompt_tokens, seconds if seconds != 30.0 else None)
     else:
         prepared = adapter.prepare(synthetic_clip(min(seconds, adapter.max_audio_seconds)))
-    policies = [spec.policy(1.0 if spec.is_full else retention, options) for spec in specs]
+    reference = MethodOptions(head_scores=options.head_scores)  # the full cache stays the model's own
+    policies = [spec.policy(1.0, reference) if spec.is_full else spec.policy(retention, options) for spec in specs]
     if prefill_chunk:
         from audiokv_cli.compression.chunked import check_chunked
 
@@ -128,7 +136,7 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
         for size, rate in row.tokens_per_second.items():
             record[f"tokens_per_second_batch_{size}"] = rate
         if budget:
-            record["kv_budget_bytes"] = budget
+            record["memory_budget_bytes"] = budget
             record["streams_in_budget"] = streams_in_budget(row, budget, per_token)
         records.append(record)
     if as_json:
@@ -143,12 +151,14 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
                "decode ms/token", "decode vs full"]
     columns += [f"tok/s batch {size}" for size in batches]
     if budget:
-        columns.append(f"streams in {kv_budget_gb:g} GB")
+        columns.append(f"streams in {kv_budget_gb:g} GB")  # --memory-gb
     for column in columns:
         table.add_column(column, justify="left" if column == "method" else "right", no_wrap=column == "method")
     for row, record in zip(rows, records):
         cells = [
-            row.method if row.method == "full" else f"{row.method} @ {row.retention:g}",
+            row.method if row.method == "full" else f"{row.method} @ {row.retention:.3g}" + (
+                f", {row.kv_bits}-bit" if row.kv_bits and row.kv_bits < 32 else ""
+            ),
             f"{row.kv_bytes_kept / 2**20:.2f} MiB",
             f"{100 * row.kept_ratio:.1f} %",
             f"{row.peak_prefill_cache_bytes / 2**20:.2f} MiB",

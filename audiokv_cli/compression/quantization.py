@@ -104,14 +104,30 @@ def quantize_per_token(x: torch.Tensor, bits: int, group: int):
     return pack(codes.view(count, dim), bits), scale[..., 0], minimum[..., 0]
 
 
+def unpack_float(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """float32 codes ``[N, dim]`` of packed rows, each code plane written straight into the float buffer (no uint8
+    intermediate of the whole row: a decode step runs this on every kept entry)."""
+    count = packed.shape[0]
+    if bits == 8:
+        return packed.float()
+    per_byte = 8 // bits
+    out = torch.empty(count, dim // per_byte, per_byte, device=packed.device)
+    mask = (1 << bits) - 1
+    for index in range(per_byte):
+        plane = packed if index == 0 else packed >> (bits * index)
+        if index < per_byte - 1:
+            plane = plane & mask
+        out[..., index].copy_(plane)
+    return out.view(count, dim)
+
+
 def dequantize_per_token(packed, scale, minimum, bits: int, dtype: torch.dtype) -> torch.Tensor:
-    codes = unpack(packed, bits)
-    count, dim = codes.shape
-    groups = scale.shape[-1]
-    out = torch.addcmul(
-        minimum.float()[..., None], codes.view(count, groups, dim // groups).float(), scale.float()[..., None]
-    )
-    return out.view(count, dim).to(dtype)
+    count, groups = scale.shape
+    dim = packed.shape[-1] * 8 // bits
+    out = unpack_float(packed, bits, dim)
+    grouped = out.view(count, groups, dim // groups)
+    grouped.mul_(scale.float()[..., None]).add_(minimum.float()[..., None])
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 @dataclass
@@ -154,22 +170,18 @@ class QuantizedEntries:
             rows = slice(offset, offset + count)
             flat = dequantize_per_token(codes, self.scale[rows], self.minimum[rows], self.bits, self.dtype)
             return flat.view(segments, length, self.dim)
-        codes = unpack(codes, self.bits).view(segments, length, self.dim)
+        out = unpack_float(codes, self.bits, self.dim).view(segments, length, self.dim)
         groups = -(-length // self.group)
         start = self.run_groups[first]
         scale = self.scale[start : start + segments * groups].view(segments, groups, self.dim).float()
         minimum = self.minimum[start : start + segments * groups].view(segments, groups, self.dim).float()
-        out = torch.empty(segments, length, self.dim, dtype=torch.float32, device=codes.device)
         whole = length // self.group
         if whole:
-            span = whole * self.group
-            torch.addcmul(
-                minimum[:, :whole, None], codes[:, :span].view(segments, whole, self.group, self.dim).float(),
-                scale[:, :whole, None], out=out[:, :span].view(segments, whole, self.group, self.dim),
-            )
+            body = out[:, : whole * self.group].view(segments, whole, self.group, self.dim)
+            body.mul_(scale[:, :whole, None]).add_(minimum[:, :whole, None])
         if length % self.group:
-            span = whole * self.group
-            torch.addcmul(minimum[:, whole:], codes[:, span:].float(), scale[:, whole:], out=out[:, span:])
+            rest = out[:, whole * self.group :]
+            rest.mul_(scale[:, whole:]).add_(minimum[:, whole:])
         return out if self.dtype == torch.float32 else out.to(self.dtype)
 
     def dense(self, layout) -> torch.Tensor:

@@ -61,7 +61,10 @@ class CellBatchSession(CompressionSession):
         self.seconds_compress += time.perf_counter() - start
 
     def kept_bytes(self, row: int) -> int:
-        """Bytes of row `row`'s compressed prompt cache (`RaggedKVCache.kept_bytes`)."""
+        """Bytes of row `row`'s compressed prompt cache (`RaggedKVCache.kept_bytes`); a row whose policy compresses
+        nothing counts what its live run keeps, the dense prompt cache (no per-head lengths)."""
+        if not self.rows[row].policy.compresses:
+            return self.prepared.compressed_length * self.adapter.geometry.kv_bytes_per_token(self.adapter.dtype)
         return self.cache.kept_bytes()[row]
 
 

@@ -39,6 +39,9 @@ def parse_methods(text: str) -> list[MethodSpec]:
 
 
 def parse_retentions(text: str) -> list[float]:
+    """``0.6,0.4`` -> [0.6, 0.4]; ``none``: no retention cells (byte-budget cells and the full cache only)."""
+    if text.strip() == "none":
+        return []
     values: list[float] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
