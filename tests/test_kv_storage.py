@@ -100,3 +100,29 @@ def test_merge_keeps_counts_and_changes_output(tiny_adapter, tmp_path):
     # ... each carrying a 2-byte bias per entry.
     entries = sum(sum(layer) for layer in merged.kept_per_head["kept"])
     assert merged.kv_bytes_kept == dropped.kv_bytes_kept + 2 * entries
+
+
+def test_transformers_quantized_cache_baseline(tiny_adapter, whisper, tmp_path):
+    """hf-quanto: transformers' QuantizedCache (optimum-quanto backend) as an eval cell, bytes from its tensors."""
+    pytest.importorskip("optimum.quanto")
+    from audiokv_cli.compression.methods import build_policy
+    from audiokv_cli.errors import AudiokvError
+
+    clip = write_tone(tmp_path / "clip.wav", seconds=3.0)
+    audio = load_audio(clip)
+    cells = plan_cells(parse_methods("full,hf-quanto"), [0.5], ["all"], MethodOptions(window=8), kv_bits=(None, 4, 2))
+    assert [cell.method for cell in cells] == ["full", "full@4bit", "full@2bit", "hf-quanto@4bit", "hf-quanto@2bit"]
+    rows = run_sweep(tiny_adapter, [Example("clip", clip, "a b c")], cells, 5, load_audio=lambda p: audio).clips
+    by_method = {row["method"]: row for row in rows}
+    for bits in (4, 2):
+        row = by_method[f"hf-quanto@{bits}bit"]
+        live = run_clip(
+            tiny_adapter, audio, build_policy("hf-quanto", 1.0, MethodOptions(kv_bits=bits)), max_new_tokens=5
+        )
+        assert row["hyp"] == live.text and row["kv_bytes_kept"] == live.kv_bytes_kept
+        # Codes plus scales: far below the 16-bit cache, above what the bits alone would take.
+        assert bits / 16 < row["kept_ratio_16bit"] < (bits + 4) / 16
+    with pytest.raises(AudiokvError, match="decoder-only"):
+        run_clip(whisper, audio, build_policy("hf-quanto", 1.0, MethodOptions()), max_new_tokens=3)
+    with pytest.raises(AudiokvError, match="4 or 2"):
+        build_policy("hf-quanto", 1.0, MethodOptions(kv_bits=8))

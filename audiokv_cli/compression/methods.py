@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from audiokv_cli.compression import hf_quantized
 from audiokv_cli.compression.budgets import BUDGET_NAMES, make_budget
 from audiokv_cli.compression.byte_budget import check_budget
 from audiokv_cli.compression.merging import MERGE_MODES
@@ -114,8 +115,18 @@ def build_policy(
 ) -> CompressionPolicy:
     """The policy for a named method, with any of its three parts overridden."""
     options = options or MethodOptions()
-    if method not in METHODS:
-        raise AudiokvError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    if method not in METHODS and method not in hf_quantized.BACKENDS:
+        raise AudiokvError(f"unknown method {method!r}; choose one of: {', '.join(known_method_names())}")
+    if method in hf_quantized.BACKENDS:
+        if options.kv_budget is not None or options.merge != "none":
+            raise AudiokvError(f"--method {method} keeps every entry at --kv-bits; it takes no --kv-budget or --merge")
+        hf_quantized.check_backend(method)
+        bits = 4 if options.kv_bits is None else options.kv_bits
+        if bits not in (2, 4):
+            raise AudiokvError(f"--method {method} takes --kv-bits 4 or 2, got {bits}")
+        return CompressionPolicy(
+            name=method, scorer=None, window=options.window, scope=options.scope, kv_bits=bits, hf_cache=method
+        )
     recipe = METHODS[method]
     if not 0.0 < retention <= 1.0:
         raise AudiokvError(f"retention must be in (0, 1], got {retention}")
@@ -188,6 +199,11 @@ class MethodSpec:
         return self.method == "full" and self.scorer is None
 
     @property
+    def keeps_all(self) -> bool:
+        """Every prompt entry is kept (the full cache, transformers' QuantizedCache): no retention or budget axis."""
+        return self.is_full or self.method in hf_quantized.BACKENDS
+
+    @property
     def uses_profile(self) -> bool:
         return method_uses_profile(self.method, self.budget)
 
@@ -207,13 +223,13 @@ class MethodSpec:
 
 
 def known_method_names() -> list[str]:
-    return [*METHODS, *METHOD_ALIASES]
+    return [*METHODS, *METHOD_ALIASES, *hf_quantized.BACKENDS]
 
 
 def resolve_method(name: str) -> MethodSpec:
     """The MethodSpec for a method name, an alias, METHOD+SMOOTHER or SCORER+SMOOTHER+BUDGET."""
     name = name.strip()
-    if name in METHODS:
+    if name in METHODS or name in hf_quantized.BACKENDS:
         return MethodSpec(name, name)
     if name in METHOD_ALIASES:
         base, scorer, smoother, budget = METHOD_ALIASES[name]

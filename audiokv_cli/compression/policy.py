@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from audiokv_cli.attention import sdpa_attention, use_attention_handler
-from audiokv_cli.compression import byte_budget
+from audiokv_cli.compression import byte_budget, hf_quantized
 from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, ProfileBudget, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
 from audiokv_cli.compression.merging import MERGE_MODES
@@ -52,6 +52,8 @@ class CompressionPolicy:
     kv_budget: float | None = None
     #: what happens to evicted entries: dropped ("none") or folded into kept neighbours (`merging`).
     merge: str = "none"
+    #: transformers' QuantizedCache instead of audiokv's cache (`hf_quantized`: "hf-quanto", "hf-hqq"), a baseline.
+    hf_cache: str | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.coverage <= 1.0:
@@ -182,6 +184,8 @@ class CompressionSession:
         self.prepared = prepared
         geometry = adapter.geometry
         self.cache = cache if cache is not None else RaggedKVCache(geometry.num_layers)
+        if policy.hf_cache is not None:
+            self.cache = hf_quantized.make_cache(policy.hf_cache, adapter, policy.kv_bits or 4)
         # What the model's forward takes: the ragged cache itself, or (encoder-decoder) a pair around it.
         self.model_cache = adapter.model_cache(self.cache)
         self.cross_attention = adapter.compressed_attention == "cross"
@@ -286,7 +290,7 @@ class CompressionSession:
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
         layer_idx = self.adapter.cache_layer_index(module)
-        if layer_idx is None:
+        if layer_idx is None or self.policy.hf_cache is not None:
             return sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
         sharing = layer_idx != module.layer_idx
         if self.cache.is_compressed(layer_idx) and not (sharing and self.is_prefill(query, key)):
@@ -321,6 +325,8 @@ class CompressionSession:
     def kept_bytes(self) -> int:
         """Physical bytes of the prompt cache (generated-token tail excluded): what the compressed layers hold
         (`RaggedKVCache.kept_bytes`), or the dense prompt cache of a run that compresses nothing."""
+        if self.policy.hf_cache is not None:
+            return hf_quantized.kept_bytes(self.cache)
         if not self.compresses:
             return self.cache.physical_bytes(include_tail=False)
         return sum(self.cache.kept_bytes())

@@ -177,13 +177,18 @@ def plan_cells(
     """
     cells: list[Cell] = []
     full_options = dataclasses.replace(options, scope="all")
-    if any(spec.is_full for spec in specs):
-        for bits in kv_bits:
-            policy = build_policy(FULL_METHOD, 1.0, dataclasses.replace(full_options, kv_bits=bits))
-            policy.name = cell_label(FULL_METHOD, bits=bits)
-            cells.append(Cell(policy.name, 1.0, None, policy))
     for spec in specs:
-        if spec.is_full:
+        if not spec.keeps_all:
+            continue
+        for bits in kv_bits:
+            if not spec.is_full and bits not in (None, 4, 2):
+                continue  # transformers' QuantizedCache: 4 or 2 bits (auto: 4)
+            policy = spec.policy(1.0, dataclasses.replace(full_options, kv_bits=bits))
+            policy.name = cell_label(spec.label, bits=bits if spec.is_full else policy.kv_bits)
+            if all(cell.method != policy.name for cell in cells):  # auto and 4 are one QuantizedCache cell
+                cells.append(Cell(policy.name, 1.0, None, policy))
+    for spec in specs:
+        if spec.keeps_all:
             continue
         for scope in scopes:
             for merge in merges:
@@ -194,7 +199,7 @@ def plan_cells(
                         policy.name = cell_label(spec.label or policy.name, merge, bits)
                         cells.append(Cell(policy.name, retention, scope, policy))
     for spec in specs:
-        if spec.is_full:
+        if spec.keeps_all:
             continue  # quantization alone is full@BITS: its bytes are what the bits give
         for scope in scopes:
             for merge in merges:
@@ -302,6 +307,18 @@ def run_cell(adapter, prepared, record: PrefillRecord, policy: CompressionPolicy
         tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.cache, record.first_logits, max_new_tokens)
     per_head = session.summary() if policy.evicts else {}
     return CellOutcome(tokens, hit_limit, kept, seconds_compress, seconds_decode, per_head, session.policy)
+
+
+def run_live(adapter, prepared, policy: CompressionPolicy, max_new_tokens: int) -> CellOutcome:
+    """Prefill and decode ``prepared`` under ``policy`` (a cell whose cache cannot be filled from a record)."""
+    from audiokv_cli.decoding import prefill
+
+    session = CompressionSession(policy, adapter, prepared)
+    with use_attention_handler(adapter, session):
+        logits, _ = prefill(adapter, prepared.inputs, session.model_cache)
+        kept = session.kept_bytes()
+        tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.model_cache, logits, max_new_tokens)
+    return CellOutcome(tokens, hit_limit, kept, 0.0, seconds_decode, {}, session.policy)
 
 
 # --------------------------------------------------------------------------------------------------------- sweep
@@ -413,6 +430,13 @@ def clip_outcomes(adapter, prepared, cells: Sequence[Cell], max_new_tokens: int,
                 adapter, prepared, policies[start : start + size], max_new_tokens
             )
             yield from ((cell, outcome, seconds_prefill) for cell, outcome in zip(cells[start : start + size], outcomes))
+        return
+    live = [cell for cell in cells if cell.policy.hf_cache is not None]
+    for cell in live:  # transformers' own cache: a live run, no recorded prefill to replay into it
+        yield cell, run_live(adapter, prepared, cell.policy, max_new_tokens), 0.0
+    cells = [cell for cell in cells if cell.policy.hf_cache is None]
+    policies = [cell.policy for cell in cells]
+    if not cells:
         return
     record = record_prefill(adapter, prepared, policies)
     size = batch_size or 1
