@@ -92,7 +92,7 @@ def test_infer_stream_prints_the_same_text(tiny_model_dir, tmp_path):
 def test_lines_whole_and_in_order_on_one_pipe(stream):
     # stdout and stderr on one pipe, as on a terminal or in a log: every line whole, in program order.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "60"}
-    command = [sys.executable, "-m", "audiokv_cli", "infer", str(ROOT / "examples/clip1.wav"), "--method",
+    command = [sys.executable, "-m", "audiokv_cli", "infer", str(ROOT / "examples/clip1.wav"), "--model", "tiny", "--method",
                "audiokv", "--retention", "0.7"] + (["--stream"] if stream else [])
     run = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
                          timeout=300)

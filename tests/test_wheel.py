@@ -44,7 +44,7 @@ def test_wheel_in_a_fresh_venv_finds_model_and_profile(tmp_path):
                            env=env, capture_output=True, text=True, check=True).stdout
     assert str(env_dir) in where, where
 
-    run = subprocess.run([str(env_dir / "bin" / "audiokv"), "infer", "clip1.wav", "--method", "audiokv", "--retention",
+    run = subprocess.run([str(env_dir / "bin" / "audiokv"), "infer", "clip1.wav", "--model", "tiny", "--method", "audiokv", "--retention",
                           "0.7", "--json"], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert f"{env_dir}" in run.stderr and "assets/profiles/tiny.safetensors" in run.stderr, run.stderr

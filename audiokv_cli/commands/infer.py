@@ -23,6 +23,7 @@ from audiokv_cli.commands.common import (
     stdout,
 )
 from audiokv_cli.errors import AudiokvError
+from audiokv_cli.output_formats import OutputFormat
 from audiokv_cli.streaming import TextStream
 
 
@@ -79,11 +80,14 @@ def resolve_head_scores(adapter, profile: Optional[str]):
 
 def infer(
     clips: list[Path] = typer.Argument(..., help="Audio files (wav, flac, ogg, mp3, ...).", show_default=False),
-    model: str = typer.Option("tiny", "--model", "-m", help="Short name (tiny, qwen2-audio, qwen2-audio-base), local directory or Hub id."),
+    model: str = typer.Option("whisper-base", "--model", "-m", help="Short name (whisper-base: OpenAI Whisper base, assembled offline on first use; whisper-tiny.en; tiny: the bundled decoder-only demo model; qwen2-audio, ...: `audiokv models`), local directory or Hub id."),
     prompt: Optional[str] = typer.Option(None, help="Instruction instead of the default transcription prompt."),
     max_new_tokens: int = typer.Option(256, min=1, help="Stop after this many generated tokens."),
     method: str = typer.Option("full", help="Eviction method: full, streamingllm, h2o, snapkv, pyramidkv, adakv, random, stride, audiokv, or a composition such as snapkv+sss."),
     retention: float = typer.Option(1.0, help="Fraction of the prompt's KV entries to keep, in (0, 1]."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store kept keys/values in 16 (float16), 8, 4 or 2 bits (packed codes; keys per channel, values per token). Default: the model's dtype."),
+    merge: str = typer.Option("none", help="Evicted entries: none (dropped), mean (folded into the most similar kept neighbour of the same head; keys and values averaged, log-size logit bias), values (values only, kvpress-style)."),
+    kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Byte budget: the kept cache takes at most this fraction of its 16-bit size; retention (and bits, unless --kv-bits) are chosen from the shipped frontier. Replaces --retention."),
     profile: Optional[str] = typer.Option(None, help="Head profile for --method audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
     scope: Scope = typer.Option(Scope.all, help="all: any prompt token may be evicted; audio: text tokens are always kept."),
     window: int = typer.Option(32, min=1, help="Observation window: the last prompt tokens, always kept and used for scoring."),
@@ -107,6 +111,10 @@ def infer(
     attn_implementation: Optional[str] = typer.Option(None, help="Attention of the parts audiokv leaves alone (sdpa, eager, flash_attention_2)."),
     batch_size: int = typer.Option(1, min=1, help="Clips decoded together as one batch (left padding; same tokens as one at a time)."),
     prefill_chunk: Optional[int] = typer.Option(None, min=1, help="Prefill in chunks of N tokens, compressing every layer after each chunk (bounded memory for long audio)."),
+    language: Optional[str] = typer.Option(None, help="Whisper: the spoken language (en, de, fr, ...; auto detects it; default en). Multilingual checkpoints only."),
+    fmt: Optional[OutputFormat] = typer.Option(None, "--format", help="txt, json (segments with start/end times, KV bytes, timings), srt or vtt. Whisper takes audio of any length with json/srt/vtt or over 30 s."),
+    output_dir: Optional[Path] = typer.Option(None, help="Write CLIP.<format> per clip here (atomically) instead of printing."),
+    condition_on_previous_text: bool = typer.Option(True, help="Whisper long-form: the previous windows' text is the next window's context."),
 ) -> None:
     """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
     from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, use_kernel_option
@@ -125,8 +133,10 @@ def infer(
     # Validate the method and its parts before paying for audio decoding or model loading.
     options = MethodOptions(
         window=window, scope=scope.value, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho,
-        coverage=coverage, smooth_over=smooth_over,
+        coverage=coverage, smooth_over=smooth_over, kv_bits=kv_bits, kv_budget=kv_budget, merge=merge,
     )
+    if kv_budget is not None and retention != 1.0:
+        raise AudiokvError("--kv-budget chooses the retention itself; give --kv-budget or --retention, not both")
     spec = resolve_method(method).with_parts(scorer, smoother, budget)
     needs_profile = spec.uses_profile
     if not needs_profile:
@@ -138,6 +148,25 @@ def infer(
 
     from audiokv_cli.models.base import ModelAdapter
 
+    if fmt is not None and as_json:
+        raise AudiokvError("--json and --format both choose the output; use --format json")
+    if output_dir is not None and stream:
+        raise AudiokvError("--stream prints to the terminal; it does not combine with --output-dir")
+    from audiokv_cli.models.registry import adapter_class_for
+
+    family = adapter_class_for(model)
+    if _wants_longform(family, clips, fmt, batch_size, prompt, stream, prefill_chunk, details):
+        from audiokv_cli.longform import LongformOptions
+
+        _infer_longform(
+            clips, model, spec, options, profile, retention, needs_profile, language, fmt or OutputFormat.txt,
+            output_dir, batch_size, max_seconds, max_new_tokens, as_json,
+            LongformOptions(condition_on_previous_text=condition_on_previous_text),
+            dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                 attn_implementation=attn_implementation, device_map=device_map),
+            decode_kernel,
+        )
+        return
     audio = load_clips(clips, max_seconds=max_seconds)
     if max_seconds is None:
         from audiokv_cli.models.registry import adapter_class_for
@@ -151,6 +180,7 @@ def infer(
     limit = max_seconds if max_seconds is not None else adapter.max_audio_seconds
     for path, samples in zip(clips, audio):
         check_duration(path, samples, limit)
+    _set_language(adapter, language)
     if model == "tiny":
         console.print("[dim]model: tiny, the bundled small Qwen2-Audio (pass --model qwen2-audio for the real 7B)[/]")
     if needs_profile:
@@ -161,7 +191,7 @@ def infer(
 
         check_chunked(policy, prefill_chunk)
     if batch_size > 1:
-        _infer_batches(adapter, clips, audio, policy, prompt, max_new_tokens, batch_size, as_json)
+        _infer_batches(adapter, clips, audio, policy, prompt, max_new_tokens, batch_size, as_json, fmt, output_dir)
         return
     for path, samples in zip(clips, audio):
         if stream:
@@ -174,11 +204,18 @@ def infer(
             text_stream.finish(result.text)
             console.print(_summary(result))
             continue
+        if getattr(adapter, "language", None) == "auto":
+            adapter.detect_language(samples)
         with console.status(f"{path.name}: {samples.shape[0] / 16000:.1f} s of audio ..."):
             result = run_clip(
                 adapter, samples, policy, prompt=prompt, max_new_tokens=max_new_tokens, clip=str(path),
                 prefill_chunk=prefill_chunk,
             )
+        if fmt is not None or output_dir is not None:
+            from audiokv_cli.output_formats import transcript_of_clip
+
+            _emit(transcript_of_clip(result), fmt or OutputFormat.txt, output_dir, details)
+            continue
         if as_json:
             stdout.print(json.dumps(result.to_json(details)), markup=False, highlight=False)
         else:
@@ -186,7 +223,7 @@ def infer(
             console.print(_summary(result))
 
 
-def _infer_batches(adapter, paths, audio, policy, prompt, max_new_tokens, batch_size, as_json) -> None:
+def _infer_batches(adapter, paths, audio, policy, prompt, max_new_tokens, batch_size, as_json, fmt=None, output_dir=None) -> None:
     """--batch-size: clips in groups of ``batch_size``, one batch row each, printed in the order given."""
     from audiokv_cli.batching import check_batchable, run_clips
 
@@ -198,9 +235,103 @@ def _infer_batches(adapter, paths, audio, policy, prompt, max_new_tokens, batch_
                 adapter, [audio[i] for i in group], policy, prompt, max_new_tokens, [str(paths[i]) for i in group]
             )
         for result in results:
+            if fmt is not None or output_dir is not None:
+                from audiokv_cli.output_formats import transcript_of_clip
+
+                _emit(transcript_of_clip(result), fmt or OutputFormat.txt, output_dir, False)
+                continue
             if as_json:
                 stdout.print(json.dumps(result.to_json()), markup=False, highlight=False)
             else:
                 stdout.print(result.text, markup=False, highlight=False)
                 console.print(_summary(result))
 
+
+
+def _set_language(adapter, language: Optional[str]) -> None:
+    """--language for Whisper (default en); other families take the language from their prompt."""
+    if hasattr(adapter, "set_language"):
+        adapter.set_language(language or "en")
+    elif language is not None:
+        raise AudiokvError(f"--language is for the Whisper family; {adapter.name} takes no language")
+
+
+def _wants_longform(family, clips, fmt, batch_size, prompt, stream, prefill_chunk, details) -> bool:
+    """Whisper runs as consecutive timestamped windows (longform.py) for audio over 30 s, for timed outputs
+    (json/srt/vtt) and for --batch-size; a short clip printed as text keeps the one-window path."""
+    from audiokv_cli.longform import probe_seconds
+
+    if not hasattr(family, "prepare_window") or prompt is not None or stream or prefill_chunk:
+        return False
+    if batch_size > 1 or fmt in (OutputFormat.json, OutputFormat.srt, OutputFormat.vtt):
+        return True
+    for path in clips:
+        seconds = probe_seconds(path)
+        if seconds is None or seconds > family.max_audio_seconds + 1e-6:
+            return True
+    return False
+
+
+def _emit(transcript, fmt: OutputFormat, output_dir: Optional[Path], details: bool) -> None:
+    from audiokv_cli.output_formats import render, write_transcript
+
+    if output_dir is not None:
+        path = write_transcript(transcript, fmt, output_dir, details)
+        console.print(f"[dim]wrote {path}[/]")
+    else:
+        stdout.print(render(transcript, fmt, details), markup=False, highlight=False, end="")
+
+
+def _infer_longform(
+    clips, model, spec, options, profile, retention, needs_profile, language, fmt, output_dir, batch_size,
+    max_seconds, max_new_tokens, as_json, longform_options, load_options, decode_kernel,
+) -> None:
+    """Whisper over audio of any length: files streamed window by window, a progress bar of audio seconds and the
+    real-time factor, one output per file as soon as it is done (written whole or not at all)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from audiokv_cli.compression.decode_kernels import use_kernel_option
+    from audiokv_cli.longform import AudioStream, transcribe_files
+
+    # Every file is opened (header or, for mp3 and the like, decoded) before the model loads: bad input fails first.
+    seconds = []
+    for path in clips:
+        stream = AudioStream(path)
+        seconds.append(stream.seconds)
+        stream.close()
+        if max_seconds is not None and stream.seconds > max_seconds + 1e-6:
+            raise AudiokvError(f"{path}: {stream.seconds:.1f} s of audio is longer than --max-seconds {max_seconds:g}")
+    adapter = load_model(model, **load_options)
+    use_kernel_option(decode_kernel, adapter.device, adapter.dtype)
+    _set_language(adapter, language)
+    if needs_profile:
+        options.head_scores = resolve_head_scores(adapter, profile)
+    policy = spec.policy(retention, options)
+    longform_options.max_new_tokens = min(longform_options.max_new_tokens, max_new_tokens)
+    total = sum(seconds)
+    done = [0.0] * len(clips)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(),
+        TextColumn("{task.completed:.0f}/{task.total:.0f} s of audio"), TextColumn("{task.fields[rtf]}"),
+        TimeElapsedColumn(), console=console, transient=True,
+    ) as progress:
+        task = progress.add_task("transcribing", total=max(total, 1e-3), rtf="")
+        import time
+
+        started = time.perf_counter()
+
+        def on_progress(index: int, seconds_done: float, seconds_total: float) -> None:
+            done[index] = seconds_done
+            elapsed = time.perf_counter() - started
+            audio_done = sum(done)
+            rtf = f"real-time factor {elapsed / audio_done:.2f}" if audio_done else ""
+            progress.update(task, completed=audio_done, rtf=rtf, description=Path(clips[index]).name)
+
+        for transcript in transcribe_files(
+            adapter, [str(path) for path in clips], policy, longform_options, batch_size=batch_size,
+            names=[str(path) for path in clips], on_progress=on_progress,
+        ):
+            if as_json:
+                stdout.print(json.dumps(transcript.to_json()), markup=False, highlight=False)
+            else:
+                _emit(transcript, fmt, output_dir, False)

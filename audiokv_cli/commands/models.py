@@ -37,6 +37,10 @@ def _shipped_profiles() -> list[tuple[Path, str]]:
     return found
 
 
+#: what `infer`, `eval` and `bench` run without --model
+DEFAULT_MODEL = "whisper-base"
+
+
 def family_rows() -> list[dict]:
     """One record per adapter family: what `audiokv models` prints."""
     from audiokv_cli.models.registry import ADAPTERS, MODEL_ALIASES
@@ -59,6 +63,9 @@ def family_rows() -> list[dict]:
                 "ms_per_audio_token": round(1000 * seconds, 2) if seconds else None,
                 "audio_tokens_per_second": round(1 / seconds, 2) if seconds else None,
                 "max_audio_seconds": cls.max_audio_seconds,
+                # Whisper: any length as consecutive 30 s windows (longform.py); max_audio_seconds is one window
+                "any_length": hasattr(cls, "prepare_window"),
+                "default": DEFAULT_MODEL in aliases.get(cls, []),
                 "profiles": [path.name for path, model_type in profiles if model_type in cls.model_types],
                 "tiny_test_model": getattr(cls, "tiny_model", None),
                 "tests": f"tests/test_{module}.py",
@@ -87,14 +94,16 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print the table a
         table.add_row(
             row["family"],
             "\n".join(row["model_types"]),
-            "\n".join(row["aliases"]) or "-",
+            "\n".join(f"{a} (default)" if a == DEFAULT_MODEL else a for a in row["aliases"]) or "-",
             rate,
-            _duration(row["max_audio_seconds"]),
+            f"any length ({_duration(row['max_audio_seconds'])} windows)" if row["any_length"] else _duration(row["max_audio_seconds"]),
             "\n".join(row["profiles"]) or "none",
             f"{tiny}\n{row['tests']}",
         )
     stdout.print(table)
     stdout.print(
+        f"Default model of infer, eval and bench: {DEFAULT_MODEL} (profile needs --model; --model tiny is the bundled "
+        "decoder-only demo model). "
         "Any local directory or cached Hub id whose config has one of these model types also works (--model PATH); "
         "docs/models.md says what is compressed and how to profile each family."
     )

@@ -56,16 +56,23 @@ class EncoderDecoderAdapter(ModelAdapter):
         """The decoder's hidden state at the last position, ``[batch, d_model]``. Prefill (``input_features``
         present) encodes once and keeps the output on the cache; decode steps reuse it, and several prompts over one
         clip (a batch of eviction cells) share one encoder pass."""
+        return self.hidden_states(inputs, cache)[:, -1]
+
+    def hidden_states(self, inputs: dict, cache) -> torch.Tensor:
+        """The decoder's hidden states at every position of ``inputs["input_ids"]``, ``[batch, length, d_model]``.
+        ``decoder_attention_mask`` / ``decoder_position_ids`` in ``inputs`` (left-padded batches of different
+        prompts: longform.py) are the decoder's mask over its text so far and the rows' positions."""
         if "input_features" in inputs:
             cache.encoder_hidden_states = self.encode(inputs).expand(inputs["input_ids"].shape[0], -1, -1)
         decoder = self.model.model.decoder
-        hidden = decoder(
+        extra = {key[len("decoder_"):]: inputs[key] for key in ("decoder_attention_mask", "decoder_position_ids") if key in inputs}
+        return decoder(
             input_ids=inputs["input_ids"],
             encoder_hidden_states=cache.encoder_hidden_states,
             use_cache=True,
+            **extra,
             **cache_kwargs(decoder, cache),
         ).last_hidden_state
-        return hidden[:, -1]
 
     def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
         return self.model.proj_out(self.last_hidden_state(inputs, cache))

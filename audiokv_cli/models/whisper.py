@@ -33,14 +33,80 @@ class WhisperAdapter(EncoderDecoderAdapter):
         self.multilingual = model.config.vocab_size >= 51865
         self._suppress = torch.tensor(sorted(set(model.config.suppress_tokens or [])), dtype=torch.long)
         self._suppress_first = torch.tensor(sorted(set(model.config.begin_suppress_tokens or [])), dtype=torch.long)
-        ids = [int(model.config.decoder_start_token_id)]
+        self.start_of_transcript = int(model.config.decoder_start_token_id)
+        self.no_timestamps = int(tokenizer.convert_tokens_to_ids("<|notimestamps|>"))
+        # Timestamp tokens <|0.00|> ... <|30.00|> follow <|notimestamps|> in every Whisper vocabulary.
+        self.timestamp_begin = self.no_timestamps + 1
+        self.start_of_previous = self._special_id(tokenizer, "<|startofprev|>")
+        self.no_speech = self._special_id(tokenizer, "<|nospeech|>", "<|nocaptions|>")
+        self.set_language(language)
+
+    @staticmethod
+    def _special_id(tokenizer, *names: str) -> int | None:
+        """The id of the first of ``names`` the vocabulary has (the English-only and multilingual ones differ)."""
+        for token in names:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if isinstance(token_id, int) and token_id != tokenizer.unk_token_id:
+                return int(token_id)
+        return None
+
+    def language_ids(self) -> dict[str, int]:
+        """``{"en": id of <|en|>, ...}``: the language tokens of a multilingual vocabulary (empty for .en models)."""
+        if not self.multilingual:
+            return {}
+        tokenizer = self.processor.tokenizer
+        codes = getattr(self.model.generation_config, "lang_to_id", None) or {}
+        if codes:
+            return {token[2:-2]: int(token_id) for token, token_id in codes.items()}
+        found = {}
+        for token, token_id in tokenizer.get_vocab().items():
+            code = token[2:-2]
+            if token.startswith("<|") and token.endswith("|>") and 2 <= len(code) <= 3 and code.isalpha() and code.islower():
+                found[code] = int(token_id)
+        return found
+
+    def set_language(self, language: str) -> None:
+        """The language written into the prompt (multilingual checkpoints); ``auto`` is resolved per clip by
+        `detect_language`. English-only checkpoints take ``en`` (or ``auto``) only."""
+        tokenizer = self.processor.tokenizer
+        if not self.multilingual:
+            if language not in ("en", "auto"):
+                raise AudiokvError(f"{self.name} is an English-only model; --language {language} needs a multilingual one")
+            language = "en"
+        elif language != "auto" and language not in self.language_ids():
+            raise AudiokvError(f"{self.name}: unknown language {language!r} (use a code such as en, de, fr, or auto)")
+        self.language = language
+        ids = [self.start_of_transcript]
         if self.multilingual:
-            language_id = tokenizer.convert_tokens_to_ids(f"<|{language}|>")
-            if not isinstance(language_id, int) or language_id == tokenizer.unk_token_id:
-                raise AudiokvError(f"{name}: unknown language {language!r}")
-            ids += [language_id, tokenizer.convert_tokens_to_ids("<|transcribe|>")]
-        ids.append(tokenizer.convert_tokens_to_ids("<|notimestamps|>"))
-        self.prompt_ids = ids
+            # `auto` before detection: English (run_clip and the long-form path detect and set it per clip)
+            code = "en" if language == "auto" else language
+            ids += [self.language_ids()[code], int(tokenizer.convert_tokens_to_ids("<|transcribe|>"))]
+        #: the long-form prompt: Whisper writes timestamp tokens after it
+        self.timestamp_prompt_ids = list(ids)
+        self.prompt_ids = ids + [self.no_timestamps]
+
+    def detect_language(self, audio: np.ndarray) -> str:
+        """Whisper's language identification: the most likely language token after <|startoftranscript|> for the
+        first 30 s of ``audio``. Sets and returns the code."""
+        if not self.multilingual:
+            return "en"
+        features = self.processor.feature_extractor(
+            audio[: int(self.max_audio_seconds * SAMPLE_RATE)], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        )
+        languages = self.language_ids()
+        with torch.no_grad():
+            encoded = self.model.model.encoder(features.input_features.to(self.device, self.dtype)).last_hidden_state
+            hidden = self.model.model.decoder(
+                input_ids=torch.tensor([[self.start_of_transcript]], device=self.device),
+                encoder_hidden_states=encoded, use_cache=False,
+            ).last_hidden_state[:, -1]
+            logits = self.model.proj_out(hidden)[0].float()
+        codes = list(languages)
+        best = int(logits[torch.tensor([languages[c] for c in codes], device=logits.device)].argmax())
+        language = self.language
+        self.set_language(codes[best])
+        self.language = language if language == "auto" else codes[best]
+        return codes[best]
 
     @classmethod
     def load(cls, path, *, device, dtype, trust_remote_code, name, revision=None, device_map=None, **kwargs):
@@ -92,6 +158,34 @@ class WhisperAdapter(EncoderDecoderAdapter):
             prompt=self.processor.tokenizer.decode(self.prompt_ids),
             cached_length=self.frames,
         )
+
+    def prepare_window(self, audio: np.ndarray, prompt_ids: list[int]) -> PreparedInput:
+        """One 30 s window of a long recording (models/../longform.py): ``audio`` at most 30 s, decoded after
+        ``prompt_ids`` (the previous text and the timestamp prompt) instead of the clip prompt."""
+        seconds = len(audio) / SAMPLE_RATE
+        features = self.processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        input_ids = torch.tensor([prompt_ids], device=self.device)
+        speech_frames = max(1, min(self.frames, math.ceil(seconds / self.seconds_per_audio_token)))
+        return PreparedInput(
+            inputs={"input_features": features.input_features.to(self.device, self.dtype), "input_ids": input_ids},
+            input_ids=input_ids,
+            audio_spans=[(0, speech_frames)],
+            audio_seconds=seconds,
+            prompt=self.processor.tokenizer.decode(prompt_ids),
+            cached_length=self.frames,
+        )
+
+    def window_logits(self, inputs: dict, cache, sot_index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill of a window batch: the next-token logits ``[B, vocab]`` (suppression applied, as
+        `next_token_logits`) and the raw logits at each row's <|startoftranscript|> ``[B, vocab]`` (where Whisper
+        predicts <|nospeech|>)."""
+        hidden = self.hidden_states(inputs, cache)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        at_sot = self.model.proj_out(hidden[rows, torch.tensor(sot_index, device=hidden.device)]).float()
+        logits = self.model.proj_out(hidden[:, -1]).float()
+        logits[:, self._suppress.to(logits.device)] = float("-inf")
+        logits[:, self._suppress_first.to(logits.device)] = float("-inf")
+        return logits, at_sot
 
     def encode(self, inputs: dict) -> torch.Tensor:
         return self.model.model.encoder(inputs["input_features"]).last_hidden_state

