@@ -38,7 +38,9 @@ for model in $MODELS; do
         for part in $PARTS; do
             bits="${part%%:*}"; budgets="${part#*:}"
             if [[ "$bits" == q ]]; then  # the full cache and quantization alone (every entry kept)
-                run "$OUT/$model/$set/quant" "$DATA/$set" --model "$model" --methods full --kv-bits auto,16,8,4,2
+                quant=full
+                [[ "$model" == whisper* ]] || quant=full,hf-quanto  # transformers' QuantizedCache: decoder-only
+                run "$OUT/$model/$set/quant" "$DATA/$set" --model "$model" --methods "$quant" --kv-bits auto,16,8,4,2
             else
                 run "$OUT/$model/$set/bits-$bits" "$DATA/$set" --model "$model" --methods "$METHODS" \
                     --retention none --kv-budget "$budgets" --budget-bits "$bits" --merge "$MERGES"

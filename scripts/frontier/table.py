@@ -10,7 +10,8 @@ summed reference words, the Whisper normalizer's words; degeneration rate; mean 
 - eviction alone: 16-bit entries, evicted ones dropped (METHOD@budget-16bit);
 - eviction x bits: fewer bits, evicted entries dropped;
 - merging: evicted entries folded into kept neighbours (METHOD:merge..., any bits);
-- kvpress-style merging (values only), and the --kv-budget choice (METHOD@budget) where the sweep ran them.
+- kvpress-style merging (values only), transformers' QuantizedCache (hf-quanto, decoder-only models) and the
+  --kv-budget choice (METHOD@budget) where the sweep ran them.
 
 Writes frontier.json (every cell) and frontier.png (WER against bytes, one curve per family) under --out, and prints
 the table (markdown with --markdown).
@@ -31,6 +32,8 @@ BUDGETS = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64]
 
 def family(method: str, bits: int) -> str:
     base, _, storage = method.partition("@")
+    if base.startswith("hf-"):
+        return "transformers QuantizedCache"
     if base == "full":
         return "quantization alone" if storage else "full cache"
     if ":merge-values" in base:
