@@ -126,3 +126,27 @@ def test_transformers_quantized_cache_baseline(tiny_adapter, whisper, tmp_path):
         run_clip(whisper, audio, build_policy("hf-quanto", 1.0, MethodOptions()), max_new_tokens=3)
     with pytest.raises(AudiokvError, match="4 or 2"):
         build_policy("hf-quanto", 1.0, MethodOptions(kv_bits=8))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--kv-bits", "3"], "--kv-bits must be one of"),
+        (["--kv-budget", "0"], "--kv-budget must be in (0, 1]"),
+        (["--kv-budget", "0.2", "--retention", "0.5", "--method", "snapkv"], "not both"),
+        (["--merge", "sum", "--method", "snapkv"], "--merge must be one of"),
+        (["--prefill-chunk", "32", "--kv-bits", "4", "--method", "snapkv"], "does not combine"),
+        (["--method", "snapkv", "--kv-budget", "0.001"], "cannot hold"),
+    ],
+)
+def test_bad_storage_options_are_one_line_errors(args, message, tmp_path):
+    from typer.testing import CliRunner
+
+    from audiokv_cli.cli import app
+
+    clip = write_tone(tmp_path / "clip.wav", seconds=2.0)
+    result = CliRunner().invoke(app, ["infer", str(clip), "--model", "tiny", *args])
+    assert result.exit_code != 0
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in result.output
