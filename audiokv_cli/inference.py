@@ -36,6 +36,8 @@ class ClipResult:
     kv_bits: int
     #: the byte budget the run was given (None: retention and bits were given directly)
     kv_budget: float | None
+    #: what happened to evicted entries: none (dropped), mean or values (merged into kept neighbours)
+    merge: str
     seconds_prefill: float
     seconds_decode: float
     hit_token_limit: bool
@@ -66,6 +68,7 @@ class ClipResult:
             kv_bytes_full_16bit=full_bytes_16bit(adapter, prepared),
             kv_bits=policy.kv_bits or 8 * torch.empty((), dtype=adapter.dtype).element_size(),
             kv_budget=policy.kv_budget,
+            merge=policy.merge_mode,
             seconds_prefill=round(seconds_prefill, 4),
             seconds_decode=round(seconds_decode, 4),
             hit_token_limit=hit_token_limit,

@@ -61,7 +61,7 @@ def test_cells_match_live_runs_and_budgets_hold(model, tiny_adapter, whisper, tm
         stored.add((row["kv_bits"], row["kv_bytes_kept"]))
     assert len(stored) > 8  # the cells really store different things
     bits = {row["method"]: row["kv_bits"] for row in one_by_one}
-    assert bits["full"] == 32 and bits["full@4bit"] == 4 and bits["snapkv@budget-2bit"] == 2
+    assert bits["full"] == 32 and bits["full@4bit"] == 4 and bits["snapkv:drop@budget-2bit"] == 2
 
 
 def test_quantized_cross_attention_cache_holds_codes_not_floats(whisper, tmp_path):

@@ -40,7 +40,7 @@ def bench(
     kv_budget_gb: Optional[float] = typer.Option(None, "--kv-budget-gb", hidden=True, help="Old name of --memory-gb."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Evicting methods store kept keys/values in 16, 8, 4 or 2 bits."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Evicting methods spend this byte budget (fraction of the 16-bit cache) on entries and bits; replaces --retention."),
-    merge: str = typer.Option("none", help="Evicting methods fold evicted entries into kept neighbours: none, mean, values."),
+    merge: str = typer.Option("auto", help="Evicting methods fold evicted entries into kept neighbours: auto (under --kv-budget the frontier's choice), none, mean, values."),
     kernel: bool = typer.Option(False, "--kernel", help="Time the decode attention alone on random tensors of --geometry."),
     geometry: str = typer.Option("qwen2-audio-7b", help="Decoder geometry for --kernel: qwen2-audio-7b, qwen2.5-omni-7b, qwen2.5-omni-3b, qwen3-omni-30b, tiny."),
     decode_kernel: str = typer.Option("auto", help="Decode attention backend: auto, matmul, sdpa, varlen, flash-attn, padded (--kernel: every one here)."),
@@ -62,7 +62,7 @@ def bench(
     memory_gb = memory_gb if memory_gb is not None else kv_budget_gb
     if memory_gb is not None and memory_gb <= 0:
         raise AudiokvError(f"--memory-gb must be positive, got {memory_gb:g}")
-    storage = MethodOptions(kv_bits=kv_bits, kv_budget=kv_budget, merge=merge)
+    storage = MethodOptions(kv_bits=kv_bits, kv_budget=kv_budget, merge=None if merge == "auto" else merge)
     build_policy("snapkv", retention, storage)  # bad --kv-bits, --kv-budget or --merge fail before loading anything
     if decode_kernel not in KERNEL_NAMES:
         raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")

@@ -58,11 +58,15 @@ def _progress():
 
 
 def _check_lengths(model: str, examples) -> None:
-    """Refuse a clip longer than the model family takes before the weights load (file headers, no decoding)."""
+    """Refuse a clip longer than the model family takes before the weights load (file headers, no decoding); the
+    Whisper family takes any length (long clips go through the long-form path)."""
     from audiokv_cli.audio import AudioError, audio_duration
     from audiokv_cli.models.registry import adapter_class_for
 
-    limit = adapter_class_for(model).max_audio_seconds
+    family = adapter_class_for(model)
+    if hasattr(family, "prepare_window"):
+        return  # Whisper: a clip longer than its window is transcribed as consecutive windows (longform_rows.py)
+    limit = family.max_audio_seconds
     for example in examples:
         seconds = audio_duration(example.audio_path)
         if seconds is not None and seconds > limit + 1e-6:
@@ -79,11 +83,11 @@ def evaluate(
     retention: str = typer.Option("0.8,0.6,0.4,0.2", help="Comma-separated fractions of the prompt KV to keep, each in (0, 1]."),
     kv_bits: str = typer.Option("auto", "--kv-bits", help="Comma-separated bits per kept element for the retention cells: auto (the model's dtype), 16, 8, 4, 2 (full@4bit: quantization alone)."),
     kv_budget: Optional[str] = typer.Option(None, "--kv-budget", help="Comma-separated byte budgets (fractions of the 16-bit cache): METHOD@budget cells spend each on entries and bits (full@budget: every entry, the most bits that fit)."),
-    merge: str = typer.Option("none", help="Comma-separated: none (evicted entries dropped), mean (folded into the most similar kept neighbour, log-size logit bias: METHOD:merge), values (kvpress MergingPress-style: values only, METHOD:merge-values)."),
+    merge: str = typer.Option("auto", help="Comma-separated: auto (dropped; @budget cells: the frontier's choice), none (dropped; METHOD:drop@budget), mean (folded into the most similar kept neighbour, log-size logit bias: METHOD:merge), values (kvpress MergingPress-style: values only, METHOD:merge-values)."),
     budget_bits: str = typer.Option("auto", "--budget-bits", help="Bits for the --kv-budget cells: auto (the shipped frontier's choice) or fixed 16, 8, 4, 2 (METHOD@budget-4bit)."),
     scope: str = typer.Option("all", help="Comma-separated eviction scopes: all, audio (text tokens always kept)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for methods with profile budgets: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
-    max_new_tokens: int = typer.Option(128, min=1, help="Stop each transcript after this many tokens."),
+    max_new_tokens: int = typer.Option(128, min=1, help="Stop each transcript after this many tokens (Whisper clips over 30 s: each 30 s window, at most 224)."),
     out: Path = typer.Option(Path("eval-out"), help="Output directory for results, summary and plot."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N clips."),
     window: int = typer.Option(32, min=1, help="Observation window: the last prompt tokens, always kept and used for scoring."),
@@ -255,6 +259,43 @@ def _journal(out, adapter, data, cells, max_new_tokens, options, ranks):
 
 def _run(adapter, source, examples, cells, max_new_tokens, workers, on_row=None, done=None, shown=True,
          batch_size=None):
+    """The sweep over the clips one window takes, and (Whisper) the long-form path over the longer clips; rows in
+    clip order, then cell order."""
+    from audiokv_cli.evaluation.longform_rows import run_long_clips, split_long
+    from audiokv_cli.evaluation.sweep import SweepResult, summarize
+    from audiokv_cli.longform import LongformOptions
+
+    short, long = split_long(adapter, examples)
+    if not long:
+        return _run_short(adapter, source, examples, cells, max_new_tokens, workers, on_row, done, shown, batch_size)
+    rows = []
+    if short:
+        rows = _run_short(adapter, source, short, cells, max_new_tokens, workers, on_row, done, shown, batch_size).clips
+    # As in `infer`: --max-new-tokens caps each window (Whisper's own cap is 224 per window).
+    options = LongformOptions()
+    options.max_new_tokens = min(options.max_new_tokens, max_new_tokens)
+    if not shown:  # torchrun ranks other than 0: the terminal is rank 0's
+        rows += run_long_clips(adapter, long, cells, options=options, on_row=on_row, done=done)
+    else:
+        seconds = adapter.max_audio_seconds
+        console.print(f"[dim]{len(long)} clip(s) longer than {seconds:g} s: long-form, consecutive {seconds:g} s windows[/]")
+        with _progress() as progress:
+            finished = sum((example.id, *cell.key) in (done or {}) for example in long for cell in cells)
+            task = progress.add_task("", total=len(long) * len(cells), completed=finished)
+
+            def step(clip_id, cell):
+                label = cell.method if cell.scope is None else f"{cell.method} @ {cell.retention:g} ({cell.scope})"
+                progress.update(task, advance=1, description=f"{clip_id} (long-form): {label}")
+
+            rows += run_long_clips(adapter, long, cells, options=options, on_step=step, on_row=on_row, done=done)
+    clip_order = {example.id: index for index, example in enumerate(examples)}
+    cell_order = {cell.key: index for index, cell in enumerate(cells)}
+    rows.sort(key=lambda row: (clip_order[row["clip"]], cell_order[(row["method"], row["retention"], row["scope"])]))
+    return SweepResult(rows, summarize(cells, rows))
+
+
+def _run_short(adapter, source, examples, cells, max_new_tokens, workers, on_row=None, done=None, shown=True,
+               batch_size=None):
     from audiokv_cli.evaluation.sweep import run_sweep, run_sweep_parallel
 
     if not shown:  # torchrun ranks other than 0: the terminal is rank 0's

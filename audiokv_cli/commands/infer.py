@@ -86,7 +86,7 @@ def infer(
     method: str = typer.Option("full", help="Eviction method: full, streamingllm, h2o, snapkv, pyramidkv, adakv, random, stride, audiokv, or a composition such as snapkv+sss."),
     retention: float = typer.Option(1.0, help="Fraction of the prompt's KV entries to keep, in (0, 1]."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store kept keys/values in 16 (float16), 8, 4 or 2 bits (packed codes; keys per channel, values per token). Default: the model's dtype."),
-    merge: str = typer.Option("none", help="Evicted entries: none (dropped), mean (folded into the most similar kept neighbour of the same head; keys and values averaged, log-size logit bias), values (values only, kvpress-style)."),
+    merge: str = typer.Option("auto", help="Evicted entries: auto (dropped; under --kv-budget the shipped frontier's choice), none (dropped), mean (folded into the most similar kept neighbour of the same head; keys and values averaged, log-size logit bias), values (values only, kvpress-style)."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Byte budget: the kept cache takes at most this fraction of its 16-bit size; retention (and bits, unless --kv-bits) are chosen from the shipped frontier. Replaces --retention."),
     profile: Optional[str] = typer.Option(None, help="Head profile for --method audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
     scope: Scope = typer.Option(Scope.all, help="all: any prompt token may be evicted; audio: text tokens are always kept."),
@@ -133,7 +133,8 @@ def infer(
     # Validate the method and its parts before paying for audio decoding or model loading.
     options = MethodOptions(
         window=window, scope=scope.value, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho,
-        coverage=coverage, smooth_over=smooth_over, kv_bits=kv_bits, kv_budget=kv_budget, merge=merge,
+        coverage=coverage, smooth_over=smooth_over, kv_bits=kv_bits, kv_budget=kv_budget,
+        merge=None if merge == "auto" else merge,
     )
     if kv_budget is not None and retention != 1.0:
         raise AudiokvError("--kv-budget chooses the retention itself; give --kv-budget or --retention, not both")

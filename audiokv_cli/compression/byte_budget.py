@@ -79,6 +79,14 @@ def table_bits(budget: float, cache_type: str) -> int:
     return int(frontier()[cache_type]["bits"][-1]["bits"])
 
 
+def table_merge(budget: float, cache_type: str) -> str:
+    """What the frontier table does with evicted entries at ``budget`` on a cache of ``cache_type``."""
+    for row in frontier()[cache_type]["bits"]:
+        if budget >= row["from_budget"]:
+            return row.get("merge", "none")
+    return frontier()[cache_type]["bits"][-1].get("merge", "none")
+
+
 def check_budget(budget: float) -> float:
     if not 0.0 < budget <= 1.0 or math.isnan(budget):
         raise AudiokvError(f"--kv-budget must be in (0, 1], got {budget}")
@@ -89,7 +97,7 @@ def resolve(policy, *, length: int, head_dim: int, forced: int, cross_attention:
     """``policy`` with the retention and bits that spend its ``kv_budget`` on a prompt of ``length`` entries.
 
     Bits: the policy's own when set, else the frontier table's for this cache type (then fewer bits while the
-    forced entries alone would not fit). A method that evicts nothing keeps every entry: the bits are the most that
+    forced entries alone would not fit); merging: the policy's own when set, else the table's. A method that evicts nothing keeps every entry: the bits are the most that
     fit. Refused in one line when nothing fits.
     """
     budget = policy.kv_budget
@@ -108,11 +116,12 @@ def resolve(policy, *, length: int, head_dim: int, forced: int, cross_attention:
     else:
         first = table_bits(budget, cache_type)
         choices = [bits for bits in BITS if bits <= first]
-    extra = BIAS_BYTES if policy.merge == "mean" and not sliding else 0
+    merge = policy.merge if policy.merge is not None else table_merge(budget, cache_type)
+    extra = BIAS_BYTES if merge == "mean" and not sliding else 0
     for bits in choices:
         entries = entries_within(budget, length, head_dim, bits, sliding, extra)
         if entries >= max(forced, 1):
-            return dataclasses.replace(policy, retention=entries / length, kv_bits=bits)
+            return dataclasses.replace(policy, retention=entries / length, kv_bits=bits, merge=merge)
     raise AudiokvError(
         f"--kv-budget {budget:g} cannot hold the {max(forced, 1)} entries per head this method always keeps "
         f"(prompt of {length}) at {choices[-1]} bits; raise the budget"

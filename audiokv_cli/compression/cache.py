@@ -97,7 +97,7 @@ class RaggedLayer(CacheLayerMixin):
             raise ValueError(f"keep mask {tuple(keep.shape)} does not match cache {(batch, heads, length)}")
         # nonzero walks the mask row-major: segments in (batch, head) order, positions ascending within each.
         rows, kv_heads, positions = keep.nonzero(as_tuple=True)
-        if merge != "none" and window is None:
+        if merge not in (None, "none") and window is None:
             self.flat_keys, self.flat_values, self.flat_bias = merge_evicted(self.keys, self.values, keep, merge)
         else:
             self.flat_keys = self.keys[rows, kv_heads, positions].contiguous()

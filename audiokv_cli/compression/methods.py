@@ -74,7 +74,7 @@ class MethodOptions:
     extra: dict = field(default_factory=dict)
     kv_bits: int | None = None  # bits per kept element (None: the model's dtype, or under a budget the frontier's)
     kv_budget: float | None = None  # byte budget: retention (and bits unless kv_bits) chosen per prompt
-    merge: str = "none"  # evicted entries dropped, or folded into kept neighbours (compression.merging)
+    merge: str | None = None  # evicted entries dropped or merged (compression.merging); None: dropped, or the budget's
 
 
 def _scorer(name: str, options: MethodOptions):
@@ -118,7 +118,7 @@ def build_policy(
     if method not in METHODS and method not in hf_quantized.BACKENDS:
         raise AudiokvError(f"unknown method {method!r}; choose one of: {', '.join(known_method_names())}")
     if method in hf_quantized.BACKENDS:
-        if options.kv_budget is not None or options.merge != "none":
+        if options.kv_budget is not None or options.merge not in (None, "none"):
             raise AudiokvError(f"--method {method} keeps every entry at --kv-bits; it takes no --kv-budget or --merge")
         hf_quantized.check_backend(method)
         bits = 4 if options.kv_bits is None else options.kv_bits
@@ -140,7 +140,7 @@ def build_policy(
         check_bits(options.kv_bits)
     if options.kv_budget is not None:
         check_budget(options.kv_budget)
-    if options.merge not in MERGE_MODES:
+    if options.merge is not None and options.merge not in MERGE_MODES:
         raise AudiokvError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {options.merge!r}")
     storage = dict(kv_bits=options.kv_bits, kv_budget=options.kv_budget)
     scorer_name = scorer or recipe.scorer

@@ -50,8 +50,9 @@ class CompressionPolicy:
     kv_bits: int | None = None
     #: the byte budget this policy was chosen for (`byte_budget`), None when retention and bits were given.
     kv_budget: float | None = None
-    #: what happens to evicted entries: dropped ("none") or folded into kept neighbours (`merging`).
-    merge: str = "none"
+    #: what happens to evicted entries: dropped ("none") or folded into kept neighbours (`merging`); None: dropped,
+    #: or under a byte budget what the frontier table says.
+    merge: str | None = None
     #: transformers' QuantizedCache instead of audiokv's cache (`hf_quantized`: "hf-quanto", "hf-hqq"), a baseline.
     hf_cache: str | None = None
 
@@ -68,7 +69,7 @@ class CompressionPolicy:
             raise ValueError(f"window must be at least 1, got {self.window}")
         if self.kv_bits is not None:
             check_bits(self.kv_bits)
-        if self.merge not in MERGE_MODES:
+        if self.merge is not None and self.merge not in MERGE_MODES:
             raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {self.merge!r}")
         if self.kv_budget is not None and not 0.0 < self.kv_budget <= 1.0:
             raise ValueError(f"kv_budget must be in (0, 1], got {self.kv_budget}")
@@ -80,6 +81,10 @@ class CompressionPolicy:
     @property
     def quant(self) -> QuantConfig | None:
         return None if self.kv_bits is None else QuantConfig(self.kv_bits)
+
+    @property
+    def merge_mode(self) -> str:
+        return self.merge or "none"
 
     @property
     def compresses(self) -> bool:
@@ -285,7 +290,7 @@ class CompressionSession:
             text_kept=(keep[0] & ~audio).sum(-1).tolist(),
         )
         self.cache.compress_layer(
-            layer_idx, keep, self.adapter.sliding_window(layer_idx), self.policy.quant, self.policy.merge
+            layer_idx, keep, self.adapter.sliding_window(layer_idx), self.policy.quant, self.policy.merge_mode
         )
 
     def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):

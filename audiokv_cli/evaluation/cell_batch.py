@@ -57,7 +57,7 @@ class CellBatchSession(CompressionSession):
             )
         # Rows share one packed layer, so they share its storage (run_cells_batched groups rows by it).
         first = self.rows[0].policy
-        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx), first.quant, first.merge)
+        self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx), first.quant, first.merge_mode)
         self.seconds_compress += time.perf_counter() - start
 
     def kept_bytes(self, row: int) -> int:
@@ -74,7 +74,7 @@ def storage_groups(adapter, prepared, policies: Sequence[CompressionPolicy]) -> 
     groups: dict[tuple, list[int]] = {}
     for index, policy in enumerate(policies):
         resolved = CompressionSession(policy, adapter, prepared).policy
-        groups.setdefault((resolved.kv_bits, resolved.merge), []).append(index)
+        groups.setdefault((resolved.kv_bits, resolved.merge_mode), []).append(index)
     return list(groups.values())
 
 

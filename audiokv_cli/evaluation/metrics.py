@@ -322,7 +322,8 @@ def aggregate(records: Sequence[Mapping]) -> dict:
     clips, wer and cer (corpus-level fractions), error_metric ("cer" when every clip's language is written
     without spaces, else "wer"), error_rate (that metric), accuracy (percent, floored at 0),
     degeneration_rate (fraction of clips), mean_kv_bytes_full, mean_kv_bytes_kept, mean_kept_ratio (mean over clips
-    of kept / full), mean_seconds_prefill, mean_seconds_decode.
+    of kept / full), mean_seconds_prefill, mean_seconds_decode; where some records are long-form rows
+    (`evaluation.longform_rows`), longform_clips and real_time_factor (their seconds over their audio seconds).
     """
     if not records:
         raise ValueError("aggregate() needs at least one record")
@@ -342,7 +343,7 @@ def aggregate(records: Sequence[Mapping]) -> dict:
     ratios = [
         record["kv_bytes_kept"] / record["kv_bytes_full"] for record in records if record["kv_bytes_full"]
     ]
-    return {
+    summary = {
         "clips": len(records),
         "wer": words.rate,
         "cer": chars.rate,
@@ -358,3 +359,10 @@ def aggregate(records: Sequence[Mapping]) -> dict:
         "mean_seconds_prefill": _mean([float(record["seconds_prefill"]) for record in records]),
         "mean_seconds_decode": _mean([float(record["seconds_decode"]) for record in records]),
     }
+    long = [record for record in records if record.get("real_time_factor") is not None]
+    if long:  # long-form rows (Whisper over several windows): their real-time factor, over their audio
+        summary["longform_clips"] = len(long)
+        summary["real_time_factor"] = sum(float(r["seconds_total"]) for r in long) / max(
+            1e-9, sum(float(r["audio_seconds"]) for r in long)
+        )
+    return summary

@@ -80,16 +80,20 @@ def parse_bits(text: str, option: str) -> list[int | None]:
     return values
 
 
-def parse_merges(text: str) -> list[str]:
+def parse_merges(text: str) -> list[str | None]:
+    """``auto,none,mean`` -> [None, "none", "mean"] (auto: dropped, or under a byte budget the frontier's choice)."""
     from audiokv_cli.compression.merging import MERGE_MODES
 
-    modes = []
+    modes: list[str | None] = []
     for part in (p.strip() for p in text.split(",")):
-        if part and part not in MERGE_MODES:
-            raise AudiokvError(f"--merge: unknown mode {part!r}; choose from {', '.join(MERGE_MODES)}")
-        if part and part not in modes:
-            modes.append(part)
-    return modes or ["none"]
+        if not part:
+            continue
+        if part != "auto" and part not in MERGE_MODES:
+            raise AudiokvError(f"--merge: unknown mode {part!r}; choose from auto, {', '.join(MERGE_MODES)}")
+        mode = None if part == "auto" else part
+        if mode not in modes:
+            modes.append(mode)
+    return modes or [None]
 
 
 def parse_budgets(text: str | None) -> list[float]:
@@ -147,9 +151,16 @@ def bits_label(bits: int | None) -> str:
     return "" if bits is None else f"{bits}bit"
 
 
-def cell_label(base: str, merge: str = "none", bits: int | None = None, budget: bool = False) -> str:
-    """``audiokv``, ``audiokv:merge``, ``audiokv@4bit``, ``stride:merge@budget``, ``audiokv@budget-2bit``."""
-    label = base + ("" if merge == "none" else ":merge" if merge == "mean" else f":merge-{merge}")
+def cell_label(base: str, merge: str | None = None, bits: int | None = None, budget: bool = False) -> str:
+    """``audiokv``, ``audiokv:merge``, ``audiokv:drop@budget``, ``audiokv@4bit``, ``stride:merge@budget``,
+    ``audiokv@budget-2bit`` (no merge suffix: auto, i.e. dropped, or under a budget the frontier's choice)."""
+    if merge is None:
+        suffix = ""
+    elif merge == "none":
+        suffix = ":drop" if budget else ""
+    else:
+        suffix = ":merge" if merge == "mean" else f":merge-{merge}"
+    label = base + suffix
     if budget:
         return label + "@budget" + (f"-{bits_label(bits)}" if bits else "")
     return label + (f"@{bits_label(bits)}" if bits else "")
@@ -163,7 +174,7 @@ def plan_cells(
     kv_bits: Sequence[int | None] = (None,),
     kv_budgets: Sequence[float] = (),
     budget_bits: Sequence[int | None] = (None,),
-    merges: Sequence[str] = ("none",),
+    merges: Sequence[str | None] = (None,),
 ) -> list[Cell]:
     """Cells in report order: the full cache once, then each method x scope x merge x bits x retention (high to
     low), then each method x scope x merge x byte budget x bits.
@@ -396,6 +407,7 @@ def run_sweep(
                     "kept_ratio_16bit": outcome.kv_bytes_kept / kv_bytes_16bit if kv_bytes_16bit else 1.0,
                     "kv_bits": resolved.kv_bits or dtype_bits,
                     "kv_budget": resolved.kv_budget,
+                    "merge": resolved.merge_mode,
                     "retention_run": resolved.retention,
                     "seconds_prefill": seconds_prefill,
                     "seconds_compress": outcome.seconds_compress,
