@@ -356,6 +356,11 @@ def aggregate(records: Sequence[Mapping]) -> dict:
         "mean_kv_bytes_full": _mean([float(record["kv_bytes_full"]) for record in records]),
         "mean_kv_bytes_kept": _mean([float(record["kv_bytes_kept"]) for record in records]),
         "mean_kept_ratio": _mean(ratios),
+        # Bytes against the 16-bit cache (what --kv-budget is a fraction of); rows from before that field: absent.
+        "mean_kept_ratio_16bit": _mean([
+            record["kv_bytes_kept"] / record["kv_bytes_full_16bit"] for record in records
+            if record.get("kv_bytes_full_16bit")
+        ]),
         "mean_seconds_prefill": _mean([float(record["seconds_prefill"]) for record in records]),
         "mean_seconds_decode": _mean([float(record["seconds_decode"]) for record in records]),
     }
