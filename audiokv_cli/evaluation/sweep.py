@@ -320,16 +320,17 @@ def run_cell(adapter, prepared, record: PrefillRecord, policy: CompressionPolicy
     return CellOutcome(tokens, hit_limit, kept, seconds_compress, seconds_decode, per_head, session.policy)
 
 
-def run_live(adapter, prepared, policy: CompressionPolicy, max_new_tokens: int) -> CellOutcome:
-    """Prefill and decode ``prepared`` under ``policy`` (a cell whose cache cannot be filled from a record)."""
+def run_live(adapter, prepared, policy: CompressionPolicy, max_new_tokens: int) -> tuple[CellOutcome, float]:
+    """Prefill and decode ``prepared`` under ``policy`` (a cell whose cache cannot be filled from a record); the
+    outcome and the prefill's seconds."""
     from audiokv_cli.decoding import prefill
 
     session = CompressionSession(policy, adapter, prepared)
     with use_attention_handler(adapter, session):
-        logits, _ = prefill(adapter, prepared.inputs, session.model_cache)
+        logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
         kept = session.kept_bytes()
         tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.model_cache, logits, max_new_tokens)
-    return CellOutcome(tokens, hit_limit, kept, 0.0, seconds_decode, {}, session.policy)
+    return CellOutcome(tokens, hit_limit, kept, 0.0, seconds_decode, {}, session.policy), seconds_prefill
 
 
 # --------------------------------------------------------------------------------------------------------- sweep
@@ -445,7 +446,7 @@ def clip_outcomes(adapter, prepared, cells: Sequence[Cell], max_new_tokens: int,
         return
     live = [cell for cell in cells if cell.policy.hf_cache is not None]
     for cell in live:  # transformers' own cache: a live run, no recorded prefill to replay into it
-        yield cell, run_live(adapter, prepared, cell.policy, max_new_tokens), 0.0
+        yield cell, *run_live(adapter, prepared, cell.policy, max_new_tokens)
     cells = [cell for cell in cells if cell.policy.hf_cache is None]
     policies = [cell.policy for cell in cells]
     if not cells:
