@@ -108,6 +108,12 @@ class Transcript:
     fallbacks: int = 0
     skipped_windows: int = 0
     hit_token_limit: int = 0
+    #: one window's compressed cache at 16 bits (what --kv-budget is a fraction of), the stored bits, the budget
+    #: given and what happened to evicted entries
+    kv_bytes_full_16bit: int = 0
+    kv_bits: int = 0
+    kv_budget: float | None = None
+    merge: str = "none"
 
     @property
     def real_time_factor(self) -> float:
@@ -272,7 +278,7 @@ class WindowSession(CompressionSession):
                 audio_kept=(keep[row] & audio).sum(-1).tolist(),
                 text_kept=(keep[row] & ~audio).sum(-1).tolist(),
             )
-        quant, merge = getattr(self.policy, "quant", None), getattr(self.policy, "merge", "none")
+        quant, merge = self.policy.quant, self.policy.merge_mode
         self.cache.compress_layer(layer_idx, keep, None, quant, merge)
 
     def row_kept_bytes(self, row: int) -> int:
@@ -547,6 +553,13 @@ class FileJob:
     def result(self, policy: CompressionPolicy) -> Transcript:
         adapter = self.adapter
         full = adapter.frames * adapter.geometry.kv_bytes_per_token(adapter.dtype)
+        if policy.kv_budget is not None:  # every window has the same frames: one resolution holds for all
+            from audiokv_cli.compression import byte_budget
+
+            policy = byte_budget.resolve(
+                policy, length=adapter.frames, head_dim=adapter.geometry.head_dim, forced=0, cross_attention=True
+            )
+        dtype_bits = 8 * torch.empty((), dtype=adapter.dtype).element_size()
         return Transcript(
             clip=self.name,
             text=" ".join(segment.text for segment in self.segments).strip(),
@@ -561,6 +574,10 @@ class FileJob:
             kv_bytes_full=full,
             kv_bytes_kept_max=self.kv_max,
             kv_bytes_kept_total=self.kv_total,
+            kv_bytes_full_16bit=adapter.frames * adapter.geometry.kv_bytes_per_token(torch.float16),
+            kv_bits=policy.kv_bits or dtype_bits,
+            kv_budget=policy.kv_budget,
+            merge=policy.merge_mode,
             seconds_prefill=round(self.seconds_prefill, 4),
             seconds_decode=round(self.seconds_decode, 4),
             seconds_total=round(time.perf_counter() - self.started, 4),

@@ -37,6 +37,8 @@ def transcript_of_clip(result):
         kv_bytes_kept_max=result.kv_bytes_kept, kv_bytes_kept_total=result.kv_bytes_kept,
         seconds_prefill=result.seconds_prefill, seconds_decode=result.seconds_decode,
         seconds_total=round(result.seconds_prefill + result.seconds_decode, 4), hit_token_limit=int(result.hit_token_limit),
+        kv_bytes_full_16bit=result.kv_bytes_full_16bit, kv_bits=result.kv_bits, kv_budget=result.kv_budget,
+        merge=result.merge,
     )
 
 

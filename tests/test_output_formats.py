@@ -73,7 +73,7 @@ def test_clip_results_become_one_segment():
     clip = SimpleNamespace(
         clip="a.wav", text="hi there", model="tiny", method="full", retention=1.0, audio_seconds=2.0,
         generated_tokens=2, kv_bytes_full=100, kv_bytes_kept=100, seconds_prefill=0.1, seconds_decode=0.2,
-        hit_token_limit=False,
+        hit_token_limit=False, kv_bytes_full_16bit=50, kv_bits=32, kv_budget=None, merge="none",
     )
     cues = parse_srt(to_srt(transcript_of_clip(clip)))
     assert cues == [(0.0, 2.0, "hi there")]

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import jiwer
 
-BUDGETS = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64]
+BUDGETS = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 20, 1 / 32, 1 / 40, 1 / 64]
+AUTO = "--kv-budget (auto)"
 
 
 def family(method: str, bits: int) -> str:
@@ -39,7 +40,7 @@ def family(method: str, bits: int) -> str:
     if ":merge-values" in base:
         return "kvpress merging (values)"
     if storage == "budget":
-        return "--kv-budget (auto)"
+        return AUTO
     merged = ":merge" in base
     if merged:
         return "merging" if bits >= 16 else "merging x bits"
@@ -87,6 +88,10 @@ def frontier_rows(cells: list[dict]) -> list[dict]:
     for budget in BUDGETS:
         row = {"budget": budget}
         for name in families:
+            if name == AUTO:  # what --kv-budget gives at exactly this budget
+                exact = [c for c in cells if c["family"] == name and c["budget"] and abs(c["budget"] - budget) < 1e-9]
+                row[name] = exact[0] if exact else None
+                continue
             fitting = [c for c in cells if c["family"] == name and c["bytes"] <= budget * 1.0001]
             row[name] = min(fitting, key=lambda c: (c["wer"], c["bytes"])) if fitting else None
         rows.append(row)
@@ -101,7 +106,7 @@ def print_table(key, cells, markdown: bool) -> None:
     full = next((c for c in cells if c["family"] == "full cache"), None)
     rows = frontier_rows(cells)
     families = [name for name in rows[0] if name != "budget"]
-    title = f"{key[0]} on {key[1]} ({cells[0]['clips']} clips), WER % (degenerate %) [setting]"
+    title = f"{key[0]} on {key[1]} ({cells[0]['clips']} clips): WER % (degenerate clips), best setting that fits"
     if full:
         title += f"; full cache {full['wer']:.1f}"
     print(f"\n{title}\n")
@@ -114,9 +119,10 @@ def print_table(key, cells, markdown: bool) -> None:
             if cell is None:
                 parts.append("-")
                 continue
-            setting = f"{cell['method']} r={cell['retention']:.3g} {cell['bits']}b, {cell['bytes']:.3f}"
-            deg = f" ({100 * cell['degenerate']:.0f}%)" if cell["degenerate"] else ""
-            parts.append(f"{cell['wer']:.1f}{deg} [{setting}]")
+            method = cell["method"].split("@")[0]
+            setting = f"{method}, {cell['bits']}b, r={cell['retention']:.2f}, {cell['bytes']:.3f}"
+            deg = f" ({100 * cell['degenerate']:.0f}% deg)" if cell["degenerate"] else ""
+            parts.append(f"**{cell['wer']:.1f}**{deg} <sub>{setting}</sub>")
         print(f"| {fraction(row['budget'])} | " + " | ".join(parts) + " |")
 
 
