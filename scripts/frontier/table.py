@@ -27,8 +27,13 @@ from pathlib import Path
 
 import jiwer
 
-BUDGETS = [1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 20, 1 / 32, 1 / 40, 1 / 64]
+BUDGETS = [1 / 2, 1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 20, 1 / 32, 1 / 40, 1 / 64]
 AUTO = "--kv-budget (auto)"
+COLORS = {
+    AUTO: "black", "quantization alone": "tab:brown", "transformers QuantizedCache": "tab:pink",
+    "eviction alone": "tab:orange", "eviction x bits": "tab:green", "merging": "tab:red",
+    "merging x bits": "tab:purple", "kvpress merging (values)": "tab:gray",
+}
 
 
 def family(method: str, bits: int) -> str:
@@ -140,16 +145,19 @@ def plot(all_cells: dict, out: Path) -> None:
         for name in [n for n in rows[0] if n != "budget"]:
             points = sorted({(r[name]["bytes"], r[name]["wer"]) for r in rows if r[name] is not None})
             if points:
-                axis.plot([p[0] for p in points], [min(p[1], 100) for p in points], marker="o", label=name)
+                axis.plot(
+                    [p[0] for p in points], [min(p[1], 100) for p in points], marker="o", label=name,
+                    color=COLORS.get(name),
+                )
         full = next((c for c in cells if c["family"] == "full cache"), None)
         if full:
-            axis.axhline(full["wer"], color="black", linestyle="--", linewidth=0.8, label="full cache")
+            axis.axhline(full["wer"], color="tab:blue", linestyle="--", linewidth=0.8, label="full cache")
         axis.set_xscale("log", base=2)
         axis.set_xlabel("kept bytes / 16-bit cache")
         axis.set_ylabel("WER % (capped at 100)")
         axis.set_title(f"{key[0]}, {key[1]}")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+        axis.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "frontier.png", dpi=110)
 
