@@ -34,7 +34,7 @@ class _Captured(Exception):
 def check_chunked(policy: CompressionPolicy, chunk: int) -> None:
     if chunk < 1:
         raise AudiokvError(f"--prefill-chunk must be at least 1, got {chunk}")
-    if policy.kv_bits is not None or policy.kv_budget is not None or policy.merge != "none" or policy.hf_cache:
+    if policy.kv_bits is not None or policy.kv_budget is not None or policy.merge_mode != "none" or policy.hf_cache:
         # Each chunk recompresses the kept entries; packed codes and merged groups would be re-read lossily.
         raise AudiokvError("--prefill-chunk does not combine with --kv-bits, --kv-budget, --merge or hf-* methods yet")
     scorer = getattr(policy.scorer, "name", None)
