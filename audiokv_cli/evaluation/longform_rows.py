@@ -14,9 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import numpy as np
-import torch
-
 from audiokv_cli.evaluation.metrics import is_degenerate, score_clip
 
 
@@ -48,21 +45,8 @@ def split_long(adapter, examples: Sequence) -> tuple[list, list]:
     return short, long
 
 
-def _resolved_policy(adapter, policy):
-    """The policy as one full window runs it (a byte budget's retention and bits filled in, Whisper's
-    cross-attention form): what a one-window row reports as ``retention_run`` and ``kv_bits``."""
-    from audiokv_cli.compression.policy import CompressionSession
-    from audiokv_cli.longform import WINDOW_SAMPLES
-
-    prepared = adapter.prepare_window(np.zeros(WINDOW_SAMPLES, dtype=np.float32), list(adapter.timestamp_prompt_ids))
-    return CompressionSession(policy, adapter, prepared).policy
-
-
 def long_row(adapter, example, cell, transcript) -> dict:
     """One eval row from a long-form transcript (the fields of `sweep.run_sweep`'s rows, plus long-form's)."""
-    resolved = _resolved_policy(adapter, cell.policy)
-    dtype_bits = 8 * torch.empty((), dtype=adapter.dtype).element_size()
-    full_16bit = adapter.frames * adapter.geometry.kv_bytes_per_token(torch.float16)
     # A loop in any window, not only at the end of the file (each window's text tokens, timestamps left out).
     windows: dict[int, list[int]] = {}
     for segment in transcript.segments:
@@ -71,7 +55,7 @@ def long_row(adapter, example, cell, transcript) -> dict:
     degenerate = is_degenerate(text_tokens, bool(transcript.hit_token_limit), strip_ids=adapter.eos_token_ids) or any(
         is_degenerate(tokens, strip_ids=adapter.eos_token_ids) for tokens in windows.values()
     )
-    full, kept = transcript.kv_bytes_full, transcript.kv_bytes_kept_max
+    full, kept, full_16bit = transcript.kv_bytes_full, transcript.kv_bytes_kept_max, transcript.kv_bytes_full_16bit
     row = {
         "clip": example.id,
         "lang": example.lang,
@@ -96,9 +80,11 @@ def long_row(adapter, example, cell, transcript) -> dict:
             "kept_ratio": kept / full if full else 1.0,
             "kv_bytes_full_16bit": full_16bit,
             "kept_ratio_16bit": kept / full_16bit if full_16bit else 1.0,
-            "kv_bits": resolved.kv_bits or dtype_bits,
-            "kv_budget": resolved.kv_budget,
-            "retention_run": resolved.retention,
+            # the policy as the windows ran it (a byte budget's retention, bits and merging filled in)
+            "kv_bits": transcript.kv_bits,
+            "kv_budget": transcript.kv_budget,
+            "merge": transcript.merge,
+            "retention_run": transcript.retention,
             "seconds_prefill": transcript.seconds_prefill,
             "seconds_compress": 0.0,
             "seconds_decode": transcript.seconds_decode,
