@@ -52,6 +52,16 @@ def _short(error: Exception) -> str:
     return text[0] if text else type(error).__name__
 
 
+def check_path(path: Path) -> None:
+    """One line for a path that cannot be audio: missing, a directory, empty."""
+    if not path.exists():
+        raise AudioError(f"{path}: no such file")
+    if path.is_dir():
+        raise AudioError(f"{path}: is a directory, not an audio file")
+    if path.stat().st_size == 0:
+        raise AudioError(f"{path}: empty file")
+
+
 def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> np.ndarray:
     """Return the file's samples as mono float32 at 16 kHz.
 
@@ -59,12 +69,7 @@ def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> np.
     NaN/inf samples or audio longer than ``max_seconds``; warns (SilentAudioWarning) for all-silent audio.
     """
     path = Path(path)
-    if not path.exists():
-        raise AudioError(f"{path}: no such file")
-    if path.is_dir():
-        raise AudioError(f"{path}: is a directory, not an audio file")
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path}: empty file")
+    check_path(path)
     channels, rate = _read(path)
     if channels.size == 0 or channels.shape[-1] == 0:
         raise AudioError(f"{path}: zero-length audio")

@@ -18,6 +18,7 @@ from audiokv_cli.attention import use_attention_handler
 from audiokv_cli.compression.chunked import ChunkedSession, chunked_prefill
 from audiokv_cli.decoding import decode_greedy, prefill, synchronize
 from audiokv_cli.errors import AudiokvError
+from audiokv_cli.inference import full_bytes_16bit
 from audiokv_cli.memory import PeakTensorBytes
 
 # Filler for prompts longer than the model's audio limit: ordinary text, so tokenizers split it as they would a
@@ -195,8 +196,8 @@ def bench_policies(
             BenchRow(
                 method=policy.name,
                 retention=run.retention,
-                kv_bytes_full_16bit=prepared.compressed_length * adapter.geometry.kv_bytes_per_token(torch.float16),
-                kv_bits=run.kv_bits or 8 * torch.empty((), dtype=adapter.dtype).element_size(),
+                kv_bytes_full_16bit=full_bytes_16bit(adapter, prepared),
+                kv_bits=run.stored_bits(adapter.dtype),
                 kv_budget=run.kv_budget,
                 prompt_tokens=prepared.prompt_tokens,
                 kv_bytes_full=full,

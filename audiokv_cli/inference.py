@@ -66,7 +66,7 @@ class ClipResult:
             kv_bytes_full=kv_bytes_full,
             kv_bytes_kept=kv_bytes_kept,
             kv_bytes_full_16bit=full_bytes_16bit(adapter, prepared),
-            kv_bits=policy.kv_bits or 8 * torch.empty((), dtype=adapter.dtype).element_size(),
+            kv_bits=policy.stored_bits(adapter.dtype),
             kv_budget=policy.kv_budget,
             merge=policy.merge_mode,
             seconds_prefill=round(seconds_prefill, 4),

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from audiokv_cli.attention import use_attention_handler
-from audiokv_cli.audio import SAMPLE_RATE, AudioError, load_audio
+from audiokv_cli.audio import SAMPLE_RATE, AudioError, check_path, load_audio
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats
 from audiokv_cli.errors import AudiokvError
@@ -225,15 +225,6 @@ class AudioStream:
         if self._file is not None:
             self._file.close()
             self._file = None
-
-
-def check_path(path: Path) -> None:
-    if not path.exists():
-        raise AudioError(f"{path}: no such file")
-    if path.is_dir():
-        raise AudioError(f"{path}: is a directory, not an audio file")
-    if path.stat().st_size == 0:
-        raise AudioError(f"{path}: empty file")
 
 
 def probe_seconds(path: str | os.PathLike) -> float | None:
@@ -559,7 +550,6 @@ class FileJob:
             policy = byte_budget.resolve(
                 policy, length=adapter.frames, head_dim=adapter.geometry.head_dim, forced=0, cross_attention=True
             )
-        dtype_bits = 8 * torch.empty((), dtype=adapter.dtype).element_size()
         return Transcript(
             clip=self.name,
             text=" ".join(segment.text for segment in self.segments).strip(),
@@ -575,7 +565,7 @@ class FileJob:
             kv_bytes_kept_max=self.kv_max,
             kv_bytes_kept_total=self.kv_total,
             kv_bytes_full_16bit=adapter.frames * adapter.geometry.kv_bytes_per_token(torch.float16),
-            kv_bits=policy.kv_bits or dtype_bits,
+            kv_bits=policy.stored_bits(adapter.dtype),
             kv_budget=policy.kv_budget,
             merge=policy.merge_mode,
             seconds_prefill=round(self.seconds_prefill, 4),

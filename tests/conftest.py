@@ -42,3 +42,11 @@ def write_tone(path, seconds=2.0, rate=16000, amplitude=0.3, channels=1):
 @pytest.fixture
 def tone_wav(tmp_path):
     return write_tone(tmp_path / "tone.wav")
+
+
+def speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
+    """Noise bursts with pauses: something for every long-form window, and silences to cut at."""
+    rng = np.random.default_rng(seed)
+    samples = (rng.standard_normal(int(rate * seconds)) * 0.1).astype(np.float32)
+    envelope = (np.sin(np.arange(samples.shape[0]) / rate * 2 * np.pi * 0.3) > -0.3).astype(np.float32)
+    return samples * envelope

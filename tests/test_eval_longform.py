@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import soundfile
 from typer.testing import CliRunner
@@ -18,17 +17,11 @@ from audiokv_cli.evaluation.sweep import plan_cells, run_sweep
 from audiokv_cli.longform import LongformOptions, transcribe_files
 from audiokv_cli.models.registry import load_adapter
 from audiokv_cli.testing_families import build_tiny_whisper
+from tests.conftest import speechlike
 
 runner = CliRunner()
 # Few temperatures and tokens keep the random model's fallbacks cheap; the rules are the same.
 FAST = LongformOptions(temperatures=(0.0, 0.6), max_new_tokens=8)
-
-
-def speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    samples = (rng.standard_normal(int(rate * seconds)) * 0.1).astype(np.float32)
-    envelope = (np.sin(np.arange(samples.shape[0]) / rate * 2 * np.pi * 0.3) > -0.3).astype(np.float32)
-    return samples * envelope
 
 
 @pytest.fixture(scope="module")

@@ -21,18 +21,11 @@ from audiokv_cli.longform import (
 from audiokv_cli.models.registry import load_adapter
 from audiokv_cli.output_formats import parse_srt, parse_vtt
 from audiokv_cli.testing_families import build_tiny_whisper
+from tests.conftest import speechlike
 
 runner = CliRunner()
 # Few temperatures keep the random model's many fallbacks cheap; the rules are the same.
 FAST = LongformOptions(temperatures=(0.0, 0.6), max_new_tokens=12)
-
-
-def speechlike(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
-    """Noise bursts with pauses: something for every window, and silences to cut at."""
-    rng = np.random.default_rng(seed)
-    samples = (rng.standard_normal(int(rate * seconds)) * 0.1).astype(np.float32)
-    envelope = (np.sin(np.arange(samples.shape[0]) / rate * 2 * np.pi * 0.3) > -0.3).astype(np.float32)
-    return samples * envelope
 
 
 @pytest.fixture(scope="module")

@@ -71,20 +71,18 @@ def frontier() -> dict:
     return json.loads(text)
 
 
+def table_row(budget: float, cache_type: str) -> dict:
+    """The frontier table's row for ``budget`` on a cache of ``cache_type``: bits, and what evicted entries become."""
+    rows = frontier()[cache_type]["bits"]
+    return next((row for row in rows if budget >= row["from_budget"]), rows[-1])
+
+
 def table_bits(budget: float, cache_type: str) -> int:
-    """Bits the frontier table gives for ``budget`` on a cache of ``cache_type``."""
-    for row in frontier()[cache_type]["bits"]:
-        if budget >= row["from_budget"]:
-            return int(row["bits"])
-    return int(frontier()[cache_type]["bits"][-1]["bits"])
+    return int(table_row(budget, cache_type)["bits"])
 
 
 def table_merge(budget: float, cache_type: str) -> str:
-    """What the frontier table does with evicted entries at ``budget`` on a cache of ``cache_type``."""
-    for row in frontier()[cache_type]["bits"]:
-        if budget >= row["from_budget"]:
-            return row.get("merge", "none")
-    return frontier()[cache_type]["bits"][-1].get("merge", "none")
+    return table_row(budget, cache_type).get("merge", "none")
 
 
 def check_budget(budget: float) -> float:

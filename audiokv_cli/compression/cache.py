@@ -36,8 +36,8 @@ class RaggedLayer(CacheLayerMixin):
         super().__init__()
         self.compressed = False
         self.prompt_length = 0
-        self.flat_keys: torch.Tensor | QuantizedEntries | None = None
-        self.flat_values: torch.Tensor | QuantizedEntries | None = None
+        self.flat_keys: torch.Tensor | QuantizedEntries | HalfEntries | None = None
+        self.flat_values: torch.Tensor | QuantizedEntries | HalfEntries | None = None
         # A logit bias per kept entry (a merged entry's log-weight), or None.
         self.flat_bias: torch.Tensor | None = None
         self.segment_lengths: torch.Tensor | None = None
@@ -203,10 +203,10 @@ class RaggedLayer(CacheLayerMixin):
         lengths = list(self.layout.lengths)
         per_segment = [0] * len(lengths)
         for entries in (self.flat_keys, self.flat_values):
-            if isinstance(entries, (QuantizedEntries, HalfEntries)):
-                part = entries.segment_bytes(lengths)
-            else:
+            if isinstance(entries, torch.Tensor):
                 part = [n * entries.shape[-1] * entries.element_size() for n in lengths]
+            else:
+                part = entries.segment_bytes(lengths)
             per_segment = [a + b for a, b in zip(per_segment, part)]
         per_entry = sum(t.element_size() for t in (self.flat_positions, self.flat_bias) if t is not None)
         length_bytes = self.segment_lengths.element_size()
@@ -245,15 +245,15 @@ class RaggedKVCache(Cache):
 
 
 def _nbytes(entries) -> int:
-    if isinstance(entries, (QuantizedEntries, HalfEntries)):
-        return entries.nbytes
-    return entries.numel() * entries.element_size()
+    if isinstance(entries, torch.Tensor):
+        return entries.numel() * entries.element_size()
+    return entries.nbytes
 
 
 def _select(entries, visible: torch.Tensor):
-    if isinstance(entries, (QuantizedEntries, HalfEntries)):
-        return entries.select(visible)
-    return entries[visible].contiguous()
+    if isinstance(entries, torch.Tensor):
+        return entries[visible].contiguous()
+    return entries.select(visible)
 
 
 def layer_problem(layer: RaggedLayer, query: torch.Tensor, scaling: float) -> DecodeProblem:

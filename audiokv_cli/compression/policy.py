@@ -86,6 +86,10 @@ class CompressionPolicy:
     def merge_mode(self) -> str:
         return self.merge or "none"
 
+    def stored_bits(self, dtype: torch.dtype) -> int:
+        """Bits per stored element of the kept entries: ``kv_bits``, else the model dtype's."""
+        return self.kv_bits or 8 * torch.empty((), dtype=dtype).element_size()
+
     @property
     def compresses(self) -> bool:
         """Whether the prompt cache is rewritten after prefill (entries evicted, or all kept in fewer bits)."""
@@ -203,8 +207,7 @@ class CompressionSession:
             policy = dataclasses.replace(policy, budget=ProfileBudget(
                 self.owner_head_scores(policy.budget.head_scores), floor_fraction=policy.budget.floor_fraction
             ))
-        if policy.kv_budget is not None:
-            policy = self.spend_budget(policy, geometry, prepared)
+        policy = spend_budget(policy, adapter, prepared)
         self.policy = policy
         self.context = BudgetContext(
             retention=policy.retention,
@@ -221,18 +224,6 @@ class CompressionSession:
         self.full_prompt_bytes = 0
         # Largest cache footprint seen during prefill: compressed layers so far plus the one still dense.
         self.peak_prefill_bytes = 0
-
-    def spend_budget(self, policy: CompressionPolicy, geometry, prepared) -> CompressionPolicy:
-        """The policy's byte budget turned into retention and bits for this prompt (`byte_budget.resolve`)."""
-        probe = BudgetContext(
-            retention=1.0, prompt_len=prepared.compressed_length, window=0 if self.cross_attention else policy.window,
-            scope=policy.scope, audio_spans=tuple(prepared.audio_spans),
-        )
-        sliding = any(self.adapter.sliding_window(layer) is not None for layer in self.budget_layer)
-        return byte_budget.resolve(
-            policy, length=prepared.compressed_length, head_dim=geometry.head_dim, forced=probe.num_forced,
-            cross_attention=self.cross_attention, sliding=sliding,
-        )
 
     def owner_head_scores(self, head_scores: torch.Tensor) -> torch.Tensor:
         """[K, Hq]: each cache-owning layer's row plus the rows of the layers that read its cache."""
@@ -343,6 +334,23 @@ class CompressionSession:
             "audio_kept": [self.layer_stats[i].audio_kept for i in sorted(self.layer_stats)],
             "text_kept": [self.layer_stats[i].text_kept for i in sorted(self.layer_stats)],
         }
+
+
+def spend_budget(policy: CompressionPolicy, adapter, prepared) -> CompressionPolicy:
+    """``policy`` as it runs on ``prepared``: a byte budget turned into retention, bits and merging
+    (`byte_budget.resolve`); a policy without a budget as it is."""
+    if policy.kv_budget is None:
+        return policy
+    cross_attention = adapter.compressed_attention == "cross"
+    forced = BudgetContext(
+        retention=1.0, prompt_len=prepared.compressed_length, window=0 if cross_attention else policy.window,
+        scope=policy.scope, audio_spans=tuple(prepared.audio_spans),
+    ).num_forced
+    sliding = any(adapter.sliding_window(layer) is not None for layer in adapter.compressed_layers())
+    return byte_budget.resolve(
+        policy, length=prepared.compressed_length, head_dim=adapter.geometry.head_dim, forced=forced,
+        cross_attention=cross_attention, sliding=sliding,
+    )
 
 
 @contextmanager

@@ -59,10 +59,6 @@ class QuantConfig:
         scales = per_token * SCALE_BYTES * (2 if per_token_keys else 1)
         return codes + scales
 
-    def key_group_bytes(self, head_dim: int) -> int:
-        """Bytes of one per-channel key group (a scale and a minimum for every channel)."""
-        return head_dim * SCALE_BYTES
-
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 codes ``[..., D]`` -> ``[..., D * bits / 8]`` bytes, the first code in the low bits."""
@@ -306,7 +302,3 @@ def quantize_keys(keys: torch.Tensor, layout, config: QuantConfig) -> QuantizedE
         config.bits, dim, keys.dtype, group, True, run_groups,
     )
 
-
-def check_quantizable(head_dim: int, bits: int) -> None:
-    if bits < 16 and head_dim % (8 // bits if bits < 8 else 1):
-        raise AudiokvError(f"--kv-bits {bits} needs a head size divisible by {8 // bits}; this model's is {head_dim}")

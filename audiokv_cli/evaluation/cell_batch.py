@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 
 from audiokv_cli.attention import use_attention_handler
-from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats
+from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats, spend_budget
 from audiokv_cli.decoding import decode_greedy_rows, prefill
 
 
@@ -73,7 +73,7 @@ def storage_groups(adapter, prepared, policies: Sequence[CompressionPolicy]) -> 
     merging): the rows of one batch share a packed layer."""
     groups: dict[tuple, list[int]] = {}
     for index, policy in enumerate(policies):
-        resolved = CompressionSession(policy, adapter, prepared).policy
+        resolved = spend_budget(policy, adapter, prepared)
         groups.setdefault((resolved.kv_bits, resolved.merge_mode), []).append(index)
     return list(groups.values())
 

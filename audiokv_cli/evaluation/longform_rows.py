@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from audiokv_cli.evaluation.metrics import is_degenerate, score_clip
+from audiokv_cli.evaluation.metrics import is_degenerate
+from audiokv_cli.evaluation.sweep import byte_fields, scored_row
 
 
 def takes_long_audio(adapter_or_family) -> bool:
@@ -55,18 +56,7 @@ def long_row(adapter, example, cell, transcript) -> dict:
     degenerate = is_degenerate(text_tokens, bool(transcript.hit_token_limit), strip_ids=adapter.eos_token_ids) or any(
         is_degenerate(tokens, strip_ids=adapter.eos_token_ids) for tokens in windows.values()
     )
-    full, kept, full_16bit = transcript.kv_bytes_full, transcript.kv_bytes_kept_max, transcript.kv_bytes_full_16bit
-    row = {
-        "clip": example.id,
-        "lang": example.lang,
-        "method": cell.method,
-        "policy": cell.policy.name,
-        "retention": cell.retention,
-        "scope": cell.scope,
-        "ref": example.text,
-        "hyp": transcript.text,
-    }
-    row.update(score_clip(row))
+    row = scored_row(example, cell, transcript.text)
     row.update(
         {
             "degenerate": degenerate,
@@ -75,11 +65,7 @@ def long_row(adapter, example, cell, transcript) -> dict:
             "audio_seconds": transcript.audio_seconds,
             "prompt_tokens": len(adapter.timestamp_prompt_ids),
             "audio_tokens": adapter.frames,
-            "kv_bytes_full": full,
-            "kv_bytes_kept": kept,
-            "kept_ratio": kept / full if full else 1.0,
-            "kv_bytes_full_16bit": full_16bit,
-            "kept_ratio_16bit": kept / full_16bit if full_16bit else 1.0,
+            **byte_fields(transcript.kv_bytes_full, transcript.kv_bytes_kept_max, transcript.kv_bytes_full_16bit),
             # the policy as the windows ran it (a byte budget's retention, bits and merging filled in)
             "kv_bits": transcript.kv_bits,
             "kv_budget": transcript.kv_budget,

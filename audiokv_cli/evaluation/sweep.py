@@ -24,6 +24,7 @@ from audiokv_cli.decoding import decode_greedy, synchronize
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.evaluation.metrics import aggregate, is_degenerate, score_clip
 from audiokv_cli.evaluation.report import FULL_METHOD
+from audiokv_cli.inference import full_bytes_16bit
 
 def parse_methods(text: str) -> list[MethodSpec]:
     names = [part.strip() for part in text.split(",") if part.strip()]
@@ -38,10 +39,8 @@ def parse_methods(text: str) -> list[MethodSpec]:
     return specs
 
 
-def parse_retentions(text: str) -> list[float]:
-    """``0.6,0.4`` -> [0.6, 0.4]; ``none``: no retention cells (byte-budget cells and the full cache only)."""
-    if text.strip() == "none":
-        return []
+def parse_fractions(text: str, option: str) -> list[float]:
+    """``0.6,0.4`` -> [0.6, 0.4]: distinct values in (0, 1], largest first (``option`` names them in errors)."""
     values: list[float] = []
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -49,14 +48,22 @@ def parse_retentions(text: str) -> list[float]:
         try:
             value = float(part)
         except ValueError:
-            raise AudiokvError(f"--retention: {part!r} is not a number") from None
+            raise AudiokvError(f"{option}: {part!r} is not a number") from None
         if not 0.0 < value <= 1.0:
-            raise AudiokvError(f"--retention values must be in (0, 1], got {part}")
+            raise AudiokvError(f"{option} values must be in (0, 1], got {part}")
         if value not in values:
             values.append(value)
+    return sorted(values, reverse=True)
+
+
+def parse_retentions(text: str) -> list[float]:
+    """``0.6,0.4`` -> [0.6, 0.4]; ``none``: no retention cells (byte-budget cells and the full cache only)."""
+    if text.strip() == "none":
+        return []
+    values = parse_fractions(text, "--retention")
     if not values:
         raise AudiokvError("--retention is empty; give at least one value in (0, 1]")
-    return sorted(values, reverse=True)
+    return values
 
 
 def parse_bits(text: str, option: str) -> list[int | None]:
@@ -98,21 +105,7 @@ def parse_merges(text: str) -> list[str | None]:
 
 def parse_budgets(text: str | None) -> list[float]:
     """``--kv-budget 0.5,0.125`` -> [0.5, 0.125] (fractions of the 16-bit cache, largest first)."""
-    if not text:
-        return []
-    values: list[float] = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part:
-            continue
-        try:
-            value = float(part)
-        except ValueError:
-            raise AudiokvError(f"--kv-budget: {part!r} is not a number") from None
-        if not 0.0 < value <= 1.0:
-            raise AudiokvError(f"--kv-budget values must be in (0, 1], got {part}")
-        if value not in values:
-            values.append(value)
-    return sorted(values, reverse=True)
+    return parse_fractions(text, "--kv-budget") if text else []
 
 
 def parse_scopes(text: str) -> list[str]:
@@ -366,8 +359,6 @@ def run_sweep(
     if load_audio is None:
         load_audio = clip_loader(adapter)
     full_bytes_per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
-    bytes_per_token_16bit = adapter.geometry.kv_bytes_per_token(torch.float16)
-    dtype_bits = 8 * torch.empty((), dtype=adapter.dtype).element_size()
     rows: list[dict] = []
     for example in examples:
         todo = [cell for cell in cells if (example.id, *cell.key) not in done]
@@ -376,21 +367,10 @@ def run_sweep(
             continue
         prepared = adapter.prepare(load_audio(example.audio_path), None)
         kv_bytes_full = prepared.compressed_length * full_bytes_per_token
-        kv_bytes_16bit = prepared.compressed_length * bytes_per_token_16bit
+        kv_bytes_16bit = full_bytes_16bit(adapter, prepared)
         for cell, outcome, seconds_prefill in clip_outcomes(adapter, prepared, todo, max_new_tokens, batch_size):
-            hyp = adapter.decode(outcome.token_ids)
             resolved = outcome.policy or cell.policy
-            row = {
-                "clip": example.id,
-                "lang": example.lang,
-                "method": cell.method,
-                "policy": cell.policy.name,
-                "retention": cell.retention,
-                "scope": cell.scope,
-                "ref": example.text,
-                "hyp": hyp,
-            }
-            row.update(score_clip(row))
+            row = scored_row(example, cell, adapter.decode(outcome.token_ids))
             row.update(
                 {
                     "degenerate": is_degenerate(
@@ -401,12 +381,8 @@ def run_sweep(
                     "audio_seconds": round(prepared.audio_seconds, 3),
                     "prompt_tokens": prepared.prompt_tokens,
                     "audio_tokens": prepared.audio_tokens,
-                    "kv_bytes_full": kv_bytes_full,
-                    "kv_bytes_kept": outcome.kv_bytes_kept,
-                    "kept_ratio": outcome.kv_bytes_kept / kv_bytes_full if kv_bytes_full else 1.0,
-                    "kv_bytes_full_16bit": kv_bytes_16bit,
-                    "kept_ratio_16bit": outcome.kv_bytes_kept / kv_bytes_16bit if kv_bytes_16bit else 1.0,
-                    "kv_bits": resolved.kv_bits or dtype_bits,
+                    **byte_fields(kv_bytes_full, outcome.kv_bytes_kept, kv_bytes_16bit),
+                    "kv_bits": resolved.stored_bits(adapter.dtype),
                     "kv_budget": resolved.kv_budget,
                     "merge": resolved.merge_mode,
                     "retention_run": resolved.retention,
@@ -424,6 +400,33 @@ def run_sweep(
     clip_order = {example.id: index for index, example in enumerate(examples)}
     rows.sort(key=lambda row: (clip_order[row["clip"]], cell_order[(row["method"], row["retention"], row["scope"])]))
     return SweepResult(rows, summarize(cells, rows))
+
+
+def scored_row(example, cell: Cell, hyp: str) -> dict:
+    """The first fields of every eval row: the clip, the cell, the texts and their error counts."""
+    row = {
+        "clip": example.id,
+        "lang": example.lang,
+        "method": cell.method,
+        "policy": cell.policy.name,
+        "retention": cell.retention,
+        "scope": cell.scope,
+        "ref": example.text,
+        "hyp": hyp,
+    }
+    row.update(score_clip(row))
+    return row
+
+
+def byte_fields(full: int, kept: int, full_16bit: int) -> dict:
+    """An eval row's bytes: kept against the cache in the model's dtype and against the 16-bit cache."""
+    return {
+        "kv_bytes_full": full,
+        "kv_bytes_kept": kept,
+        "kept_ratio": kept / full if full else 1.0,
+        "kv_bytes_full_16bit": full_16bit,
+        "kept_ratio_16bit": kept / full_16bit if full_16bit else 1.0,
+    }
 
 
 def clip_outcomes(adapter, prepared, cells: Sequence[Cell], max_new_tokens: int, batch_size: int | None = None):
