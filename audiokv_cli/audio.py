@@ -28,6 +28,60 @@ class SilentAudioWarning(UserWarning):
     """The clip holds no signal; a model will usually produce nothing useful."""
 
 
+class TruncatedAudioWarning(UserWarning):
+    """The file holds less audio than its header promises (a cut-off download or copy): the rest is missing."""
+
+
+def promised_seconds(path: str | os.PathLike) -> float | None:
+    """Seconds of audio the file's header promises, or None where it does not say. For WAV the data chunk's size is
+    read directly: libsndfile shrinks its frame count to what the file holds, hiding a truncation."""
+    import soundfile
+
+    try:
+        info = soundfile.info(str(path))
+    except Exception:  # noqa: BLE001 - formats soundfile cannot read promise nothing we can check
+        return None
+    if not info.samplerate:
+        return None
+    if info.format in ("WAV", "WAVEX"):
+        data_bytes, block_align = _wav_data_chunk(Path(path))
+        if data_bytes and block_align and data_bytes < 0xFFFFFFF0:  # streaming writers leave the size unset
+            return data_bytes / block_align / info.samplerate
+        return None
+    return info.frames / info.samplerate if info.frames > 0 else None
+
+
+def _wav_data_chunk(path: Path) -> tuple[int | None, int | None]:
+    """(the 'data' chunk's declared size, the 'fmt ' chunk's block alignment) from a RIFF header."""
+    import struct
+
+    block_align = None
+    with open(path, "rb") as handle:
+        if handle.read(12)[:4] != b"RIFF":
+            return None, None
+        while True:
+            header = handle.read(8)
+            if len(header) < 8:
+                return None, block_align
+            chunk, size = header[:4], struct.unpack("<I", header[4:])[0]
+            if chunk == b"data":
+                return size, block_align
+            body = handle.read(min(size, 64)) if chunk == b"fmt " else b""
+            if chunk == b"fmt " and len(body) >= 14:
+                block_align = struct.unpack("<H", body[12:14])[0]
+            handle.seek(size - len(body) + (size & 1), os.SEEK_CUR)
+
+
+def check_complete(path: str | os.PathLike, read_seconds: float, promised: float | None = None) -> None:
+    """Warn (TruncatedAudioWarning, one line) when fewer seconds were read than the header promises."""
+    promised = promised_seconds(path) if promised is None else promised
+    if promised is not None and read_seconds < promised - max(0.05, 0.001 * promised):
+        warnings.warn(
+            f"{path}: truncated file: {read_seconds:.1f} s of audio read, its header promises {promised:.1f} s",
+            TruncatedAudioWarning, stacklevel=3,
+        )
+
+
 def _read(path: Path) -> tuple[np.ndarray, int]:
     # soundfile is exact and fast for wav/flac/ogg; librosa (audioread/ffmpeg) covers mp3 and the rest.
     import soundfile
@@ -77,6 +131,7 @@ def load_audio(path: str | os.PathLike, max_seconds: float | None = None) -> np.
         raise AudioError(f"{path}: audio contains NaN or infinite samples")
     if not MIN_RATE <= rate <= MAX_RATE:  # a damaged header; resampling from 1 Hz would need gigabytes
         raise AudioError(f"{path}: sample rate {rate} Hz is not an audio rate ({MIN_RATE}-{MAX_RATE} Hz)")
+    check_complete(path, channels.shape[-1] / rate)
     samples = channels.mean(axis=0).astype(np.float32)
     if rate != SAMPLE_RATE:
         import librosa

@@ -16,7 +16,7 @@ from audiokv_cli.audio import SAMPLE_RATE
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
 from audiokv_cli.attention import use_attention_handler
 from audiokv_cli.compression.chunked import ChunkedSession, chunked_prefill
-from audiokv_cli.decoding import decode_greedy, prefill, synchronize
+from audiokv_cli.decoding import decode_greedy_rows, prefill, synchronize
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.inference import full_bytes_16bit
 from audiokv_cli.memory import PeakTensorBytes
@@ -86,6 +86,13 @@ def pad_with_text(adapter, prepared, count: int):
 def prompt_of(adapter, tokens: int, max_seconds: float | None = None):
     """A prompt of exactly ``tokens`` tokens: as much synthetic audio as fits (the model's limit, ``max_seconds``)
     and filler text for the rest."""
+    if adapter.compressed_attention == "cross":
+        # The cached encoder frames are set by the audio alone (Whisper: always one 30 s window); filler text
+        # would only lengthen the decoder's prompt, which is not the cache being compressed.
+        raise AudiokvError(
+            f"--prompt-tokens is for decoder-only models; {adapter.name} compresses a cross-attention cache of "
+            "encoder frames, set by the audio alone: vary it with --seconds instead"
+        )
     limit = min(adapter.max_audio_seconds, max_seconds or float("inf"))
     probe = adapter.prepare(synthetic_clip(min(10.0, limit)))
     text_tokens = probe.prompt_tokens - probe.audio_tokens
@@ -150,7 +157,8 @@ def _run(adapter, prepared, policy: CompressionPolicy, new_tokens: int, prefill_
             logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
     with use_attention_handler(adapter, session):
         kept = session.kept_bytes()
-        tokens, seconds_decode, _ = decode_greedy(adapter, session.model_cache, logits, new_tokens, stop_at_eos=False)
+        rows, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, new_tokens, stop_at_eos=False)
+        tokens = rows[0]
     return session, kept, seconds_prefill, tokens, seconds_decode
 
 

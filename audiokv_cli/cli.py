@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 import os
 import sys
 from typing import Callable
@@ -70,11 +71,25 @@ def _main(
     """KV-cache eviction for audio-language models."""
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """audiokv's own warnings about the user's input (a truncated file) as one yellow line, not Python's two."""
+    from audiokv_cli.audio import TruncatedAudioWarning
+
+    if issubclass(category, TruncatedAudioWarning):
+        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def user_errors(command: Callable) -> Callable:
     """Library errors become one red line and exit code 1, never a traceback."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
+        warnings.showwarning = _one_line_warning
         try:
             return command(*args, **kwargs)
         except AudiokvError as error:

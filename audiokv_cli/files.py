@@ -6,6 +6,7 @@ leaves no temporary file behind and every earlier output as it was.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -135,3 +136,12 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise _output_error(path, error) from None
     finally:
         temp.unlink(missing_ok=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (what identifies a profile or a recording whatever its name)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -15,7 +15,7 @@ from audiokv_cli.audio import load_audio
 from audiokv_cli.cli import app
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.longform import (
-    BLOCK_SAMPLES, WINDOW_SAMPLES, AudioStream, LongformOptions, needs_fallback, transcribe, transcribe_files,
+    BLOCK_SAMPLES, WINDOW_SAMPLES, AudioStream, LongformOptions, needs_fallback, transcribe_files,
     WindowOutput,
 )
 from audiokv_cli.models.registry import load_adapter
@@ -118,7 +118,9 @@ def test_guards_follow_transformers_rules():
 
 
 def test_python_api_takes_arrays(adapter):
-    result = transcribe(speechlike(35.0, 5), adapter=adapter, options=FAST, method="snapkv", retention=0.5)
+    import audiokv_cli
+
+    result = audiokv_cli.transcribe(speechlike(35.0, 5), model=adapter, options=FAST, method="snapkv", retention=0.5)
     assert result.windows >= 2 and result.kv_bytes_kept_max < result.kv_bytes_full
 
 

@@ -27,11 +27,15 @@ def _print_rows(records: list[dict]) -> None:
         stdout.print(json.dumps(record), markup=False, highlight=False)
 
 
+#: the synthetic clip's length when --seconds is not given
+DEFAULT_SECONDS = 30.0
+
+
 def bench(
     model: str = typer.Option("whisper-base", "--model", "-m", help="Short name (default whisper-base; tiny: the bundled decoder-only model), local directory or Hub id."),
     methods: str = typer.Option("full,snapkv,audiokv", help="Comma-separated methods (full is the reference)."),
     retention: float = typer.Option(0.4, help="Retention for every evicting method."),
-    seconds: float = typer.Option(30.0, help="Length of the synthetic clip (without --prompt-tokens)."),
+    seconds: Optional[float] = typer.Option(None, help="Length of the synthetic clip (default 30 s, or the model's limit if shorter); with --prompt-tokens, the most audio the prompt may hold."),
     prompt_tokens: Optional[int] = typer.Option(None, min=2, help="A prompt of exactly N tokens: synthetic audio up to the model's limit, filler text for the rest."),
     new_tokens: int = typer.Option(64, min=2, help="Decode steps timed (EOS ignored)."),
     repeats: int = typer.Option(3, min=1, help="Best of this many runs, interleaved across methods."),
@@ -49,6 +53,7 @@ def bench(
     attn_implementation: Optional[str] = typer.Option(None, help="Attention of the parts audiokv leaves alone (sdpa, eager, flash_attention_2)."),
     threads: int = typer.Option(0, min=0, help="CPU threads for torch (0: 1 for small models on CPU, else one per core; --kernel: torch's default)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: one from profiles/)."),
+    allow_profile_mismatch: bool = typer.Option(False, "--allow-profile-mismatch", help="Use a head profile measured on another checkpoint of the same architecture (refused by default)."),
     device: Device = typer.Option(Device.auto),
     dtype: DType = typer.Option(DType.auto),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per method."),
@@ -58,7 +63,8 @@ def bench(
     from audiokv_cli.compression.methods import MethodOptions, build_policy, resolve_method
 
     check_range("--retention", retention, 0.0, 1.0, low_open=True)
-    check_range("--seconds", seconds, 0.0, 3600.0, low_open=True)
+    if seconds is not None:
+        check_range("--seconds", seconds, 0.0, 3600.0, low_open=True)
     memory_gb = memory_gb if memory_gb is not None else kv_budget_gb
     if memory_gb is not None and memory_gb <= 0:
         raise AudiokvError(f"--memory-gb must be positive, got {memory_gb:g}")
@@ -77,17 +83,17 @@ def bench(
         return
     _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, memory_gb,
                  decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, attn_implementation, as_json,
-                 storage)
+                 storage, allow_profile_mismatch)
 
 
 def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, repeats, sizes, kv_budget_gb,
                  decode_kernel, prefill_chunk, memory, threads, profile, device, dtype, attn_implementation,
-                 as_json, options) -> None:
+                 as_json, options, allow_profile_mismatch=False) -> None:
     import torch
 
     from audiokv_cli.benchmark import bench_policies, prompt_of, streams_in_budget, synthetic_clip
     from audiokv_cli.commands.evaluate import _auto_threads
-    from audiokv_cli.commands.infer import resolve_head_scores
+    from audiokv_cli.commands.infer import resolve_head_profile
     from audiokv_cli.compression.decode_kernels import check_kernel, select_kernel
     from audiokv_cli.compression.methods import MethodOptions
     from audiokv_cli.memory import peak_host_rss_bytes
@@ -98,11 +104,11 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
     select_kernel(decode_kernel)
     torch.set_num_threads(threads or _auto_threads(adapter))
     if any(spec.uses_profile for spec in specs):
-        options.head_scores = resolve_head_scores(adapter, profile)
+        options.head_scores, options.head_sensitivity = resolve_head_profile(adapter, profile, allow_profile_mismatch)
     if prompt_tokens:
-        prepared = prompt_of(adapter, prompt_tokens, seconds if seconds != 30.0 else None)
+        prepared = prompt_of(adapter, prompt_tokens, seconds)
     else:
-        prepared = adapter.prepare(synthetic_clip(min(seconds, adapter.max_audio_seconds)))
+        prepared = adapter.prepare(synthetic_clip(min(seconds or DEFAULT_SECONDS, adapter.max_audio_seconds)))
     reference = MethodOptions(head_scores=options.head_scores)  # the full cache stays the model's own
     policies = [spec.policy(1.0, reference) if spec.is_full else spec.policy(retention, options) for spec in specs]
     if prefill_chunk:

@@ -112,6 +112,7 @@ def load_clips(paths: list[Path], max_seconds: float | None):
         for warning in caught:
             if issubclass(warning.category, SilentAudioWarning):
                 raise AudioError(f"{warning.message} (every sample below -80 dBFS): nothing to transcribe")
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     return clips
 
 

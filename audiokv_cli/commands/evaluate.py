@@ -11,6 +11,7 @@ import typer
 from audiokv_cli.commands.common import DEVICE_MAP_HELP, DType, Device, DeviceMap, check_range, console, load_model, stdout
 from audiokv_cli.distributed import current_ranks, join, rank_part
 from audiokv_cli.errors import AudiokvError
+from audiokv_cli.files import file_sha256
 
 DEFAULT_METHODS = "full,streamingllm,h2o,snapkv,pyramidkv,adakv,snapkv+sss,audiokv-nosss,audiokv,stride,random"
 
@@ -87,6 +88,7 @@ def evaluate(
     budget_bits: str = typer.Option("auto", "--budget-bits", help="Bits for the --kv-budget cells: auto (the shipped frontier's choice) or fixed 16, 8, 4, 2 (METHOD@budget-4bit)."),
     scope: str = typer.Option("all", help="Comma-separated eviction scopes: all, audio (text tokens always kept)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for methods with profile budgets: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
+    allow_profile_mismatch: bool = typer.Option(False, "--allow-profile-mismatch", help="Use a head profile measured on another checkpoint of the same architecture (refused by default)."),
     max_new_tokens: int = typer.Option(128, min=1, help="Stop each transcript after this many tokens (Whisper clips over 30 s: each 30 s window, at most 224)."),
     out: Path = typer.Option(Path("eval-out"), help="Output directory for results, summary and plot."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N clips."),
@@ -163,14 +165,14 @@ def evaluate(
     torch.set_num_threads(threads or _auto_threads(adapter))
     profile_path = None
     if needs_profile:
-        from audiokv_cli.commands.infer import resolve_head_scores
+        from audiokv_cli.commands.infer import resolve_head_profile
         from audiokv_cli.profiling.profile_file import find_profile
 
         profile_path = profile if profile is not None else find_profile(adapter)
-        options.head_scores = resolve_head_scores(adapter, profile)
+        options.head_scores, options.head_sensitivity = resolve_head_profile(adapter, profile, allow_profile_mismatch)
     cells = plan_cells(specs, retentions, scopes, options, **cell_axes)
     source = ModelSource(model, device.value, dtype.value, trust_remote_code, device_map.value if device_map else None)
-    journal = _journal(out, adapter, data, cells, max_new_tokens, options, ranks)
+    journal = _journal(out, adapter, data, cells, max_new_tokens, options, ranks, profile_path)
     done = journal.read() if resume else {}
     if done:
         console.print(f"[dim]resuming: {len(done)} clip-cells already done in {journal.path}[/]")
@@ -217,6 +219,7 @@ def evaluate(
         "coverage": coverage,
         "smooth_over": smooth_over,
         "profile": str(profile_path) if profile_path else None,
+        "profile_sha256": _profile_identity(profile_path),
         "device": str(adapter.device),
         "dtype": str(adapter.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
@@ -240,8 +243,16 @@ def evaluate(
     console.print(f"wrote {', '.join(sorted(paths))} to {out}/", highlight=False)
 
 
-def _journal(out, adapter, data, cells, max_new_tokens, options, ranks):
-    """The resume journal under --out, keyed by everything that makes two runs' rows comparable."""
+def _profile_identity(profile_path) -> str | None:
+    """The profile by its bytes where it is a local file (a Hub reference names a pinned file already)."""
+    if profile_path is None:
+        return None
+    return file_sha256(profile_path) if Path(profile_path).is_file() else str(profile_path)
+
+
+def _journal(out, adapter, data, cells, max_new_tokens, options, ranks, profile_path=None):
+    """The resume journal under --out, keyed by everything that makes two runs' rows comparable (the head profile
+    by its bytes: the same file under another name resumes, another file under the same name does not)."""
     from audiokv_cli.evaluation.journal import JOURNAL_NAME, Journal
 
     settings = {
@@ -253,6 +264,7 @@ def _journal(out, adapter, data, cells, max_new_tokens, options, ranks):
         "options": [
             options.window, options.kernel, options.sss_alpha, options.sss_rho, options.coverage, options.smooth_over
         ],
+        "profile_sha256": _profile_identity(profile_path),
     }
     return Journal(out, settings, ranks.part_name("rows.partial") + ".jsonl" if ranks.distributed else JOURNAL_NAME)
 

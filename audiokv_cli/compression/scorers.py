@@ -183,6 +183,9 @@ class StreamingScorer:
     """StreamingLLM: the first `sinks` positions (attention sinks) rank highest, then the most recent ones."""
 
     sinks: int = 4
+    #: where "recent" ends: positions from here on rank below every earlier one. A cross-attention cache sets it to
+    #: the end of the clip's frames, so its most recent entries are the end of the speech, not the padding after it.
+    recent_end: int | None = None
     name: str = dataclasses.field(default="streaming", init=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +197,9 @@ class StreamingScorer:
         positions = torch.arange(length, dtype=torch.float32)
         # Recent positions score in [0, 1); sinks score above 1, earlier sinks higher.
         scores = positions / max(length, 1)
+        if self.recent_end is not None and self.recent_end < length:
+            # After the anchor: below every anchored position, later ones lower still.
+            scores[self.recent_end :] = -positions[self.recent_end :] / max(length, 1)
         sinks = min(self.sinks, length)
         scores[:sinks] = 2.0 - positions[:sinks] / max(length, 1)
         return scores.to(queries.device).expand(batch, num_kv_heads, length).contiguous()

@@ -53,7 +53,7 @@ class Journal:
             raise AudiokvError(f"{self.path}: not an audiokv eval journal; remove it to start over")
         if header.get("settings") != self.settings:
             raise AudiokvError(
-                f"{self.path}: an unfinished run with other settings (model, data, methods or decoding); "
+                f"{self.path}: an unfinished run with other settings (model, data, methods, head profile or decoding); "
                 "remove it, or run with --out elsewhere"
             )
         # Rewrite without the cut-off piece so appends continue on a line boundary.

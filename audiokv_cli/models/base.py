@@ -11,6 +11,7 @@ import torch
 
 from audiokv_cli.audio import SAMPLE_RATE
 from audiokv_cli.compat import cache_kwargs
+from audiokv_cli.models.checkpoint_signature import weights_signature
 
 ASR_INSTRUCTION = "Detect the language and recognize the speech: <|en|>"
 
@@ -174,6 +175,26 @@ class ModelAdapter(ABC):
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
         """Tokenize one clip with an ASR prompt (prompt None) or a free-form instruction."""
 
+    def prepared_from_inputs(self, inputs: dict) -> PreparedInput:
+        """A prompt the caller tokenized with the model's own processor (the Python API's `compress`): its audio
+        found by the audio placeholder token."""
+        from audiokv_cli.errors import AudiokvError
+
+        token = getattr(self, "audio_token_id", None)
+        if token is None or "input_ids" not in inputs:
+            raise AudiokvError(f"{self.name}: compress() cannot find the audio in this family's inputs yet")
+        input_ids = inputs["input_ids"]
+        if input_ids.shape[0] != 1:
+            raise AudiokvError(f"compress() takes one prompt, got a batch of {input_ids.shape[0]}")
+        spans = audio_spans(input_ids, int(token))
+        if not spans:
+            raise AudiokvError(f"{self.name}: the inputs hold no audio tokens (id {int(token)})")
+        tokens = sum(end - start for start, end in spans)
+        return PreparedInput(
+            inputs=dict(inputs), input_ids=input_ids, audio_spans=spans,
+            audio_seconds=tokens * (self.seconds_per_audio_token or 0.0),
+        )
+
     def prepared_input(self, batch, audio: np.ndarray, text: str, audio_token_id: int) -> PreparedInput:
         """Processor output moved to the model (floating tensors in its dtype) with the audio spans located."""
         inputs: dict[str, torch.Tensor] = {}
@@ -204,8 +225,10 @@ class ModelAdapter(ABC):
         return tokenizer.decode(list(token_ids), skip_special_tokens=True).strip()
 
     def fingerprint(self) -> dict[str, Any]:
-        """Identity of the attention geometry a profile must match."""
+        """Identity of the attention geometry a profile must match, and of the weights (`checkpoint_signature`)."""
         geometry = self.geometry
+        if getattr(self, "_weights_signature", None) is None:
+            self._weights_signature = weights_signature(self.model)
         return {
             "model_type": getattr(self.model.config, "model_type", None),
             "name_or_path": self.name,
@@ -215,4 +238,5 @@ class ModelAdapter(ABC):
             "num_kv_heads": geometry.num_kv_heads,
             "head_dim": geometry.head_dim,
             "hidden_size": geometry.hidden_size,
+            "weights": dict(self._weights_signature),
         }

@@ -206,6 +206,20 @@ def _adapter_for_type(target: str, model_type: str | None) -> type[ModelAdapter]
     return adapter_class
 
 
+def adapter_for_model(model: torch.nn.Module, processor=None) -> ModelAdapter:
+    """The adapter around a model the caller loaded with transformers (found by its config's `model_type`)."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    name = getattr(config, "name_or_path", None) or model_type or type(model).__name__
+    adapter_class = _adapter_for_type(name, model_type)
+    try:
+        return adapter_class(model, processor, name)
+    except AttributeError:
+        if processor is None:  # the family reads its tokenizer or chat template
+            raise AudiokvError(f"{name}: pass processor= (the model's processor) for this family") from None
+        raise
+
+
 def adapter_class_for(name_or_path: str, revision: str | None = None) -> type[ModelAdapter]:
     """The adapter class serving a model, from its config alone: limits such as the longest clip are checked with it
     before any weights are read."""

@@ -175,6 +175,21 @@ class WhisperAdapter(EncoderDecoderAdapter):
             cached_length=self.frames,
         )
 
+    def prepared_from_inputs(self, inputs: dict) -> PreparedInput:
+        """The feature extractor's output for one clip (the Python API's `compress`): every encoder frame of the
+        window is cached; how much of it is speech is not known here, so all of it counts as audio."""
+        features = inputs.get("input_features")
+        if features is None:
+            raise AudiokvError("compress() needs the feature extractor's input_features for Whisper")
+        if features.shape[0] != 1:
+            raise AudiokvError(f"compress() takes one clip, got a batch of {features.shape[0]}")
+        prompt = inputs.get("decoder_input_ids")
+        input_ids = prompt if prompt is not None else torch.tensor([self.prompt_ids], device=features.device)
+        return PreparedInput(
+            inputs=dict(inputs), input_ids=input_ids, audio_spans=[(0, self.frames)],
+            audio_seconds=self.frames * self.seconds_per_audio_token, cached_length=self.frames,
+        )
+
     def window_logits(self, inputs: dict, cache, sot_index: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill of a window batch: the next-token logits ``[B, vocab]`` (suppression applied, as
         `next_token_logits`) and the raw logits at each row's <|startoftranscript|> ``[B, vocab]`` (where Whisper
