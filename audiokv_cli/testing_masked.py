@@ -134,3 +134,64 @@ def assert_matches_masked_dense(adapter, prepared, policy: CompressionPolicy, st
     moved = max(logit_difference(a, b) for a, b in zip(result.compressed[1:], result.full[1:]))
     assert moved > 10 * atol, "evicting entries did not change any logits: the comparison proves nothing"
     return result
+
+
+class SpikePlanter:
+    """Attention handler around another one: at each compressed layer's prefill the key at ``position`` is replaced
+    (in the scored copy only) by one that every observation-window query attends to almost entirely, and the share
+    of attention it draws is measured with a dense softmax of its own, so a check knows the spike is real."""
+
+    def __init__(self, inner, adapter, position: int, window: int, margin: float = 12.0):
+        self.inner = inner
+        self.adapter = adapter
+        self.position = position
+        self.window = window
+        self.margin = margin  # logit lead of the spike over every other entry, for every window query
+        self.spike_attention: dict[int, torch.Tensor] = {}  # layer -> [kv head] least attention a window query gives
+        self.prefilled: set[int] = set()
+
+    def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        layer = self.adapter.cache_layer_index(module)
+        first_call = id(module) not in self.prefilled
+        self.prefilled.add(id(module))
+        if layer is None or not first_call or layer != module.layer_idx:
+            return self.inner(module, query, key, value, attention_mask, scaling, **kwargs)
+        key = key.clone()
+        group = query.shape[1] // key.shape[1]
+        # The window's queries: the last `window` prompt positions (cross-attention: every decoder prompt query).
+        window_queries = query[..., -min(self.window, query.shape[-2]) :, :].float()
+        for head in range(key.shape[1]):
+            rows = window_queries[0, head * group : (head + 1) * group].reshape(-1, query.shape[-1])
+            # The key that gives every window query the same score (least squares): a spike they all look at.
+            direction = torch.linalg.pinv(rows) @ torch.ones(rows.shape[0], device=rows.device)
+            own = (rows @ direction) * scaling
+            others = (rows @ key[0, head].float().T) * scaling
+            others[:, self.position] = float("-inf")
+            scale = float(((others.max(-1).values + self.margin) / own).max().clamp(min=1.0))
+            key[0, head, self.position] = (direction * scale).to(key.dtype)
+        scores = (window_queries @ key.float().repeat_interleave(group, dim=1).transpose(-1, -2)) * scaling
+        share = scores.softmax(-1)[..., self.position]  # [batch, query heads, window]
+        self.spike_attention[layer] = share[0].reshape(key.shape[1], -1).min(-1).values
+        return self.inner(module, query, key, value, attention_mask, scaling, **kwargs)
+
+
+def assert_keeps_planted_spike(adapter, prepared, policy: CompressionPolicy, position: int | None = None):
+    """Which entries a method keeps, checked where the answer is known: a prompt entry that every window query
+    attends to (a planted spike, confirmed by a dense softmax) is kept by every head of every compressed layer, while
+    other entries are evicted. The spike sits in the middle of the first audio span unless ``position`` says."""
+    if position is None:
+        start, end = prepared.audio_spans[0]
+        position = (start + end) // 2
+    cross_attention = adapter.compressed_attention == "cross"
+    assert cross_attention or position < prepared.compressed_length - policy.window, "the spike is in the window"
+    cache = RecordingRaggedCache(adapter.geometry.num_layers)
+    session = CompressionSession(policy, adapter, prepared, cache=cache)
+    planter = SpikePlanter(session, adapter, position, policy.window)
+    with torch.no_grad(), use_attention_handler(adapter, planter):
+        adapter.next_token_logits(prepared.inputs, session.model_cache)
+    assert sorted(cache.keep_masks) == adapter.compressed_layers()
+    for layer, keep in cache.keep_masks.items():
+        assert bool((planter.spike_attention[layer] > 0.99).all()), f"layer {layer}: the planted spike is weak"
+        assert not bool(keep.all()), f"layer {layer} evicted nothing"
+        assert bool(keep[..., position].all()), f"layer {layer}: a head evicted the spike {keep[0, :, position]}"
+    return cache.keep_masks

@@ -15,18 +15,56 @@ import torch
 torch.set_num_threads(1)
 
 
+class FamilyModels:
+    """Each model family's random test model, built once per session by the builder its adapter class names
+    (`tiny_model`, "module:function") and loaded once: the family suite and the per-family files share them."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.directories: dict[type, object] = {}
+        self.adapters: dict[type, object] = {}
+
+    def directory(self, adapter_class):
+        import importlib
+
+        import transformers
+
+        required = getattr(adapter_class, "model_class", "")
+        if required and not hasattr(transformers, required):
+            pytest.skip(f"{required} is not in transformers {transformers.__version__}")
+        if adapter_class not in self.directories:
+            module, function = adapter_class.tiny_model.split(":")
+            build = getattr(importlib.import_module(module), function)
+            self.directories[adapter_class] = build(self.tmp_path_factory.mktemp(function.removeprefix("build_")))
+        return self.directories[adapter_class]
+
+    def adapter(self, adapter_class):
+        if adapter_class not in self.adapters:
+            from audiokv_cli.models import load_adapter
+
+            loaded = load_adapter(str(self.directory(adapter_class)), device="cpu", dtype="float32")
+            assert type(loaded) is adapter_class
+            self.adapters[adapter_class] = loaded
+        return self.adapters[adapter_class]
+
+
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    from audiokv_cli.testing import build_tiny_qwen2_audio
-
-    return build_tiny_qwen2_audio(tmp_path_factory.mktemp("tiny-qwen2-audio"))
+def family_models(tmp_path_factory):
+    return FamilyModels(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
-def tiny_adapter(tiny_model_dir):
-    from audiokv_cli.models import load_adapter
+def tiny_model_dir(family_models):
+    from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
 
-    return load_adapter(str(tiny_model_dir), device="cpu", dtype="float32")
+    return family_models.directory(Qwen2AudioAdapter)
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(family_models):
+    from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
+
+    return family_models.adapter(Qwen2AudioAdapter)
 
 
 def write_tone(path, seconds=2.0, rate=16000, amplitude=0.3, channels=1):

@@ -1,16 +1,12 @@
 """The MOSS-Transcribe-Diarize adapter on a tiny random model: prompt, audio spans split by time markers, long
-audio, diarized output, compressed decoding."""
+audio, diarized output (the checks every family passes: test_families.py)."""
 
 import pytest
 import transformers
 
 from audiokv_cli.audio import AudioError
 from audiokv_cli.models.moss_transcribe_diarize import MossTranscribeDiarizeAdapter
-from audiokv_cli.models.registry import load_adapter
-from audiokv_cli.testing_families import (
-    MOSS_TRANSCRIBE_DIARIZE_INSTRUCTION,
-    build_tiny_moss_transcribe_diarize,
-)
+from audiokv_cli.testing_families import MOSS_TRANSCRIBE_DIARIZE_INSTRUCTION
 from tests import adapter_checks as checks
 
 if not hasattr(transformers, "MossTranscribeDiarizeForConditionalGeneration"):
@@ -24,17 +20,11 @@ ASR_PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_moss_transcribe_diarize(tmp_path_factory.mktemp("tiny-moss-transcribe-diarize"))
+def adapter(family_models):
+    return family_models.adapter(MossTranscribeDiarizeAdapter)
 
 
-@pytest.fixture(scope="module")
-def adapter(model_dir):
-    return load_adapter(str(model_dir), device="cpu", dtype="float32")
-
-
-def test_registry_finds_the_family(model_dir, adapter):
-    checks.check_registry(model_dir, MossTranscribeDiarizeAdapter)
+def test_geometry_and_limits(adapter):
     assert adapter.geometry.num_layers == 2 and adapter.geometry.group_size == 2
     assert MossTranscribeDiarizeAdapter.max_audio_seconds == 3600.0
 
@@ -82,23 +72,3 @@ def test_audio_over_the_limit_is_refused(adapter, monkeypatch):
     monkeypatch.setattr(adapter, "max_audio_seconds", 60.0)
     with pytest.raises(AudioError, match="limit of 60 s"):
         adapter.prepare(checks.noise_clip(61.0))
-
-
-def test_retention_one_equals_generate(adapter):
-    checks.check_lossless_equals_generate(adapter, checks.noise_clip(3.0, seed=1))
-
-
-def test_compressed_logits_equal_the_masked_dense_model(adapter):
-    checks.check_masked_dense(adapter, checks.noise_clip(3.0, seed=2))
-
-
-def test_every_method_runs(adapter):
-    checks.check_every_method_runs(adapter, checks.noise_clip(2.5, seed=3))
-
-
-def test_positions_after_eviction(adapter):
-    checks.check_decode_positions(adapter, checks.noise_clip(2.0, seed=4))
-
-
-def test_profile_runs_and_matches(adapter, tmp_path):
-    checks.check_profile(adapter, tmp_path)

@@ -1,15 +1,15 @@
-"""The Qwen2.5-Omni thinker adapter on tiny random models: loading, prompts, M-RoPE positions, compressed inference."""
+"""The Qwen2.5-Omni thinker adapter on tiny random models: loading, prompts, post-rotary states
+(thinker-only loading, M-RoPE positions and the checks every family passes: test_families.py)."""
 
 import json
+
 import numpy as np
 import pytest
 import torch
 from transformers import DynamicCache
 
 from audiokv_cli.attention import sdpa_attention, use_attention_handler
-from audiokv_cli.compression.methods import MethodOptions, build_policy
-from audiokv_cli.decoding import greedy_generate, prefill
-from audiokv_cli.inference import run_clip
+from audiokv_cli.decoding import prefill
 from audiokv_cli.models.qwen2_5_omni import (
     ASR_INSTRUCTION_OMNI,
     ASR_SYSTEM_PROMPT,
@@ -17,24 +17,16 @@ from audiokv_cli.models.qwen2_5_omni import (
     Qwen2_5OmniAdapter,
     audio_token_count,
 )
-from audiokv_cli.testing_omni import build_tiny_qwen2_5_omni_thinker
-
-
-def _load(path):
-    return Qwen2_5OmniAdapter.load(
-        str(path), device=torch.device("cpu"), dtype=torch.float32, trust_remote_code=False, name=str(path),
-        local_files_only=True,
-    )
 
 
 @pytest.fixture(scope="module")
-def omni_dir(tmp_path_factory):
-    return build_tiny_qwen2_5_omni_thinker(tmp_path_factory.mktemp("tiny-omni-thinker"), seed=0)
+def omni_dir(family_models):
+    return family_models.directory(Qwen2_5OmniAdapter)
 
 
 @pytest.fixture(scope="module")
-def omni(omni_dir):
-    return _load(omni_dir)
+def omni(family_models):
+    return family_models.adapter(Qwen2_5OmniAdapter)
 
 
 def _clip(seconds, seed=0):
@@ -58,24 +50,6 @@ def test_adapter_describes_the_thinker(omni):
     assert omni.model.config.model_type in Qwen2_5OmniAdapter.model_types
 
 
-@pytest.fixture(scope="module")
-def full_omni_dir(tmp_path_factory):
-    return build_tiny_qwen2_5_omni_thinker(tmp_path_factory.mktemp("tiny-omni-full"), seed=0, full_omni=True)
-
-
-def test_full_omni_checkpoint_loads_only_the_thinker(omni, full_omni_dir):
-    from transformers import AutoConfig
-
-    assert AutoConfig.from_pretrained(str(full_omni_dir)).model_type == "qwen2_5_omni"
-    adapter = _load(full_omni_dir)
-    assert type(adapter.model).__name__ == "Qwen2_5OmniThinkerForConditionalGeneration"
-    # Same seed, same thinker weights: any weight left unread would be freshly (differently) initialised.
-    expected = omni.model.state_dict()
-    loaded = adapter.model.state_dict()
-    assert loaded.keys() == expected.keys()
-    assert all(torch.equal(loaded[name], expected[name]) for name in expected)
-
-
 def test_thinker_loads_without_its_vision_blocks(omni, omni_dir):
     from safetensors import safe_open
 
@@ -84,15 +58,6 @@ def test_thinker_loads_without_its_vision_blocks(omni, omni_dir):
         assert any(".blocks." in name for name in handle.keys() if "visual" in name)
     assert omni.model.config.vision_config.depth == 0
     assert not any(".blocks." in name for name in omni.model.state_dict() if "visual" in name)
-
-
-def test_registry_picks_the_adapter_by_model_type(full_omni_dir, monkeypatch):
-    from audiokv_cli.models import registry
-
-    monkeypatch.setattr(registry, "ADAPTERS", registry.ADAPTERS + (Qwen2_5OmniAdapter,))
-    adapter = registry.load_adapter(str(full_omni_dir), device="cpu", dtype="float32")
-    assert isinstance(adapter, Qwen2_5OmniAdapter)
-    assert adapter.prepare(_clip(1.0)).audio_tokens == 25
 
 
 @pytest.mark.parametrize("seconds, expected_tokens", [(2.0, 50), (6.3, 157)])
@@ -122,54 +87,6 @@ def test_free_form_prompt_and_long_clip(omni):
 
     with pytest.raises(AudioError, match="longer than this model's limit of 30 s"):
         omni.prepare(_clip(31.0))
-
-
-def test_greedy_decoding_matches_generate(omni):
-    prepared = omni.prepare(_clip(3.0, seed=1))
-    steps = 12
-    ours = greedy_generate(omni, prepared.inputs, DynamicCache(), steps, stop_at_eos=False).token_ids
-    with torch.no_grad():
-        reference = omni.model.generate(**prepared.inputs, max_new_tokens=steps, do_sample=False)
-    generated = reference[0, prepared.prompt_tokens :].tolist()
-    assert len(generated) >= 1
-    # generate stops at the configured EOS; up to there both must agree token for token.
-    assert ours[: len(generated)] == generated
-    if len(generated) < steps:
-        assert generated[-1] in omni.eos_token_ids
-    stopping = greedy_generate(omni, prepared.inputs, DynamicCache(), steps).token_ids
-    eos = set(omni.eos_token_ids)
-    assert stopping == [t for t in generated if t not in eos][: len(stopping)]
-
-
-def test_decode_positions_continue_from_the_prompt_offset(omni, monkeypatch):
-    """A prompt whose M-RoPE positions end ahead of its length (as vision prompts do) shifts every later step."""
-    prepared = omni.prepare(_clip(2.0))
-    length = prepared.prompt_tokens
-    offset = 7
-    original = omni.model.get_rope_index
-
-    def shifted(*args, **kwargs):
-        positions, deltas = original(*args, **kwargs)
-        return positions + offset, deltas + offset
-
-    monkeypatch.setattr(omni.model, "get_rope_index", shifted)
-    cache = DynamicCache()
-    with torch.no_grad():
-        first = omni.next_token_logits(prepared.inputs, cache)
-        token = first.argmax(-1)[:, None]
-        step = omni.next_token_logits({"input_ids": token}, cache)
-        # Reference: one forward over prompt + token, positions given explicitly as offset + 0..length.
-        inputs = dict(prepared.inputs)
-        inputs["input_ids"] = torch.cat([prepared.input_ids, token], dim=-1)
-        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        positions = (torch.arange(length + 1) + offset).view(1, 1, -1).expand(3, 1, -1)
-        whole = omni.model(**inputs, position_ids=positions).logits[:, -1]
-        # What a step that ignored the offset would compute: the new token right after the prompt's length.
-        stale = positions.clone()
-        stale[..., -1] = length
-        ignoring_offset = omni.model(**inputs, position_ids=stale).logits[:, -1]
-    torch.testing.assert_close(step, whole, atol=1e-5, rtol=0)
-    assert not torch.allclose(step, ignoring_offset, atol=1e-4)  # the offset matters: the check above is not vacuous
 
 
 def _rotate_half(x):
@@ -216,37 +133,7 @@ def test_attention_handler_gets_post_rotary_states(omni):
     assert not torch.allclose(key.double(), raw_k.double(), atol=1e-3)
 
 
-def _head_scores(adapter):
-    geometry = adapter.geometry
-    scores = torch.arange(geometry.num_layers * geometry.num_query_heads, dtype=torch.float32)
-    return scores.reshape(geometry.num_layers, geometry.num_query_heads).flip(-1)
-
-
-def test_compressed_inference_on_the_mrope_model(omni):
-    audio = _clip(6.0, seed=2)
-    steps = 8
-    full = run_clip(omni, audio, build_policy("full"), max_new_tokens=steps, stop_at_eos=False)
-    assert full.generated_tokens == steps and full.audio_tokens == 150
-    options = MethodOptions(window=8, head_scores=_head_scores(omni))
-    for method in ("snapkv", "audiokv"):
-        lossless = run_clip(omni, audio, build_policy(method, 1.0, options), max_new_tokens=steps, stop_at_eos=False)
-        assert lossless.token_ids == full.token_ids, method
-        assert lossless.kept_per_head["kept"] == [[full.prompt_tokens] * 2] * 2
-        compressed = run_clip(omni, audio, build_policy(method, 0.4, options), max_new_tokens=steps, stop_at_eos=False)
-        assert compressed.generated_tokens == steps
-        assert 0.38 * full.kv_bytes_full <= compressed.kv_bytes_kept <= 0.41 * full.kv_bytes_full, method
-        kept = torch.tensor(compressed.kept_per_head["kept"])
-        assert kept.shape == (2, 2)
-        assert int(kept.sum()) == round(0.4 * compressed.prompt_tokens) * kept.numel()
-
-
-def test_registry_finds_the_omni_adapter(omni_dir, full_omni_dir, tmp_path):
-    from audiokv_cli.models.registry import load_adapter
-
-    for directory in (omni_dir, full_omni_dir):
-        adapter = load_adapter(str(directory), device="cpu", dtype="float32")
-        assert isinstance(adapter, Qwen2_5OmniAdapter)
-    # The CLI drives it like any other model.
+def test_the_cli_drives_the_thinker_like_any_other_model(omni_dir, tmp_path):
     from typer.testing import CliRunner
 
     from audiokv_cli.cli import app
@@ -261,13 +148,3 @@ def test_registry_finds_the_omni_adapter(omni_dir, full_omni_dir, tmp_path):
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["audio_tokens"] == 75
     assert 0.49 <= record["kv_bytes_kept"] / record["kv_bytes_full"] <= 0.51
-
-
-@pytest.mark.parametrize("method", ["snapkv", "audiokv"])
-def test_compressed_logits_equal_the_masked_dense_model(omni, method):
-    from audiokv_cli.testing_masked import assert_matches_masked_dense
-
-    prepared = omni.prepare(_clip(3.0, seed=3))
-    policy = build_policy(method, 0.4, MethodOptions(window=8, head_scores=_head_scores(omni)))
-    result = assert_matches_masked_dense(omni, prepared, policy, steps=4)
-    assert 0.55 < result.evicted_fraction < 0.65

@@ -119,22 +119,6 @@ def test_eval_refuses_an_over_limit_clip_before_loading(config_only_dir, over_li
     _one_line_error(result, "longer than this model's limit of 600 s")
 
 
-def _head_scores(adapter):
-    import torch
-
-    geometry = adapter.geometry
-    scores = torch.arange(geometry.num_layers * geometry.num_query_heads, dtype=torch.float32)
-    return scores.reshape(geometry.num_layers, geometry.num_query_heads).flip(-1)
-
-
-@pytest.mark.parametrize("method", ["snapkv", "audiokv"])
-def test_compressed_logits_equal_the_masked_dense_model(tiny_adapter, method):
-    prepared = tiny_adapter.prepare(_clip(3.0, seed=3))
-    policy = build_policy(method, 0.4, MethodOptions(window=8, head_scores=_head_scores(tiny_adapter)))
-    result = assert_matches_masked_dense(tiny_adapter, prepared, policy, steps=4)
-    assert 0.55 < result.evicted_fraction < 0.65
-
-
 def test_segmented_prompt_compresses_like_any_other(tiny_adapter):
     prepared = tiny_adapter.prepare(_clip(31.0, seed=4))
     assert prepared.extra["audio_segments"] == 2

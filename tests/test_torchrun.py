@@ -29,7 +29,11 @@ def _clips(folder: Path, count: int = 5) -> Path:
 def _run(args: list, processes: int, cwd: Path) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     command = (launcher if processes > 1 else [sys.executable]) + ["-m", "audiokv_cli", *map(str, args)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    # --standalone rendezvouses on a free port (localhost:0), never a fixed one another run may hold. Every thread
+    # pool a rank can start is held to one thread: with the rest of the suite running beside it, a rank that
+    # spawns a thread per core (OpenMP, BLAS, numba, tokenizers) can fail to create one and abort.
+    one_thread = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **one_thread}
     run = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     return run

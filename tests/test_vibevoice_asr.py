@@ -1,5 +1,5 @@
 """The VibeVoice-ASR adapter on a tiny random model: 24 kHz audio, prompt and audio spans across tokenizer chunks,
-deterministic audio embeddings, JSON output, compressed decoding."""
+deterministic audio embeddings, JSON output (the checks every family passes: test_families.py)."""
 
 import json
 
@@ -8,9 +8,7 @@ import torch
 import transformers
 
 from audiokv_cli.audio import AudioError
-from audiokv_cli.models.registry import load_adapter
 from audiokv_cli.models.vibevoice_asr import VibeVoiceAsrAdapter
-from audiokv_cli.testing_families import build_tiny_vibevoice_asr
 from tests import adapter_checks as checks
 
 if not hasattr(transformers, "VibeVoiceAsrForConditionalGeneration"):
@@ -20,17 +18,16 @@ INSTRUCTION = "please transcribe it with these keys: Start time, End time, Speak
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return build_tiny_vibevoice_asr(tmp_path_factory.mktemp("tiny-vibevoice-asr"))
+def model_dir(family_models):
+    return family_models.directory(VibeVoiceAsrAdapter)
 
 
 @pytest.fixture(scope="module")
-def adapter(model_dir):
-    return load_adapter(str(model_dir), device="cpu", dtype="float32")
+def adapter(family_models):
+    return family_models.adapter(VibeVoiceAsrAdapter)
 
 
-def test_registry_finds_the_family(model_dir, adapter):
-    checks.check_registry(model_dir, VibeVoiceAsrAdapter)
+def test_geometry_and_limits(adapter):
     assert adapter.geometry.num_layers == 2 and adapter.geometry.group_size == 2
     assert VibeVoiceAsrAdapter.max_audio_seconds == 3600.0
     assert adapter.processor.feature_extractor.sampling_rate == 24000
@@ -92,23 +89,3 @@ def test_audio_over_the_limit_is_refused(adapter, monkeypatch):
     monkeypatch.setattr(adapter, "max_audio_seconds", 60.0)
     with pytest.raises(AudioError, match="limit of 60 s"):
         adapter.prepare(checks.noise_clip(61.0))
-
-
-def test_retention_one_equals_generate(adapter):
-    checks.check_lossless_equals_generate(adapter, checks.noise_clip(3.0, seed=1))
-
-
-def test_compressed_logits_equal_the_masked_dense_model(adapter):
-    checks.check_masked_dense(adapter, checks.noise_clip(3.0, seed=2))
-
-
-def test_every_method_runs(adapter):
-    checks.check_every_method_runs(adapter, checks.noise_clip(2.5, seed=3))
-
-
-def test_positions_after_eviction(adapter):
-    checks.check_decode_positions(adapter, checks.noise_clip(2.0, seed=4))
-
-
-def test_profile_runs_and_matches(adapter, tmp_path):
-    checks.check_profile(adapter, tmp_path)

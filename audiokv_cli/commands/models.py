@@ -1,4 +1,5 @@
-"""`audiokv models`: the supported model families, their short names, audio rates and limits, and shipped profiles."""
+"""`audiokv models`: the supported model families, their --model names, what is compressed, audio rates and limits,
+and shipped profiles."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import json
 from pathlib import Path
 
 import typer
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 from audiokv_cli.commands.common import stdout
 
@@ -41,6 +44,10 @@ def _shipped_profiles() -> list[tuple[Path, str]]:
 DEFAULT_MODEL = "whisper-base"
 
 
+#: what each kind of adapter evicts from (ModelAdapter.compressed_attention)
+COMPRESSED = {"self": "self-attention prompt cache", "cross": "cross-attention cache (encoder frames)"}
+
+
 def family_rows() -> list[dict]:
     """One record per adapter family: what `audiokv models` prints."""
     from audiokv_cli.models.registry import ADAPTERS, MODEL_ALIASES
@@ -54,12 +61,12 @@ def family_rows() -> list[dict]:
     rows = []
     for cls in ADAPTERS:
         seconds = cls.seconds_per_audio_token
-        module = cls.__module__.rsplit(".", 1)[-1]
         rows.append(
             {
                 "family": getattr(cls, "family", cls.__name__.removesuffix("Adapter")),
                 "model_types": list(cls.model_types),
                 "aliases": aliases.get(cls, []),
+                "compressed": COMPRESSED[cls.compressed_attention],
                 "ms_per_audio_token": round(1000 * seconds, 2) if seconds else None,
                 "audio_tokens_per_second": round(1 / seconds, 2) if seconds else None,
                 "max_audio_seconds": cls.max_audio_seconds,
@@ -67,8 +74,6 @@ def family_rows() -> list[dict]:
                 "any_length": hasattr(cls, "prepare_window"),
                 "default": DEFAULT_MODEL in aliases.get(cls, []),
                 "profiles": [path.name for path, model_type in profiles if model_type in cls.model_types],
-                "tiny_test_model": getattr(cls, "tiny_model", None),
-                "tests": f"tests/test_{module}.py",
             }
         )
     return rows
@@ -79,31 +84,38 @@ def _duration(seconds: float) -> str:
 
 
 def models(as_json: bool = typer.Option(False, "--json", help="Print the table as a JSON list.")) -> None:
-    """List the supported model families with their short names, audio rate, longest audio and shipped profiles."""
+    """List the supported model families: --model names, what is compressed, audio rate, longest audio, profiles."""
     rows = family_rows()
     if as_json:
         stdout.print(json.dumps(rows, indent=2), markup=False, highlight=False)
         return
-    table = Table(title="audiokv model families", title_justify="left", show_lines=True)
-    for column in ("family", "model_type", "short names (--model)", "audio token", "longest audio", "profile",
-                   "tiny test model"):
-        table.add_column(column, overflow="fold")
+    # Fits 100 columns: --model names never wrap or get cut (they are typed back), the rest wraps at spaces.
+    table = Table(title="audiokv model families", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("family", overflow="fold", max_width=16)
+    table.add_column("--model", no_wrap=True)
+    table.add_column("compresses", no_wrap=True)
+    table.add_column("audio tokens/s", justify="right", max_width=8)
+    table.add_column("longest clip", max_width=9)
+    table.add_column("shipped profile", no_wrap=True)
     for row in rows:
-        rate = f"{row['ms_per_audio_token']:.3g} ms" if row["ms_per_audio_token"] else "-"
-        tiny = (row["tiny_test_model"] or "-").removeprefix("audiokv_cli.").replace(":", ".")
+        rate = f"{row['audio_tokens_per_second']:g}" if row["audio_tokens_per_second"] else "-"
+        longest = _duration(row["max_audio_seconds"])
+        cross = row["compressed"].startswith("cross")
         table.add_row(
             row["family"],
-            "\n".join(row["model_types"]),
             "\n".join(f"{a} (default)" if a == DEFAULT_MODEL else a for a in row["aliases"]) or "-",
+            "audio frames\n(cross-attn)" if cross else "prompt\n(self-attn)",
             rate,
-            f"any length ({_duration(row['max_audio_seconds'])} windows)" if row["any_length"] else _duration(row["max_audio_seconds"]),
-            "\n".join(row["profiles"]) or "none",
-            f"{tiny}\n{row['tests']}",
+            f"any ({longest} windows)" if row["any_length"] else longest,
+            "\n".join(name.removesuffix(".safetensors") for name in row["profiles"]) or "no",
         )
     stdout.print(table)
-    stdout.print(
-        f"Default model of infer, eval and bench: {DEFAULT_MODEL} (profile needs --model; --model tiny is the bundled "
-        "decoder-only demo model). "
-        "Any local directory or cached Hub id whose config has one of these model types also works (--model PATH); "
-        "docs/models.md says what is compressed and how to profile each family."
+    note = (
+        "compresses: the decoder's self-attention KV cache of the prompt (audio and text tokens), or the decoder's "
+        "cross-attention cache over the audio encoder's frames. Shipped profiles are in profiles/ (used by --method "
+        f"audiokv). Default --model: {DEFAULT_MODEL}; tiny is the bundled decoder-only demo model. Any local "
+        "directory or cached Hub id of these families also works (--model PATH; --json lists their model types); "
+        "docs/models.md has the details."
     )
+    # The console soft-wraps nothing (long paths stay whole elsewhere): this note wraps to its width itself.
+    stdout.print(Text(note), soft_wrap=False)
