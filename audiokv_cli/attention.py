@@ -47,6 +47,16 @@ def active_handler(module) -> AttentionHandler | None:
     return handler
 
 
+def is_prefill_call(query_length: int, key_length: int, cached_length: int, cross_attention: bool) -> bool:
+    """The one rule for which attention call is the prefill, the call that fills a layer's cache with the whole
+    prompt: its keys are all ``cached_length`` entries (the prompt, or the encoder frames of a cross-attention
+    cache) and, for self-attention, every prompt position is a query too (a decode step has one query; a
+    cross-attention prefill has the decoder prompt's). Handlers of a batch pass the batch's padded length."""
+    if key_length != cached_length:
+        return False
+    return cross_attention or query_length == key_length
+
+
 def sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs):
     """Full attention (transformers' SDPA path); causal from the shapes when no mask is given."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward

@@ -15,11 +15,11 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from audiokv_cli.attention import sdpa_attention, use_attention_handler
+from audiokv_cli import runtime
+from audiokv_cli.attention import is_prefill_call, sdpa_attention
 from audiokv_cli.compression.cache import ragged_decode_attention
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
-from audiokv_cli.decoding import decode_greedy_rows, prefill
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.inference import DEFAULT_MAX_NEW_TOKENS, ClipResult
 
@@ -76,7 +76,7 @@ class BatchSession(CompressionSession):
         layer_idx = module.layer_idx
         if self.cache.is_compressed(layer_idx):
             return ragged_decode_attention(self.cache.layers[layer_idx], query, scaling), None
-        prefill = query.shape[-2] == key.shape[-2] == self.length
+        prefill = is_prefill_call(query.shape[-2], key.shape[-2], self.length, cross_attention=False)
         if prefill:
             # transformers hands the registered attention no padding mask: build the real one.
             attention_mask = self.prefill_mask(query.device)
@@ -84,6 +84,14 @@ class BatchSession(CompressionSession):
         if prefill:
             self.compress_rows(layer_idx, query, key, scaling)
         return output
+
+    def kept_bytes_per_row(self) -> list[int]:
+        """Each row's kept prompt bytes as a run of that clip alone holds them (`RaggedKVCache.kept_bytes`;
+        padding is never kept); under a policy that compresses nothing a lone run keeps its dense prompt cache."""
+        if not self.policy.compresses:
+            per_token = self.adapter.geometry.kv_bytes_per_token(self.adapter.dtype)
+            return [prepared.prompt_tokens * per_token for prepared in self.rows]
+        return self.cache.kept_bytes()
 
     def prefill_mask(self, device) -> torch.Tensor:
         """bool ``[B, 1, L, L]``: causal, padding keys hidden; a padding query sees itself (its output is unused)."""
@@ -125,34 +133,15 @@ def run_clips(
     prepared_list = [adapter.prepare(audio, prompt) for audio in clips]
     inputs, pads = collate(adapter, prepared_list)
     session = BatchSession(policy, adapter, prepared_list, pads)
-    rows = len(clips)
-    with use_attention_handler(adapter, session), torch.no_grad():
-        logits, seconds_prefill = prefill(adapter, inputs, session.model_cache)
-        positions = torch.tensor([p.prompt_tokens for p in prepared_list], device=adapter.device)[:, None]
-        tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens, positions)
+    positions = torch.tensor([p.prompt_tokens for p in prepared_list], device=adapter.device)[:, None]
+    output = runtime.run(adapter, session, inputs, max_new_tokens, positions=positions)
     per_token = adapter.geometry.kv_bytes_per_token(adapter.dtype)
-    kept = _kept_bytes_per_row(session, rows)
     return [
         ClipResult.of(
-            adapter, policy, prepared, tokens[row], clip=names[row] if names else "",
-            kv_bytes_full=prepared.prompt_tokens * per_token, kv_bytes_kept=kept[row],
-            seconds_prefill=seconds_prefill, seconds_decode=seconds_decode,
-            hit_token_limit=len(tokens[row]) >= max_new_tokens,
+            adapter, policy, prepared, output.tokens[row], clip=names[row] if names else "",
+            kv_bytes_full=prepared.prompt_tokens * per_token, kv_bytes_kept=output.kept_bytes[row],
+            seconds_prefill=output.seconds_prefill, seconds_decode=output.seconds_decode,
+            hit_token_limit=len(output.tokens[row]) >= max_new_tokens,
         )
         for row, prepared in enumerate(prepared_list)
     ]
-
-
-def _kept_bytes_per_row(session: BatchSession, rows: int) -> list[int]:
-    """Bytes of each row's kept prompt entries and segment lengths, as a run of that clip alone holds them
-    (padding is never among them)."""
-    totals = [0] * rows
-    for layer in session.cache.layers:
-        lengths = layer.layout.lengths
-        heads = len(lengths) // rows
-        entry = 2 * layer.flat_keys.shape[-1] * layer.flat_keys.element_size()
-        for row in range(rows):
-            totals[row] += sum(lengths[row * heads : (row + 1) * heads]) * entry
-            if session.policy.evicts:  # a full cache run alone stays dense: no lengths to store
-                totals[row] += heads * layer.segment_lengths.element_size()
-    return totals

@@ -14,9 +14,9 @@ import torch
 
 from audiokv_cli.audio import SAMPLE_RATE
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
-from audiokv_cli.attention import use_attention_handler
-from audiokv_cli.compression.chunked import ChunkedSession, chunked_prefill
-from audiokv_cli.decoding import decode_greedy_rows, prefill, synchronize
+from audiokv_cli import runtime
+from audiokv_cli.compression.chunked import ChunkedSession
+from audiokv_cli.decoding import synchronize
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.inference import full_bytes_16bit
 from audiokv_cli.memory import PeakTensorBytes
@@ -148,18 +148,11 @@ def _time_compression(session) -> None:
 def _run(adapter, prepared, policy: CompressionPolicy, new_tokens: int, prefill_chunk: int | None = None):
     if prefill_chunk:
         session = ChunkedSession(policy, adapter, prepared, prefill_chunk)
-        _time_compression(session)
-        logits, seconds_prefill = chunked_prefill(adapter, prepared, session)
     else:
         session = CompressionSession(policy, adapter, prepared)
-        _time_compression(session)
-        with use_attention_handler(adapter, session):
-            logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
-    with use_attention_handler(adapter, session):
-        kept = session.kept_bytes()
-        rows, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, new_tokens, stop_at_eos=False)
-        tokens = rows[0]
-    return session, kept, seconds_prefill, tokens, seconds_decode
+    _time_compression(session)
+    output = runtime.run(adapter, session, prepared.inputs, new_tokens, stop_at_eos=False)
+    return session, output.kept_bytes[0], output.seconds_prefill, output.tokens[0], output.seconds_decode
 
 
 def bench_policy(adapter, prepared, policy: CompressionPolicy, new_tokens: int, repeats: int = 3) -> BenchRow:

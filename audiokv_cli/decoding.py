@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -22,12 +22,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def prefill(adapter, inputs: dict, cache) -> tuple[torch.Tensor, float]:
-    """Run the whole prompt through the model; returns next-token logits [B, vocab] and seconds taken."""
+def prefill(adapter, inputs: dict, cache, forward: Callable | None = None) -> tuple[torch.Tensor, float]:
+    """Run the whole prompt through the model; returns next-token logits [B, vocab] and seconds taken.
+    ``forward(inputs, cache)`` replaces `adapter.next_token_logits` where a caller needs more of the prefill."""
     synchronize(adapter.device)
     start = time.perf_counter()
     with torch.no_grad():
-        logits = adapter.next_token_logits(inputs, cache)
+        logits = (forward or adapter.next_token_logits)(inputs, cache)
     synchronize(adapter.device)
     return logits, time.perf_counter() - start
 
@@ -66,22 +67,59 @@ def decode_greedy_rows(
 ) -> tuple[list[list[int]], float]:
     """Greedy decoding of every batch row in lockstep; returns each row's ids (EOS excluded) and seconds.
 
-    A row stops at EOS or the limit; finished rows keep being fed (their tokens ignored) so the batch stays
-    rectangular. ``positions`` [B, 1]: the first decode step's position per row (left-padded batches), advanced by
-    one each step; None lets the model count positions from its cache. ``on_token`` sees every row's ids after
-    each step.
+    ``positions`` [B, 1]: the first decode step's position per row (left-padded batches), advanced by one each
+    step; None lets the model count positions from its cache. ``on_token`` sees every row's ids after each step.
+    """
+    return decode_rows(adapter, cache, first_logits, max_new_tokens, stop_at_eos=stop_at_eos, on_token=on_token,
+                       step_inputs=advancing_positions(positions) if positions is not None else None)
+
+
+def advancing_positions(positions: torch.Tensor) -> Callable[[torch.Tensor], dict]:
+    """``step_inputs`` for left-padded batches: each step's ids with every row's own position ``[B, 1]`` (starting
+    at ``positions``, one more each step)."""
+    state = {"positions": positions}
+
+    def step_inputs(ids: torch.Tensor) -> dict:
+        step = {"input_ids": ids, "position_ids": state["positions"]}
+        state["positions"] = state["positions"] + 1
+        return step
+
+    return step_inputs
+
+
+def decode_rows(
+    adapter,
+    cache,
+    first_logits: torch.Tensor,
+    max_new_tokens: int | Sequence[int],
+    *,
+    choose: Callable[[torch.Tensor, list[list[int]], list[bool]], list[int]] | None = None,
+    step_inputs: Callable[[torch.Tensor], dict] | None = None,
+    stop_at_eos: bool = True,
+    on_token: Callable[[list[list[int]]], None] | None = None,
+) -> tuple[list[list[int]], float]:
+    """The decoding loop: every batch row in lockstep until each has met EOS or its limit; returns each row's ids
+    (EOS excluded) and seconds.
+
+    A row stops at EOS or its limit (``max_new_tokens``, one for all rows or one per row); finished rows keep being
+    fed (their tokens ignored) so the batch stays rectangular. ``choose(logits, tokens, done)`` picks every row's
+    next token from the step's logits ``[B, vocab]`` (default: argmax; Whisper's long-form windows apply timestamp
+    rules and sample). ``step_inputs(ids)`` turns the chosen ids ``[B, 1]`` into the model's inputs for the next
+    step (default: the ids alone; left-padded batches add positions and masks).
     """
     eos = set(adapter.eos_token_ids) if stop_at_eos else set()
-    tokens: list[list[int]] = [[] for _ in range(first_logits.shape[0])]
-    done = [False] * len(tokens)
+    rows = first_logits.shape[0]
+    limits = [max_new_tokens] * rows if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    tokens: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
     logits = first_logits
     synchronize(adapter.device)
     start = time.perf_counter()
     with torch.no_grad():
         while True:
-            next_token = logits.argmax(-1)
+            chosen = choose(logits, tokens, done) if choose is not None else logits.argmax(-1).tolist()
             grew = False
-            for row, token in enumerate(next_token.tolist()):
+            for row, token in enumerate(chosen):
                 if done[row]:
                     continue
                 if token in eos:
@@ -89,15 +127,13 @@ def decode_greedy_rows(
                     continue
                 tokens[row].append(token)
                 grew = True
-                done[row] = len(tokens[row]) >= max_new_tokens
+                done[row] = len(tokens[row]) >= limits[row]
             if on_token is not None and grew:
                 on_token(tokens)
             if all(done):
                 break
-            step = {"input_ids": next_token[:, None]}
-            if positions is not None:
-                step["position_ids"] = positions
-                positions = positions + 1
+            ids = torch.tensor(chosen, dtype=torch.long, device=logits.device)[:, None]
+            step = step_inputs(ids) if step_inputs is not None else {"input_ids": ids}
             logits = adapter.next_token_logits(step, cache)
     synchronize(adapter.device)
     return tokens, time.perf_counter() - start

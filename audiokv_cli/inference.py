@@ -10,8 +10,7 @@ import torch
 
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
-from audiokv_cli.attention import use_attention_handler
-from audiokv_cli.decoding import decode_greedy, prefill
+from audiokv_cli import runtime
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -116,22 +115,20 @@ def run_clip(
     policy = policy or build_policy("full")
     prepared = adapter.prepare(audio, prompt)
     if prefill_chunk:
-        from audiokv_cli.compression.chunked import ChunkedSession, chunked_prefill
+        from audiokv_cli.compression.chunked import ChunkedSession
 
         session = ChunkedSession(policy, adapter, prepared, prefill_chunk)
-        logits, seconds_prefill = chunked_prefill(adapter, prepared, session)
     else:
         session = CompressionSession(policy, adapter, prepared)
-    with use_attention_handler(adapter, session):
-        if not prefill_chunk:
-            logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
-        full_bytes = prepared.compressed_length * adapter.geometry.kv_bytes_per_token(adapter.dtype)
-        kept_bytes = session.kept_bytes()
-        tokens, seconds_decode, hit_limit = decode_greedy(
-            adapter, session.model_cache, logits, max_new_tokens, stop_at_eos, on_token
-        )
+    output = runtime.run(
+        adapter, session, prepared.inputs, max_new_tokens, stop_at_eos=stop_at_eos,
+        on_token=(lambda rows: on_token(rows[0])) if on_token is not None else None,
+    )
+    tokens = output.tokens[0]
+    full_bytes = prepared.compressed_length * adapter.geometry.kv_bytes_per_token(adapter.dtype)
     return ClipResult.of(
-        adapter, session.policy, prepared, tokens, clip=clip, kv_bytes_full=full_bytes, kv_bytes_kept=kept_bytes,
-        seconds_prefill=seconds_prefill, seconds_decode=seconds_decode, hit_token_limit=hit_limit,
+        adapter, session.policy, prepared, tokens, clip=clip, kv_bytes_full=full_bytes, kv_bytes_kept=output.kept_bytes[0],
+        seconds_prefill=output.seconds_prefill, seconds_decode=output.seconds_decode,
+        hit_token_limit=len(tokens) >= max_new_tokens,
         kept_per_head=session.summary() if session.policy.evicts else None,
     )

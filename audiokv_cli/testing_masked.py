@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from audiokv_cli.attention import sdpa_attention, use_attention_handler
+from audiokv_cli import runtime
 from audiokv_cli.compression.cache import RaggedKVCache
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
 
@@ -107,16 +108,9 @@ def compare_with_masked_dense(adapter, prepared, policy: CompressionPolicy, step
 
     cache = RecordingRaggedCache(adapter.geometry.num_layers)
     session = CompressionSession(policy, adapter, prepared, cache=cache)
-    tokens: list[int] = []
-    compressed: list[torch.Tensor] = []
-    with torch.no_grad(), use_attention_handler(adapter, session):
-        logits = adapter.next_token_logits(prepared.inputs, session.model_cache)
-        compressed.append(logits)
-        for _ in range(steps):
-            token = logits.argmax(-1)[:, None]
-            tokens.append(int(token[0, 0]))
-            logits = adapter.next_token_logits({"input_ids": token}, session.model_cache)
-            compressed.append(logits)
+    # The compressed side is the runtime every command uses; the reference below shares none of it.
+    output = runtime.run(adapter, session, prepared.inputs, steps, keep_logits=True)
+    tokens, compressed = output.tokens[0], output.logits
     reference = MaskedDenseAttention(cache.keep_masks, prepared.compressed_length, adapter)
     masked = _teacher_forced(adapter, prepared.inputs, adapter.model_cache(DynamicCache()), tokens, reference)
     full = _teacher_forced(adapter, prepared.inputs, adapter.model_cache(DynamicCache()), tokens, None)

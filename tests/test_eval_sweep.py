@@ -118,7 +118,8 @@ def test_shared_prefill_matches_run_clip(tiny_adapter, tmp_path):
 
 def test_shared_prefill_token_ids_match(tiny_adapter, tmp_path):
     """Token ids (not only text) agree, for the score-based methods where reuse could go wrong."""
-    from audiokv_cli.evaluation.sweep import record_prefill, run_cell
+    from audiokv_cli.evaluation.sweep import run_cell
+    from audiokv_cli.runtime import record_prefill
 
     audio = load_audio(write_tone(tmp_path / "clip.wav", seconds=2.0))
     prepared = tiny_adapter.prepare(audio, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,8 +16,8 @@ from audiokv_cli.audio import load_audio
 from audiokv_cli.cli import app
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.longform import (
-    BLOCK_SAMPLES, WINDOW_SAMPLES, AudioStream, LongformOptions, needs_fallback, transcribe_files,
-    WindowOutput,
+    BLOCK_SAMPLES, WINDOW_SAMPLES, AudioStream, FileJob, LongformOptions, needs_fallback, transcribe_files,
+    WindowOutput, window_seed,
 )
 from audiokv_cli.models.registry import load_adapter
 from audiokv_cli.output_formats import parse_srt, parse_vtt
@@ -115,6 +116,65 @@ def test_guards_follow_transformers_rules():
     assert needs_fallback(output(2.0, -0.2, 0.1), options) == (True, False)  # a loop compresses well
     assert needs_fallback(output(1.0, -1.5, 0.1), options) == (True, False)
     assert needs_fallback(output(1.0, -1.5, 0.9), options) == (False, True)  # silence: skipped
+
+
+WORDS = ["one", "two", "three", "four", "five", "x"]
+
+
+def _text_adapter():
+    """What a window's bookkeeping reads of an adapter, with a word vocabulary: word i is token i, text ids stay
+    below end-of-text and timestamps start after it, as in Whisper's own vocabulary."""
+    return SimpleNamespace(
+        language="en", timestamp_prompt_ids=[100], start_of_previous=None, end_of_text=90, timestamp_begin=1000,
+        decode=lambda ids: " ".join(WORDS[i] for i in ids),
+        model=SimpleNamespace(config=SimpleNamespace(max_target_positions=448)),
+    )
+
+
+def _window_tokens(adapter, parts):
+    """Token ids for [(start, end, text), ...] as Whisper writes them: <|start|> words <|end|> per segment."""
+    ids = []
+    for start, end, text in parts:
+        ids.append(adapter.timestamp_begin + round(start / 0.02))
+        ids.extend(WORDS.index(word) for word in text.split())
+        ids.append(adapter.timestamp_begin + round(end / 0.02))
+    return ids
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+def test_a_long_wordless_segment_is_read_again(files, guarded):
+    adapter = _text_adapter()
+    job = FileJob(adapter, files[0], "f0", LongformOptions(sparse_segment_seconds=8.0 if guarded else None))
+    job.next_window()
+    # A decoder that jumped a passage: "one two three" in 3 s, then one word stamped across 25 s.
+    tokens = _window_tokens(adapter, [(0.0, 3.0, "one two three"), (3.0, 28.0, "x")])
+    job.accept(WindowOutput(tokens, -0.2, 0.0, 1.0, 0.0, 0, 0.0, 0.0, False), fallbacks=0, skip=False)
+    if guarded:
+        assert [segment.text for segment in job.segments] == ["one two three"]
+        assert job.seek == 3 * 16000 and job.rewound == 1  # the next window starts at the jumped passage
+    else:
+        assert [segment.text for segment in job.segments] == ["one two three", "x"] and job.seek >= 28 * 16000
+    # A long wordless segment opening the window sends it to the next temperature (reading it again from the same
+    # place would repeat it); once the temperatures are spent it is kept.
+    start = job.seek
+    job.next_window()
+    opening = WindowOutput(_window_tokens(adapter, [(0.0, 25.0, "x"), (25.0, 27.0, "four five")]),
+                           -0.2, 0.0, 1.0, 0.0, 0, 0.0, 0.0, False)
+    plain = WindowOutput(_window_tokens(adapter, [(0.0, 2.0, "one two"), (2.0, 4.0, "four five")]),
+                         -0.2, 0.0, 1.0, 0.0, 0, 0.0, 0.0, False)
+    assert job.starts_sparse(opening) == guarded and not job.starts_sparse(plain)
+    job.accept(opening, fallbacks=5, skip=False)
+    assert [segment.text for segment in job.segments[-2:]] == ["x", "four five"]
+    assert job.seek > start and job.rewound == int(guarded)
+
+
+def test_fallback_seed_comes_from_the_audio_not_the_name(files):
+    samples = load_audio(files[1])[:WINDOW_SAMPLES]
+    assert window_seed(samples) == window_seed(samples.copy() + 1e-7)  # below 16-bit resolution
+    assert window_seed(samples) != window_seed(samples[::-1].copy())
+    seeds = [FileJob(_text_adapter(), files[1], name, LongformOptions()).next_window().seed
+             for name in ("a.wav", "manifest-id-7")]
+    assert seeds[0] == seeds[1]
 
 
 def test_python_api_takes_arrays(adapter):

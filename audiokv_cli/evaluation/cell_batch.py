@@ -3,7 +3,7 @@
 For an encoder-decoder (Whisper) the audio cache is the cross-attention over the encoder frames. The encoder runs
 once; each batch row then compresses its own copy of the cross-attention cache with its own policy (per-row
 segments of the ragged cache) and all rows decode greedily in lockstep. For a decoder-only model the prompt is
-prefilled once (evaluation.sweep.record_prefill) and its recorded cache is replayed into every row, each row
+prefilled once (runtime.record_prefill) and its recorded cache is replayed into every row, each row
 compressed by its own policy from the recorded scores (``eval --batch-size``). A decode step reads the weights once for
 the whole batch, so a sweep of N cells costs little more than one cell. Rows never see each other: every row's
 attention, budgets and selection are its own, so its tokens are those of a single-row run (tested).
@@ -12,13 +12,25 @@ attention, budgets and selection are its own, so its tokens are those of a singl
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from audiokv_cli.attention import use_attention_handler
+from audiokv_cli import runtime
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats, spend_budget
-from audiokv_cli.decoding import decode_greedy_rows, prefill
+
+
+@dataclass
+class CellOutcome:
+    token_ids: list[int]
+    hit_token_limit: bool
+    kv_bytes_kept: int
+    seconds_compress: float
+    seconds_decode: float
+    kept_per_head: dict
+    #: the policy as run (a byte budget's retention and bits filled in)
+    policy: CompressionPolicy | None = None
 
 
 class CellBatchSession(CompressionSession):
@@ -60,6 +72,14 @@ class CellBatchSession(CompressionSession):
         self.cache.compress_layer(layer_idx, keep, self.adapter.sliding_window(layer_idx), first.quant, first.merge_mode)
         self.seconds_compress += time.perf_counter() - start
 
+    @property
+    def row_policies(self) -> list[CompressionPolicy]:
+        """Each row's policy as asked for (a recorded prefill's scores are keyed by it)."""
+        return [session.requested_policy for session in self.rows]
+
+    def kept_bytes_per_row(self) -> list[int]:
+        return [self.kept_bytes(row) for row in range(len(self.rows))]
+
     def kept_bytes(self, row: int) -> int:
         """Bytes of row `row`'s compressed prompt cache (`RaggedKVCache.kept_bytes`); a row whose policy compresses
         nothing counts what its live run keeps, the dense prompt cache (no per-head lengths)."""
@@ -100,18 +120,14 @@ def run_cells_batched(adapter, prepared, policies: Sequence[CompressionPolicy], 
                 outcomes[index] = outcome
         return outcomes, seconds
     session = CellBatchSession(policies, adapter, prepared)
-    with use_attention_handler(adapter, session), torch.no_grad():
-        logits, seconds = prefill(adapter, batched_inputs(prepared, len(policies)), session.model_cache)
-        seconds_prefill = seconds - session.seconds_compress
-        tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens)
-    return _outcomes(session, policies, tokens, max_new_tokens, seconds_decode), seconds_prefill
+    output = runtime.run(adapter, session, batched_inputs(prepared, len(policies)), max_new_tokens)
+    seconds_prefill = output.seconds_prefill - session.seconds_compress
+    return _outcomes(session, policies, output, max_new_tokens), seconds_prefill
 
 
 def run_cells_replayed(adapter, prepared, record, policies: Sequence[CompressionPolicy], max_new_tokens: int):
     """Decoder-only: every row's cache filled from one recorded prefill (``record``) and compressed by its policy
     from the recorded scores, then all rows decoded together; returns a CellOutcome per policy."""
-    from audiokv_cli.evaluation.sweep import scorer_key
-
     rows = len(policies)
     groups = storage_groups(adapter, prepared, policies)
     if len(groups) > 1:
@@ -122,37 +138,25 @@ def run_cells_replayed(adapter, prepared, record, policies: Sequence[Compression
                 outcomes[index] = outcome
         return outcomes
     session = CellBatchSession(policies, adapter, prepared)
-    with torch.no_grad():
-        for layer in record.layers:
-            keys = layer.keys.expand(rows, *layer.keys.shape[1:])
-            values = layer.values.expand(rows, *layer.values.shape[1:])
-            # update() keeps references; compression builds new tensors, so the record stays intact.
-            session.cache.layers[layer.index].update(keys, values)
-            scores = [layer.scores.get(scorer_key(policy)) for policy in policies]
-            session.compress_layer(layer.index, None, keys, layer.scaling, scores=scores)
-    with use_attention_handler(adapter, session):
-        logits = record.first_logits.expand(rows, *record.first_logits.shape[1:])
-        tokens, seconds_decode = decode_greedy_rows(adapter, session.model_cache, logits, max_new_tokens)
-    return _outcomes(session, policies, tokens, max_new_tokens, seconds_decode)
+    return _outcomes(session, policies, runtime.run(adapter, session, None, max_new_tokens, record=record), max_new_tokens)
 
 
-def _outcomes(session: CellBatchSession, policies, tokens, max_new_tokens: int, seconds_decode: float):
-    from audiokv_cli.evaluation.sweep import CellOutcome
-
+def _outcomes(session: CellBatchSession, policies, output, max_new_tokens: int):
+    """One CellOutcome per row of a batched run; the batch's compress and decode seconds shared evenly."""
     share = 1.0 / len(policies)
     outcomes = []
     for row, policy in enumerate(policies):
         full = not policy.evicts
-        resolved = session.rows[row].policy
+        tokens = output.tokens[row]
         outcomes.append(
             CellOutcome(
-                token_ids=tokens[row],
-                hit_token_limit=len(tokens[row]) >= max_new_tokens,
-                kv_bytes_kept=session.kept_bytes(row),
+                token_ids=tokens,
+                hit_token_limit=len(tokens) >= max_new_tokens,
+                kv_bytes_kept=output.kept_bytes[row],
                 seconds_compress=session.seconds_compress * share,
-                seconds_decode=seconds_decode * share,
+                seconds_decode=output.seconds_decode * share,
                 kept_per_head={} if full else session.rows[row].summary(),
-                policy=resolved,
+                policy=session.rows[row].policy,
             )
         )
     return outcomes

@@ -6,7 +6,7 @@ Field meanings on a long row: ``kv_bytes_full`` is one window's full cross-atten
 largest window's kept cache (as `infer --format json` reports them); ``kv_bytes_kept_total`` sums the windows;
 ``seconds_prefill`` / ``seconds_decode`` sum the windows (compression happens inside each window's prefill, so
 ``seconds_compress`` is 0); ``seconds_total`` is the whole transcription, ``real_time_factor`` that over the audio
-length; ``windows``, ``fallbacks``, ``skipped_windows`` as in the long-form JSON. A long clip is decoded once per
+length; ``windows``, ``fallbacks``, ``skipped_windows``, ``rewound_windows`` as in the long-form JSON. A long clip is decoded once per
 cell (a window's start depends on the previous window's tokens, so cells share nothing), in the calling process.
 """
 
@@ -82,6 +82,7 @@ def long_row(adapter, example, cell, transcript) -> dict:
             "real_time_factor": round(transcript.real_time_factor, 4),
             "fallbacks": transcript.fallbacks,
             "skipped_windows": transcript.skipped_windows,
+            "rewound_windows": transcript.rewound_windows,
         }
     )
     return row

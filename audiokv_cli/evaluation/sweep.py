@@ -10,21 +10,20 @@ The result is token-for-token what `inference.run_clip` gives for the same polic
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from audiokv_cli.attention import sdpa_attention, use_attention_handler
-from audiokv_cli.compression.methods import MethodOptions, MethodSpec, build_policy, resolve_method
+from audiokv_cli import runtime
+from audiokv_cli.compression.methods import MethodOptions, MethodSpec, resolve_method
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
 from audiokv_cli.compression.selection import SCOPES
-from audiokv_cli.decoding import decode_greedy, synchronize
 from audiokv_cli.errors import AudiokvError
+from audiokv_cli.evaluation.cell_batch import CellOutcome, run_cells_batched, run_cells_replayed
 from audiokv_cli.evaluation.metrics import aggregate, is_degenerate, score_clip
-from audiokv_cli.evaluation.report import FULL_METHOD
 from audiokv_cli.inference import full_bytes_16bit
+from audiokv_cli.runtime import PrefillRecord, record_prefill
 
 def parse_methods(text: str) -> list[MethodSpec]:
     names = [part.strip() for part in text.split(",") if part.strip()]
@@ -219,111 +218,25 @@ def plan_cells(
 # ----------------------------------------------------------------------------------------------- shared prefill
 
 
-def scorer_key(policy: CompressionPolicy) -> str | None:
-    """Policies whose scorers are equal (same class and parameters) share one precomputed score tensor."""
-    return repr(policy.scorer) if policy.evicts else None
-
-
-@dataclass
-class LayerRecord:
-    index: int  # the decoder layer whose cache this is
-    keys: torch.Tensor
-    values: torch.Tensor
-    scaling: float
-    scores: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class PrefillRecord:
-    """What every cell of one clip needs from its (policy-independent) prefill."""
-
-    layers: list[LayerRecord]
-    first_logits: torch.Tensor
-    seconds: float
-
-
-class _Recorder:
-    """Attention handler for the shared prefill: full attention, plus each layer's dense K/V and raw scores."""
-
-    def __init__(self, prompt_tokens: int, scorers: Mapping[str, object], owners: set[int]):
-        self.prompt_tokens = prompt_tokens
-        self.scorers = scorers
-        self.owners = owners  # layers that own a cache; a layer sharing another's has nothing to record
-        self.layers: dict[int, LayerRecord] = {}
-
-    def __call__(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
-        prefill = query.shape[-2] == self.prompt_tokens and key.shape[-2] == query.shape[-2]
-        if prefill and module.layer_idx in self.owners:
-            # The same calls a live session makes on the same tensors, so the scores are bit-identical; H2O needs
-            # every query row, which is why scores are computed here and the queries are not kept.
-            scores = {name: scorer.score(query, key, scaling) for name, scorer in self.scorers.items()}
-            self.layers[module.layer_idx] = LayerRecord(module.layer_idx, key, value, scaling, scores)
-        return output
-
-
-def record_prefill(adapter, prepared, policies: Sequence[CompressionPolicy]) -> PrefillRecord:
-    """Run the full-cache prefill of ``prepared`` once, keeping what ``policies`` need to compress its cache."""
-    from audiokv_cli.compression.cache import RaggedKVCache
-
-    scorers = {scorer_key(p): p.scorer for p in policies if p.evicts}
-    owners = adapter.compressed_layers()
-    recorder = _Recorder(prepared.prompt_tokens, scorers, set(owners))
-    cache = RaggedKVCache(adapter.geometry.num_layers)
-    synchronize(adapter.device)
-    start = time.perf_counter()
-    with use_attention_handler(adapter, recorder), torch.no_grad():
-        logits = adapter.next_token_logits(prepared.inputs, cache)
-    synchronize(adapter.device)
-    seconds = time.perf_counter() - start
-    missing = [i for i in owners if i not in recorder.layers]
-    if missing:
-        raise AudiokvError(f"prefill did not reach decoder layers {missing}; the model's attention is not routed")
-    return PrefillRecord([recorder.layers[i] for i in sorted(recorder.layers)], logits, seconds)
-
-
-@dataclass
-class CellOutcome:
-    token_ids: list[int]
-    hit_token_limit: bool
-    kv_bytes_kept: int
-    seconds_compress: float
-    seconds_decode: float
-    kept_per_head: dict
-    #: the policy as run (a byte budget's retention and bits filled in)
-    policy: CompressionPolicy | None = None
-
-
 def run_cell(adapter, prepared, record: PrefillRecord, policy: CompressionPolicy, max_new_tokens: int) -> CellOutcome:
     """Compress a fresh cache filled from ``record`` as ``policy`` says, then decode greedily."""
     session = CompressionSession(policy, adapter, prepared)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for layer in record.layers:
-            # update() keeps references; compression builds new tensors, so the record stays intact for later cells.
-            session.cache.layers[layer.index].update(layer.keys, layer.values)
-            if policy.compresses:
-                scores = layer.scores.get(scorer_key(policy))
-                session.compress_layer(layer.index, None, layer.keys, layer.scaling, scores=scores)
-    seconds_compress = time.perf_counter() - start
-    kept = session.kept_bytes()
-    with use_attention_handler(adapter, session):
-        tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.cache, record.first_logits, max_new_tokens)
+    output = runtime.run(adapter, session, None, max_new_tokens, record=record)
+    tokens = output.tokens[0]
     per_head = session.summary() if policy.evicts else {}
-    return CellOutcome(tokens, hit_limit, kept, seconds_compress, seconds_decode, per_head, session.policy)
+    return CellOutcome(tokens, len(tokens) >= max_new_tokens, output.kept_bytes[0], output.seconds_compress,
+                       output.seconds_decode, per_head, session.policy)
 
 
 def run_live(adapter, prepared, policy: CompressionPolicy, max_new_tokens: int) -> tuple[CellOutcome, float]:
     """Prefill and decode ``prepared`` under ``policy`` (a cell whose cache cannot be filled from a record); the
     outcome and the prefill's seconds."""
-    from audiokv_cli.decoding import prefill
-
     session = CompressionSession(policy, adapter, prepared)
-    with use_attention_handler(adapter, session):
-        logits, seconds_prefill = prefill(adapter, prepared.inputs, session.model_cache)
-        kept = session.kept_bytes()
-        tokens, seconds_decode, hit_limit = decode_greedy(adapter, session.model_cache, logits, max_new_tokens)
-    return CellOutcome(tokens, hit_limit, kept, 0.0, seconds_decode, {}, session.policy), seconds_prefill
+    output = runtime.run(adapter, session, prepared.inputs, max_new_tokens)
+    tokens = output.tokens[0]
+    outcome = CellOutcome(tokens, len(tokens) >= max_new_tokens, output.kept_bytes[0], 0.0, output.seconds_decode,
+                          {}, session.policy)
+    return outcome, output.seconds_prefill
 
 
 # --------------------------------------------------------------------------------------------------------- sweep
@@ -436,7 +349,6 @@ def clip_outcomes(adapter, prepared, cells: Sequence[Cell], max_new_tokens: int,
     together as batch rows (default 1). An encoder-decoder's cells are decoded together, ``batch_size`` rows at a
     time (default all; evaluation.cell_batch): its prompt is a few tokens, so replaying buys nothing.
     """
-    from audiokv_cli.evaluation.cell_batch import run_cells_batched, run_cells_replayed
 
     policies = [cell.policy for cell in cells]
     if adapter.compressed_attention == "cross":
