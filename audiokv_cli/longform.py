@@ -12,8 +12,8 @@ rewritten:
 - runaway windows are caught by the guards openai-whisper uses: a window whose token compression ratio
   (transformers' `_retrieve_compression_ratio`, zlib over the token bytes) is above 1.35 or whose mean log
   probability is below -1 is decoded again at the next temperature (0.2, 0.4, ... 1.0, sampled with a generator
-  seeded from the window, so runs repeat); a window whose <|nospeech|> probability is above 0.6 while its mean log
-  probability is below -1 is silence and skipped;
+  seeded from the window's audio, so runs repeat whatever the file is called); a window whose <|nospeech|>
+  probability is above 0.6 while its mean log probability is below -1 is silence and skipped;
 - the previous windows' tokens (at most 223) go in front as `<|startofprev|>` context, and are dropped after a window
   needed a temperature above 0.5 (carried context spreads a loop).
 
@@ -27,7 +27,6 @@ file at a time (tested). Windows that need a temperature fallback are decoded ag
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import zlib
@@ -39,8 +38,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from audiokv_cli.attention import use_attention_handler
-from audiokv_cli.audio import SAMPLE_RATE, AudioError, check_path, load_audio
+from audiokv_cli import runtime
+from audiokv_cli.audio import SAMPLE_RATE, AudioError, check_complete, check_path, load_audio, promised_seconds
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats
 from audiokv_cli.errors import AudiokvError
@@ -69,6 +68,11 @@ class LongformOptions:
     #: tokens one window may generate (Whisper: half its 448-position text context)
     max_new_tokens: int = 224
     seed: int = 0
+    #: a segment at least this long that says fewer words per second than `min_words_per_second` skipped speech
+    #: (a compressed cache can jump a passage: one short segment stamped across 25 s); the next window starts where
+    #: it starts, so the passage is read again at the front of a window. None turns the guard off.
+    sparse_segment_seconds: float | None = 8.0
+    min_words_per_second: float = 0.5
 
 
 @dataclass
@@ -107,6 +111,8 @@ class Transcript:
     seconds_total: float
     fallbacks: int = 0
     skipped_windows: int = 0
+    #: windows cut short at a long, nearly wordless segment (the next window read that passage again)
+    rewound_windows: int = 0
     hit_token_limit: int = 0
     #: one window's compressed cache at 16 bits (what --kv-budget is a fraction of), the stored bits, the budget
     #: given and what happened to evicted entries
@@ -176,6 +182,8 @@ class AudioStream:
             self.close()
             raise AudioError(f"{path}: zero-length audio")
         self.total_samples = int(round(self._file.frames * SAMPLE_RATE / rate))
+        self._path = path
+        self._promised = promised_seconds(path)
         if rate != SAMPLE_RATE:
             import soxr
 
@@ -207,6 +215,7 @@ class AudioStream:
         if last:
             self._eof = True
             self.close()
+            check_complete(self._path, (self._start + self._buffer.shape[0]) / SAMPLE_RATE, self._promised)
 
     def window(self, start: int, length: int = WINDOW_SAMPLES) -> np.ndarray:
         """Samples ``[start, start + length)`` (fewer at the end of the file); earlier samples are released."""
@@ -272,18 +281,13 @@ class WindowSession(CompressionSession):
         quant, merge = self.policy.quant, self.policy.merge_mode
         self.cache.compress_layer(layer_idx, keep, None, quant, merge)
 
-    def row_kept_bytes(self, row: int) -> int:
-        """Bytes of row ``row``'s kept cross-attention entries (keys and values, every layer and head)."""
-        geometry = self.adapter.geometry
-        per_token = geometry.kv_bytes_per_token(self.adapter.dtype)
-        if getattr(self.policy, "quant", None) is not None:
-            # --kv-bits: the rows' share of the cache's measured bytes (codes, scales), by kept entries
-            kept = [sum(sum(stats.kept) for stats in row.layer_stats.values()) for row in self.rows]
-            return int(self.cache.physical_bytes(include_tail=False) * kept[row] / max(1, sum(kept)))
-        if not self.policy.evicts:
-            return self.prepared.compressed_length * per_token
-        per_entry = per_token // (geometry.num_layers * geometry.num_kv_heads)
-        return sum(sum(stats.kept) for stats in self.rows[row].layer_stats.values()) * per_entry
+    def kept_bytes_per_row(self) -> list[int]:
+        """Each row's kept cross-attention bytes as a window alone holds them (`RaggedKVCache.kept_bytes`); under a
+        policy that compresses nothing, the dense window cache."""
+        if not self.policy.compresses:
+            per_token = self.adapter.geometry.kv_bytes_per_token(self.adapter.dtype)
+            return [row.prepared.compressed_length * per_token for row in self.rows]
+        return self.cache.kept_bytes()
 
 
 @dataclass
@@ -322,6 +326,20 @@ def timestamp_processor(adapter, begin_index: int):
     return WhisperTimeStampLogitsProcessor(config, begin_index=begin_index)
 
 
+def padded_decoder_steps(mask: torch.Tensor, lengths: list[int]):
+    """``step_inputs`` for left-padded decoder prompts: the padding mask grown by one column and every row's own
+    position, each step."""
+    state = {"mask": mask, "positions": torch.tensor(lengths, device=mask.device)[:, None]}
+
+    def step_inputs(ids: torch.Tensor) -> dict:
+        state["mask"] = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=-1)
+        step = {"input_ids": ids, "decoder_attention_mask": state["mask"], "decoder_position_ids": state["positions"]}
+        state["positions"] = state["positions"] + 1
+        return step
+
+    return step_inputs
+
+
 def decode_windows(
     adapter, windows: Sequence[WindowInput], policy: CompressionPolicy, temperature: float = 0.0
 ) -> list[WindowOutput]:
@@ -342,58 +360,50 @@ def decode_windows(
         inputs["decoder_position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
     session = WindowSession(policy, adapter, prepared, pads)
     rows = len(windows)
-    sequences = [list(window.prompt) for window in windows]
     processors = [timestamp_processor(adapter, length) for length in lengths]
     generators = []
     for window in windows:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(window.seed * 1000 + int(round(temperature * 100)))
         generators.append(generator)
-    tokens: list[list[int]] = [[] for _ in range(rows)]
     logprob_sums = [0.0] * rows
     counted = [0] * rows
-    done = [False] * rows
-    with use_attention_handler(adapter, session), torch.no_grad():
-        start = time.perf_counter()
-        logits, at_sot = adapter.window_logits(inputs, session.model_cache, [pad + w.sot_index for pad, w in zip(pads, windows)])
-        no_speech = (
-            torch.softmax(at_sot, dim=-1)[:, adapter.no_speech].tolist() if adapter.no_speech is not None else [0.0] * rows
-        )
-        seconds_prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        positions = torch.tensor(lengths, device=device)[:, None]
-        while True:
-            chosen = []
-            for row in range(rows):
-                if done[row]:
-                    chosen.append(adapter.end_of_text)
-                    continue
-                row_logits = processors[row](torch.tensor([sequences[row]]), logits[row : row + 1].cpu())
-                logprobs = torch.log_softmax(row_logits, dim=-1)[0]
-                if temperature > 0:
-                    probs = torch.softmax(row_logits[0] / temperature, dim=-1)
-                    token = int(torch.multinomial(probs, 1, generator=generators[row]))
-                else:
-                    token = int(row_logits[0].argmax())
-                logprob_sums[row] += float(logprobs[token])
-                counted[row] += 1
-                if token == adapter.end_of_text:
-                    done[row] = True
-                else:
-                    tokens[row].append(token)
-                    sequences[row].append(token)
-                    done[row] = len(tokens[row]) >= windows[row].max_new_tokens
-                chosen.append(token)
-            if all(done):
-                break
-            step = {"input_ids": torch.tensor(chosen, device=device)[:, None]}
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones(rows, 1, dtype=mask.dtype, device=device)], dim=-1)
-                step["decoder_attention_mask"] = mask
-                step["decoder_position_ids"] = positions
-                positions = positions + 1
-            logits = adapter.next_token_logits(step, session.model_cache)
-        seconds_decode = time.perf_counter() - start
+    at_sot: list[torch.Tensor] = []
+
+    def window_prefill(inputs, cache):
+        logits, sot_logits = adapter.window_logits(inputs, cache, [pad + w.sot_index for pad, w in zip(pads, windows)])
+        at_sot.append(sot_logits)
+        return logits
+
+    def choose(logits, tokens, done) -> list[int]:
+        """Whisper's timestamp rules on each row's sequence so far, then argmax or a seeded sample."""
+        chosen = []
+        for row in range(rows):
+            if done[row]:
+                chosen.append(adapter.end_of_text)
+                continue
+            sequence = list(windows[row].prompt) + tokens[row]
+            row_logits = processors[row](torch.tensor([sequence]), logits[row : row + 1].cpu())
+            logprobs = torch.log_softmax(row_logits, dim=-1)[0]
+            if temperature > 0:
+                probs = torch.softmax(row_logits[0] / temperature, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=generators[row]))
+            else:
+                token = int(row_logits[0].argmax())
+            logprob_sums[row] += float(logprobs[token])
+            counted[row] += 1
+            chosen.append(token)
+        return chosen
+
+    output = runtime.run(
+        adapter, session, inputs, [window.max_new_tokens for window in windows],
+        forward=window_prefill, choose=choose,
+        step_inputs=padded_decoder_steps(mask, lengths) if mask is not None else None,
+    )
+    tokens, seconds_prefill, seconds_decode = output.tokens, output.seconds_prefill, output.seconds_decode
+    no_speech = (
+        torch.softmax(at_sot[0], dim=-1)[:, adapter.no_speech].tolist() if adapter.no_speech is not None else [0.0] * rows
+    )
     vocab = int(adapter.model.config.vocab_size)
     return [
         WindowOutput(
@@ -402,7 +412,7 @@ def decode_windows(
             no_speech_prob=float(no_speech[row]),
             compression_ratio=compression_ratio(tokens[row], vocab),
             temperature=temperature,
-            kv_bytes_kept=session.row_kept_bytes(row),
+            kv_bytes_kept=output.kept_bytes[row],
             seconds_prefill=seconds_prefill / rows,
             seconds_decode=seconds_decode / rows,
             hit_token_limit=len(tokens[row]) >= windows[row].max_new_tokens,
@@ -422,6 +432,14 @@ def needs_fallback(output: WindowOutput, options: LongformOptions) -> tuple[bool
     if options.no_speech_threshold is not None and low_logprob and output.no_speech_prob > options.no_speech_threshold:
         return False, True
     return fallback, False
+
+
+def window_seed(samples: np.ndarray, seed: int = 0) -> int:
+    """The sampling seed of a window's temperature fallback, from its audio: the same recording samples the same
+    whatever its file name or manifest id, alone or in a batch. The samples are rounded to 16 bits first, so the
+    streamed and the whole-file readers (which may differ in the last float bits) agree."""
+    pcm = np.clip(np.round(samples * 32767.0), -32768, 32767).astype("<i2")
+    return (seed * 1_000_003 + zlib.crc32(pcm.tobytes())) % (2**62)
 
 
 # ------------------------------------------------------------------------------------------------ one file's state
@@ -452,6 +470,7 @@ class FileJob:
         self.fallbacks = 0
         self.skipped = 0
         self.hit_limit = 0
+        self.rewound = 0
         self.started = time.perf_counter()
         self._pending: np.ndarray | None = None
 
@@ -479,14 +498,40 @@ class FileJob:
         return WindowInput(
             samples=samples, prompt=prompt, sot_index=sot_index,
             max_new_tokens=max(1, min(self.options.max_new_tokens, room)),
-            # from the file's name, not its place in the batch: a file samples the same alone or among others
-            seed=(self.options.seed * 1_000_003 + zlib.crc32(self.name.encode()) * 1009 + self.window_index) % (2**62),
+            seed=window_seed(samples, self.options.seed),
         )
+
+    def window_segments(self, output: WindowOutput) -> tuple[list[dict], int]:
+        """transformers' segments of the current window's tokens (absolute times) and the frames to move on."""
+        from transformers.models.whisper.generation_whisper import WhisperGenerationMixin
+
+        frames = self._pending.shape[0] // HOP
+        if not output.tokens:
+            return [], frames
+        return WhisperGenerationMixin._retrieve_segment(
+            seek_sequence=torch.tensor(output.tokens, dtype=torch.long),
+            seek_outputs=[None],
+            time_offset=[torch.tensor(self.seek / SAMPLE_RATE, dtype=torch.float64)],
+            timestamp_begin=self.adapter.timestamp_begin,
+            seek_num_frames=[frames],
+            time_precision=TIME_PRECISION,
+            time_precision_features=HOP / SAMPLE_RATE,
+            input_stride=INPUT_STRIDE,
+            prev_idx=0,
+            idx=0,
+            return_token_timestamps=False,
+            decoder_input_ids=torch.zeros(1, 0, dtype=torch.long),
+        )
+
+    def starts_sparse(self, output: WindowOutput) -> bool:
+        """The window opens with a long, nearly wordless segment: a decoding to try again at the next temperature
+        (reading the window again from the same place would repeat it)."""
+        offset = self.seek / SAMPLE_RATE
+        sparse = self.first_sparse_segment(self.window_segments(output)[0], offset)
+        return sparse is not None and sparse["start"] < offset + 1.0
 
     def accept(self, output: WindowOutput, fallbacks: int, skip: bool) -> None:
         """Take the window's final decoding: its segments, and where the next window starts."""
-        from transformers.models.whisper.generation_whisper import WhisperGenerationMixin
-
         samples = self._pending
         segment_samples = samples.shape[0]
         self.kv_max = max(self.kv_max, output.kv_bytes_kept)
@@ -502,22 +547,14 @@ class FileJob:
             self.seek += segment_samples
             return
         offset_seconds = self.seek / SAMPLE_RATE
-        frames = segment_samples // HOP
-        segments, advance_frames = WhisperGenerationMixin._retrieve_segment(
-            seek_sequence=torch.tensor(output.tokens, dtype=torch.long),
-            seek_outputs=[None],
-            time_offset=[torch.tensor(offset_seconds, dtype=torch.float64)],
-            timestamp_begin=self.adapter.timestamp_begin,
-            seek_num_frames=[frames],
-            time_precision=TIME_PRECISION,
-            time_precision_features=HOP / SAMPLE_RATE,
-            input_stride=INPUT_STRIDE,
-            prev_idx=0,
-            idx=0,
-            return_token_timestamps=False,
-            decoder_input_ids=torch.zeros(1, 0, dtype=torch.long),
-        ) if output.tokens else ([], frames)
+        segments, advance_frames = self.window_segments(output)
         window_end = offset_seconds + segment_samples / SAMPLE_RATE
+        # A sparse segment at least a second in: keep what came before it, the next window starts there.
+        sparse = self.first_sparse_segment(segments, not_before=offset_seconds + 1.0)
+        if sparse is not None:
+            segments = segments[:sparse["index"]]
+            advance_frames = int(round((sparse["start"] - offset_seconds) * SAMPLE_RATE / HOP))
+            self.rewound += 1
         for segment in segments:
             token_list = [int(t) for t in segment["tokens"]]
             text = self.adapter.decode([t for t in token_list if t < self.adapter.end_of_text])
@@ -536,6 +573,22 @@ class FileJob:
         self.seek += advance if advance > 0 else segment_samples
         if output.temperature > 0.5:
             self.prompt_reset_since = len(self.history)
+
+    def first_sparse_segment(self, segments: list[dict], not_before: float) -> dict | None:
+        """The first segment starting at ``not_before`` or later that is long and nearly wordless (see
+        `LongformOptions.sparse_segment_seconds`), as {"index", "start"}; None if there is none."""
+        limit = self.options.sparse_segment_seconds
+        if limit is None:
+            return None
+        for index, segment in enumerate(segments):
+            start, end = float(segment["start"]), float(segment["end"])
+            if start < not_before or end - start < limit:
+                continue
+            token_list = [int(t) for t in segment["tokens"] if int(t) < self.adapter.end_of_text]
+            words = len(self.adapter.decode(token_list).split())
+            if words / (end - start) < self.options.min_words_per_second:
+                return {"index": index, "start": start}
+        return None
 
     def finish(self) -> None:
         self.done = True
@@ -573,6 +626,7 @@ class FileJob:
             seconds_total=round(time.perf_counter() - self.started, 4),
             fallbacks=self.fallbacks,
             skipped_windows=self.skipped,
+            rewound_windows=self.rewound,
             hit_token_limit=self.hit_limit,
         )
 
@@ -583,12 +637,14 @@ def _decode_with_fallback(adapter, jobs: list[FileJob], windows: list[WindowInpu
     for job, window, output in zip(jobs, windows, outputs):
         fallbacks = 0
         retry, skip = needs_fallback(output, options)
+        retry = retry or (not skip and job.starts_sparse(output))
         for temperature in options.temperatures[1:]:
             if not retry:
                 break
             fallbacks += 1
             output = decode_windows(adapter, [window], policy, temperature)[0]
             retry, skip = needs_fallback(output, options)
+            retry = retry or (not skip and job.starts_sparse(output))
         job.accept(output, fallbacks, skip)
 
 
@@ -646,44 +702,3 @@ def transcribe_files(
     finally:
         for job in active:
             job.stream.close()
-
-
-def transcribe(
-    audio,
-    model: str = "whisper-base",
-    *,
-    method: str = "full",
-    retention: float = 1.0,
-    language: str = "en",
-    adapter=None,
-    options: LongformOptions | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    **method_options,
-) -> Transcript:
-    """Python API: transcribe a file (any length) or a 16 kHz mono float32 array with Whisper, its cross-attention
-    cache compressed by ``method`` at ``retention`` in every 30 s window.
-
-    >>> from audiokv_cli.longform import transcribe
-    >>> result = transcribe("meeting.wav", method="audiokv", retention=0.5)
-    >>> result.text, result.segments[0].start
-    """
-    from audiokv_cli.compression.methods import MethodOptions, resolve_method
-
-    if adapter is None:
-        from audiokv_cli.models.registry import load_adapter
-
-        adapter = load_adapter(model, device=device, dtype=dtype)
-    check_longform(adapter)
-    adapter.set_language(language)
-    spec = resolve_method(method)
-    method_options = MethodOptions(**method_options)
-    if spec.uses_profile and method_options.head_scores is None:
-        from audiokv_cli.profiling.profile_file import find_profile, load_head_scores
-
-        found = find_profile(adapter)
-        if found is None:
-            raise AudiokvError(f"no head profile for {adapter.name} in profiles/")
-        method_options.head_scores = load_head_scores(found, adapter)
-    policy = spec.policy(retention, method_options)
-    return next(iter(transcribe_files(adapter, [audio], policy, options)))
