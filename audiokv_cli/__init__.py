@@ -27,16 +27,16 @@ _HOMES = {
     "compress": "audiokv_cli.api",
     "load_model": "audiokv_cli.api",
     "CompressedGeneration": "audiokv_cli.api",
-    "ClipResult": "audiokv_cli.inference",
-    "Transcript": "audiokv_cli.longform",
+    "ClipResult": "audiokv_cli.runtime.inference",
+    "Transcript": "audiokv_cli.runtime.longform",
     "AudiokvError": "audiokv_cli.errors",
 }
 
 if TYPE_CHECKING:
     from audiokv_cli.api import CompressedGeneration, compress, load_model, transcribe
     from audiokv_cli.errors import AudiokvError
-    from audiokv_cli.inference import ClipResult
-    from audiokv_cli.longform import Transcript
+    from audiokv_cli.runtime.inference import ClipResult
+    from audiokv_cli.runtime.longform import Transcript
 
 
 def __getattr__(name: str) -> Any:

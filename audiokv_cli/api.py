@@ -86,7 +86,7 @@ def transcribe(
     policy = _policy(adapter, method, retention, kv_budget, kv_bits, merge, profile, allow_profile_mismatch,
                      method_options)
     if hasattr(adapter, "prepare_window"):
-        from audiokv_cli.longform import LongformOptions, transcribe_files
+        from audiokv_cli.runtime.longform import LongformOptions, transcribe_files
 
         if prompt is not None:
             raise AudiokvError(f"{adapter.name} transcribes speech; it takes no prompt")
@@ -94,8 +94,8 @@ def transcribe(
         if options is None:
             options = LongformOptions(max_new_tokens=min(LongformOptions.max_new_tokens, max_new_tokens))
         return next(iter(transcribe_files(adapter, [audio], policy, options)))
-    from audiokv_cli.audio import load_audio
-    from audiokv_cli.inference import run_clip
+    from audiokv_cli.io.audio import load_audio
+    from audiokv_cli.runtime.inference import run_clip
 
     samples = audio if isinstance(audio, np.ndarray) else load_audio(audio, max_seconds=adapter.max_audio_seconds)
     name = "audio" if isinstance(audio, np.ndarray) else str(audio)
@@ -146,7 +146,7 @@ def compress(
     ``method`` says, and decodes over what was kept; sampling, stopping criteria and the other `generate`
     arguments work as usual. One `generate` call per block: the cache holds this prompt.
     """
-    from audiokv_cli.attention import use_attention_handler
+    from audiokv_cli.runtime.attention import use_attention_handler
     from audiokv_cli.compat import cache_kwargs
     from audiokv_cli.compression.policy import CompressionSession
     from audiokv_cli.models.registry import adapter_for_model

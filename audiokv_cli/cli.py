@@ -73,7 +73,7 @@ def _main(
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """audiokv's own warnings about the user's input (a truncated file) as one yellow line, not Python's two."""
-    from audiokv_cli.audio import TruncatedAudioWarning
+    from audiokv_cli.io.audio import TruncatedAudioWarning
 
     if issubclass(category, TruncatedAudioWarning):
         console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)

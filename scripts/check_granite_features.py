@@ -1,6 +1,6 @@
 """Granite Speech features without torchaudio, checked against the stock `GraniteSpeechFeatureExtractor`.
 
-`GraniteSpeechAudioProcessor` (audiokv_cli/models/granite_speech.py) computes Granite Speech's features with torch
+`GraniteSpeechAudioProcessor` (audiokv_cli/models/families/granite_speech.py) computes Granite Speech's features with torch
 alone. The stock extractor needs torchaudio, which has no build for torch 2.13; its `MelSpectrogram` is pure Python,
 though, so for this one-off check torchaudio is imported from an unpacked wheel with its C extension stubbed out (the
 library is built for another torch and would not load). The test suite never does this.
@@ -74,12 +74,12 @@ def check_prompts(clip: np.ndarray) -> bool:
     """The adapter's prompt through the stock processor against GraniteSpeechAudioProcessor, on the tiny checkpoint."""
     from transformers import GraniteSpeechProcessor
 
-    from audiokv_cli.models.granite_speech import GraniteSpeechAudioProcessor
+    from audiokv_cli.models.families.granite_speech import GraniteSpeechAudioProcessor
     from audiokv_cli.models.registry import load_adapter
-    from audiokv_cli.testing_families import build_tiny_granite_speech
+    from audiokv_cli.testing.families import build_random_granite_speech
 
     with tempfile.TemporaryDirectory() as folder:
-        build_tiny_granite_speech(folder)
+        build_random_granite_speech(folder)
         adapter = load_adapter(folder, device="cpu", dtype="float32")
         assert isinstance(adapter.processor, GraniteSpeechProcessor), type(adapter.processor)
         stock = adapter.prepare(clip).inputs
@@ -107,8 +107,8 @@ def main() -> None:
 
     from transformers import GraniteSpeechFeatureExtractor
 
-    from audiokv_cli.models.granite_speech import GraniteSpeechFeatures, GraniteSpeechFeatureSettings
-    from audiokv_cli.testing_families import GRANITE_SPEECH_PREPROCESSOR
+    from audiokv_cli.models.families.granite_speech import GraniteSpeechFeatures, GraniteSpeechFeatureSettings
+    from audiokv_cli.testing.families import GRANITE_SPEECH_PREPROCESSOR
 
     # Both built from the released preprocessor_config.json, as from_pretrained builds the stock one.
     stock = GraniteSpeechFeatureExtractor.from_dict(dict(GRANITE_SPEECH_PREPROCESSOR))

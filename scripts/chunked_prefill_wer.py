@@ -14,12 +14,12 @@ import json
 
 import torch
 
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.commands.infer import resolve_head_scores
 from audiokv_cli.compression.methods import MethodOptions, build_policy
 from audiokv_cli.evaluation.datasets import read_manifest
 from audiokv_cli.evaluation.metrics import corpus_wer
-from audiokv_cli.inference import run_clip
+from audiokv_cli.runtime.inference import run_clip
 from audiokv_cli.models import load_adapter
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from audiokv_cli.benchmark import bench_policies, prompt_of
+from audiokv_cli.bench.model import bench_policies, prompt_of
 from audiokv_cli.compression.methods import MethodOptions, build_policy
-from audiokv_cli.kernel_benchmark import GEOMETRIES, bench_kernels, synthetic_head_scores
+from audiokv_cli.bench.kernels import GEOMETRIES, bench_kernels, synthetic_head_scores
 
 MODELS = {
     "qwen2-audio-7b": {"intermediate": 11008, "vocab": 156032},
@@ -45,8 +45,8 @@ def _default_dtype(dtype: torch.dtype):
 def _qwen2_audio(geometry, intermediate, vocab, tmp: Path):
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, Qwen2AudioProcessor, WhisperFeatureExtractor
 
-    from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
-    from audiokv_cli.testing import CHAT_TEMPLATE, build_character_tokenizer, tiny_audio_encoder_config
+    from audiokv_cli.models.families.qwen2_audio import Qwen2AudioAdapter
+    from audiokv_cli.testing.qwen2_audio import CHAT_TEMPLATE, build_character_tokenizer, tiny_audio_encoder_config
 
     tokenizer = build_character_tokenizer()
     processor = Qwen2AudioProcessor(
@@ -74,8 +74,8 @@ def _qwen2_audio(geometry, intermediate, vocab, tmp: Path):
 def _qwen2_5_omni(geometry, intermediate, vocab, tmp: Path):
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter, load_omni_processor
-    from audiokv_cli.testing_omni import build_omni_character_tokenizer, save_omni_processor_files, tiny_thinker_config
+    from audiokv_cli.models.families.qwen2_5_omni import Qwen2_5OmniAdapter, load_omni_processor
+    from audiokv_cli.testing.omni import build_omni_character_tokenizer, save_omni_processor_files, tiny_thinker_config
 
     tokenizer = build_omni_character_tokenizer()
     config = tiny_thinker_config(

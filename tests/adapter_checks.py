@@ -9,10 +9,10 @@ import numpy as np
 import soundfile
 import torch
 
-from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.io.audio import SAMPLE_RATE
 from audiokv_cli.compression.methods import METHODS, MethodOptions, build_policy
-from audiokv_cli.inference import run_clip
-from audiokv_cli.testing_masked import assert_keeps_planted_spike, assert_matches_masked_dense
+from audiokv_cli.runtime.inference import run_clip
+from audiokv_cli.testing.masked_dense import assert_keeps_planted_spike, assert_matches_masked_dense
 
 
 def noise_clip(seconds: float, seed: int = 0) -> np.ndarray:
@@ -103,9 +103,9 @@ def check_decode_positions(adapter, audio: np.ndarray, steps: int = 3) -> None:
     """After eviction the cache reports the logical length, so each new token gets the uncompressed position. On an
     encoder-decoder eviction shrinks the cross-attention cache only: the decoder's self-attention cache, which sets
     the text positions, keeps every token."""
-    from audiokv_cli.attention import use_attention_handler
+    from audiokv_cli.runtime.attention import use_attention_handler
     from audiokv_cli.compression.policy import CompressionSession
-    from audiokv_cli.decoding import decode_greedy, prefill
+    from audiokv_cli.runtime.decoding import decode_greedy, prefill
 
     prepared = adapter.prepare(audio)
     session = CompressionSession(build_policy("snapkv", 0.4, options(adapter)), adapter, prepared)

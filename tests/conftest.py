@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 class FamilyModels:
     """Each model family's random test model, built once per session by the builder its adapter class names
-    (`tiny_model`, "module:function") and loaded once: the family suite and the per-family files share them."""
+    (`random_model`, "module:function") and loaded once: the family suite and the per-family files share them."""
 
     def __init__(self, tmp_path_factory):
         self.tmp_path_factory = tmp_path_factory
@@ -33,7 +33,7 @@ class FamilyModels:
         if required and not hasattr(transformers, required):
             pytest.skip(f"{required} is not in transformers {transformers.__version__}")
         if adapter_class not in self.directories:
-            module, function = adapter_class.tiny_model.split(":")
+            module, function = adapter_class.random_model.split(":")
             build = getattr(importlib.import_module(module), function)
             self.directories[adapter_class] = build(self.tmp_path_factory.mktemp(function.removeprefix("build_")))
         return self.directories[adapter_class]
@@ -54,15 +54,15 @@ def family_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(family_models):
-    from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
+def random_model_dir(family_models):
+    from audiokv_cli.models.families.qwen2_audio import Qwen2AudioAdapter
 
     return family_models.directory(Qwen2AudioAdapter)
 
 
 @pytest.fixture(scope="session")
-def tiny_adapter(family_models):
-    from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
+def random_adapter(family_models):
+    from audiokv_cli.models.families.qwen2_audio import Qwen2AudioAdapter
 
     return family_models.adapter(Qwen2AudioAdapter)
 

@@ -7,16 +7,16 @@ import torch
 
 import audiokv_cli
 from audiokv_cli.compression.methods import MethodOptions, build_policy
-from audiokv_cli.inference import ClipResult, run_clip
-from audiokv_cli.longform import Transcript
+from audiokv_cli.runtime.inference import ClipResult, run_clip
+from audiokv_cli.runtime.longform import Transcript
 from audiokv_cli.models.registry import load_adapter
-from audiokv_cli.testing_families import build_tiny_whisper
+from audiokv_cli.testing.families import build_random_whisper
 from tests.adapter_checks import noise_clip
 
 
 @pytest.fixture(scope="module")
 def whisper(tmp_path_factory):
-    return load_adapter(str(build_tiny_whisper(tmp_path_factory.mktemp("api-whisper"))), device="cpu", dtype="float32")
+    return load_adapter(str(build_random_whisper(tmp_path_factory.mktemp("api-whisper"))), device="cpu", dtype="float32")
 
 
 def test_exports_are_listed_and_typed():
@@ -29,9 +29,9 @@ def test_exports_are_listed_and_typed():
         audiokv_cli.not_a_name  # noqa: B018
 
 
-def test_compress_a_model_loaded_with_transformers(tiny_adapter):
-    model = tiny_adapter.model  # as `Qwen2AudioForConditionalGeneration.from_pretrained` returns it
-    inputs = tiny_adapter.prepare(noise_clip(2.0, seed=4)).inputs  # as the processor returns them
+def test_compress_a_model_loaded_with_transformers(random_adapter):
+    model = random_adapter.model  # as `Qwen2AudioForConditionalGeneration.from_pretrained` returns it
+    inputs = random_adapter.prepare(noise_clip(2.0, seed=4)).inputs  # as the processor returns them
     prompt = inputs["input_ids"].shape[-1]
     with torch.no_grad():
         plain = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, prompt:].tolist()
@@ -43,17 +43,17 @@ def test_compress_a_model_loaded_with_transformers(tiny_adapter):
             kept, summary = kv.kept_bytes(), kv.summary()
     # The command line's path on the same prompt and policy gives the same tokens.
     reference = run_clip(
-        tiny_adapter, noise_clip(2.0, seed=4), build_policy("snapkv", 0.5, MethodOptions(window=8)), max_new_tokens=6
+        random_adapter, noise_clip(2.0, seed=4), build_policy("snapkv", 0.5, MethodOptions(window=8)), max_new_tokens=6
     )
-    eos = set(tiny_adapter.eos_token_ids)
+    eos = set(random_adapter.eos_token_ids)
     tokens = [t for t in ids.tolist() if t not in eos]
     assert tokens == reference.token_ids[: len(tokens)] and len(tokens) >= 1
     assert kept == reference.kv_bytes_kept < reference.kv_bytes_full
     assert sum(map(sum, summary["kept"])) > 0
 
 
-def test_compress_works_with_generate_sampling(tiny_adapter):
-    model, inputs = tiny_adapter.model, tiny_adapter.prepare(noise_clip(2.0, seed=5)).inputs
+def test_compress_works_with_generate_sampling(random_adapter):
+    model, inputs = random_adapter.model, random_adapter.prepare(noise_clip(2.0, seed=5)).inputs
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
@@ -82,25 +82,25 @@ def test_compress_whisper_cross_attention(whisper):
     assert kept / full_bytes == pytest.approx(0.2, abs=0.02)
 
 
-def test_compress_refuses_what_it_cannot_do(tiny_adapter, whisper):
-    inputs = tiny_adapter.prepare(noise_clip(1.0)).inputs
+def test_compress_refuses_what_it_cannot_do(random_adapter, whisper):
+    inputs = random_adapter.prepare(noise_clip(1.0)).inputs
     batch = {key: torch.cat([value, value]) for key, value in inputs.items()}
     with pytest.raises(audiokv_cli.AudiokvError, match="one prompt"):
-        with audiokv_cli.compress(tiny_adapter.model, batch, method="snapkv", retention=0.5):
+        with audiokv_cli.compress(random_adapter.model, batch, method="snapkv", retention=0.5):
             pass
     features = dict(whisper.processor.feature_extractor(noise_clip(1.0), sampling_rate=16000, return_tensors="pt"))
     with pytest.raises(audiokv_cli.AudiokvError, match="processor="):
         with audiokv_cli.compress(whisper.model, features, method="snapkv", retention=0.5):
             pass
     with pytest.raises(audiokv_cli.AudiokvError, match="not both"):
-        audiokv_cli.transcribe(noise_clip(1.0), model=tiny_adapter, method="snapkv", retention=0.5, kv_budget=0.2)
+        audiokv_cli.transcribe(noise_clip(1.0), model=random_adapter, method="snapkv", retention=0.5, kv_budget=0.2)
 
 
-def test_transcribe_returns_what_infer_prints(tiny_adapter, whisper):
+def test_transcribe_returns_what_infer_prints(random_adapter, whisper):
     audio = noise_clip(2.0, seed=7)
-    clip = audiokv_cli.transcribe(audio, model=tiny_adapter, method="snapkv", retention=0.5, window=8, max_new_tokens=5)
+    clip = audiokv_cli.transcribe(audio, model=random_adapter, method="snapkv", retention=0.5, window=8, max_new_tokens=5)
     assert isinstance(clip, ClipResult)
-    reference = run_clip(tiny_adapter, audio, build_policy("snapkv", 0.5, MethodOptions(window=8)), max_new_tokens=5)
+    reference = run_clip(random_adapter, audio, build_policy("snapkv", 0.5, MethodOptions(window=8)), max_new_tokens=5)
     assert clip.token_ids == reference.token_ids and clip.kv_bytes_kept == reference.kv_bytes_kept
     long = audiokv_cli.transcribe(noise_clip(40.0, seed=8), model=whisper, method="stride", retention=0.5,
                                   max_new_tokens=4)

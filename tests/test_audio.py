@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from audiokv_cli.audio import SAMPLE_RATE, AudioError, SilentAudioWarning, load_audio
+from audiokv_cli.io.audio import SAMPLE_RATE, AudioError, SilentAudioWarning, load_audio
 from tests.conftest import write_tone
 
 

@@ -3,8 +3,8 @@
 
 import pytest
 
-from audiokv_cli.audio import AudioError
-from audiokv_cli.models.audio_flamingo3 import AudioFlamingo3Adapter
+from audiokv_cli.io.audio import AudioError
+from audiokv_cli.models.families.audio_flamingo3 import AudioFlamingo3Adapter
 from tests import adapter_checks as checks
 
 

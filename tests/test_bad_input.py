@@ -227,8 +227,8 @@ CASES: dict[str, Case] = {
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_model_dir):
-    return Inputs(tmp_path_factory.mktemp("bad-input"), tiny_model_dir)
+def inputs(tmp_path_factory, random_model_dir):
+    return Inputs(tmp_path_factory.mktemp("bad-input"), random_model_dir)
 
 
 def _apply(patch: str | None, monkeypatch) -> None:
@@ -242,7 +242,7 @@ def _apply(patch: str | None, monkeypatch) -> None:
     if patch == "enospc":
         monkeypatch.setattr(files, "_write", full_disk)
     elif patch == "interrupt-infer":
-        monkeypatch.setattr("audiokv_cli.inference.decode_greedy", interrupt)
+        monkeypatch.setattr("audiokv_cli.runtime.runner.decode_rows", interrupt)
     elif patch == "interrupt-eval":
         monkeypatch.setattr("audiokv_cli.evaluation.sweep.run_cell", interrupt)
     elif patch == "interrupt-profile":
@@ -281,13 +281,13 @@ def test_bad_input(name, inputs, monkeypatch):
     [("8 kHz", 8000, 1, "WAV"), ("44.1 kHz stereo", 44100, 2, "WAV"), ("flac", 16000, 1, "FLAC"),
      ("ogg", 16000, 1, "OGG"), ("mp3", 16000, 1, "MP3")],
 )
-def test_unusual_but_valid_audio_is_accepted(name, rate, channels, fmt, tiny_model_dir, tmp_path):
+def test_unusual_but_valid_audio_is_accepted(name, rate, channels, fmt, random_model_dir, tmp_path):
     # Not bad input: resampled to 16 kHz mono and transcribed (the duration survives the conversion).
     t = np.arange(2 * rate) / rate
     wave = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
     path = tmp_path / f"clip.{fmt.lower()}"
     soundfile.write(str(path), np.stack([wave] * channels, axis=1) if channels > 1 else wave, rate, format=fmt)
-    result = CliRunner().invoke(app, ["infer", str(path), "--model", str(tiny_model_dir), "--max-new-tokens", "2",
+    result = CliRunner().invoke(app, ["infer", str(path), "--model", str(random_model_dir), "--max-new-tokens", "2",
                                       "--json"])
     assert result.exit_code == 0, result.output
     assert abs(json.loads(result.stdout.splitlines()[-1])["audio_seconds"] - 2.0) < 0.1

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from audiokv_cli.batching import run_clips
+from audiokv_cli.runtime.batching import run_clips
 from audiokv_cli.compression.methods import METHODS, MethodOptions, build_policy
-from audiokv_cli.inference import run_clip
+from audiokv_cli.runtime.inference import run_clip
 
 
 def _clips():
@@ -15,20 +15,20 @@ def _clips():
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_batch_matches_one_clip_at_a_time(tiny_adapter, method):
-    geometry = tiny_adapter.geometry
+def test_batch_matches_one_clip_at_a_time(random_adapter, method):
+    geometry = random_adapter.geometry
     head_scores = torch.rand(geometry.num_layers, geometry.num_query_heads, generator=torch.Generator().manual_seed(0))
     policy = build_policy(method, 1.0 if method == "full" else 0.5, MethodOptions(window=8, head_scores=head_scores))
     clips = _clips()
-    batch = run_clips(tiny_adapter, clips, policy, max_new_tokens=8)
+    batch = run_clips(random_adapter, clips, policy, max_new_tokens=8)
     for clip, result in zip(clips, batch):
-        alone = run_clip(tiny_adapter, clip, policy, max_new_tokens=8)
+        alone = run_clip(random_adapter, clip, policy, max_new_tokens=8)
         assert result.token_ids == alone.token_ids
         assert result.prompt_tokens == alone.prompt_tokens
         assert result.kv_bytes_kept == alone.kv_bytes_kept  # padding is never kept, never counted
 
 
-def test_infer_batch_size(tiny_model_dir, tmp_path):
+def test_infer_batch_size(random_model_dir, tmp_path):
     import json
 
     import soundfile
@@ -40,7 +40,7 @@ def test_infer_batch_size(tiny_model_dir, tmp_path):
     for index, clip in enumerate(_clips()):
         paths.append(tmp_path / f"clip{index}.wav")
         soundfile.write(paths[-1], clip, 16000)
-    common = ["--model", str(tiny_model_dir), "--device", "cpu", "--method", "snapkv", "--retention", "0.5",
+    common = ["--model", str(random_model_dir), "--device", "cpu", "--method", "snapkv", "--retention", "0.5",
               "--max-new-tokens", "6", "--json"]
 
     def rows(*extra):
@@ -55,30 +55,30 @@ def test_infer_batch_size(tiny_model_dir, tmp_path):
     assert result.exit_code == 1 and "does not combine" in result.output
 
 
-def test_other_families_are_refused(tiny_adapter):
-    from audiokv_cli.batching import check_batchable
+def test_other_families_are_refused(random_adapter):
+    from audiokv_cli.runtime.batching import check_batchable
     from audiokv_cli.errors import AudiokvError
 
     class Other:
         name = "other-family"
 
-    check_batchable(tiny_adapter)
+    check_batchable(random_adapter)
     with pytest.raises(AudiokvError, match="supports the Qwen2-Audio family so far, not other-family"):
         check_batchable(Other())
 
 
-def test_eval_cell_batches_match_one_cell_at_a_time(tiny_adapter):
+def test_eval_cell_batches_match_one_cell_at_a_time(random_adapter):
     """`eval --batch-size`: a decoder-only clip's cells decoded together give each cell's own tokens and bytes."""
     from audiokv_cli.evaluation.sweep import Cell, clip_outcomes
 
-    geometry = tiny_adapter.geometry
+    geometry = random_adapter.geometry
     head_scores = torch.rand(geometry.num_layers, geometry.num_query_heads, generator=torch.Generator().manual_seed(1))
     options = MethodOptions(window=8, head_scores=head_scores)
     cells = [Cell("full", 1.0, None, build_policy("full", 1.0, options))]
     cells += [Cell(m, r, "all", build_policy(m, r, options)) for m in sorted(METHODS) if m != "full" for r in (0.5, 0.2)]
-    prepared = tiny_adapter.prepare(_clips()[0])
-    alone = {cell.key: outcome for cell, outcome, _ in clip_outcomes(tiny_adapter, prepared, cells, 8, batch_size=1)}
-    batched = list(clip_outcomes(tiny_adapter, prepared, cells, 8, batch_size=4))
+    prepared = random_adapter.prepare(_clips()[0])
+    alone = {cell.key: outcome for cell, outcome, _ in clip_outcomes(random_adapter, prepared, cells, 8, batch_size=1)}
+    batched = list(clip_outcomes(random_adapter, prepared, cells, 8, batch_size=4))
     assert [cell.key for cell, _, _ in batched] == [cell.key for cell in cells]
     for cell, outcome, _ in batched:
         assert outcome.token_ids == alone[cell.key].token_ids, cell.key

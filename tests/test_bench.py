@@ -14,10 +14,10 @@ def _rows(result):
     return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
 
 
-def test_bench_measures_every_method(tiny_model_dir):
+def test_bench_measures_every_method(random_model_dir):
     result = CliRunner().invoke(
         app,
-        ["bench", "--model", str(tiny_model_dir), "--methods", "full,snapkv,stride", "--seconds", "6",
+        ["bench", "--model", str(random_model_dir), "--methods", "full,snapkv,stride", "--seconds", "6",
          "--new-tokens", "4", "--repeats", "1", "--retention", "0.4", "--json"],
     )
     rows = _rows(result)
@@ -35,10 +35,10 @@ def test_bench_measures_every_method(tiny_model_dir):
         assert row["peak_memory_bytes"] >= row["peak_prefill_cache_bytes"]
 
 
-def test_bench_prompt_tokens_batches_and_streams(tiny_model_dir):
+def test_bench_prompt_tokens_batches_and_streams(random_model_dir):
     result = CliRunner().invoke(
         app,
-        ["bench", "--model", str(tiny_model_dir), "--methods", "full,snapkv", "--prompt-tokens", "700",
+        ["bench", "--model", str(random_model_dir), "--methods", "full,snapkv", "--prompt-tokens", "700",
          "--new-tokens", "3", "--repeats", "1", "--batch-sizes", "1,2", "--memory-gb", "0.5", "--no-memory",
          "--json"],
     )
@@ -83,16 +83,16 @@ def test_bench_kernel_rows(monkeypatch):
         (["--merge", "some"], "--merge"),
     ],
 )
-def test_bench_rejects_bad_options(tiny_model_dir, options, message):
-    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_model_dir), *options])
+def test_bench_rejects_bad_options(random_model_dir, options, message):
+    result = CliRunner().invoke(app, ["bench", "--model", str(random_model_dir), *options])
     assert result.exit_code == 1
     assert message in result.output
 
 
-def test_bench_prefill_chunk_bounds_the_cache(tiny_model_dir):
+def test_bench_prefill_chunk_bounds_the_cache(random_model_dir):
     result = CliRunner().invoke(
         app,
-        ["bench", "--model", str(tiny_model_dir), "--methods", "snapkv", "--prompt-tokens", "900",
+        ["bench", "--model", str(random_model_dir), "--methods", "snapkv", "--prompt-tokens", "900",
          "--prefill-chunk", "100", "--retention", "0.2", "--new-tokens", "2", "--repeats", "1", "--no-memory", "--json"],
     )
     (row,) = _rows(result)
@@ -101,7 +101,7 @@ def test_bench_prefill_chunk_bounds_the_cache(tiny_model_dir):
     assert row["peak_prefill_cache_bytes"] <= 1.1 * (row["kv_bytes_kept"] + 100 * per_token)
 
 
-def test_bench_prefill_chunk_refuses_position_methods(tiny_model_dir):
-    result = CliRunner().invoke(app, ["bench", "--model", str(tiny_model_dir), "--methods", "stride", "--prefill-chunk", "64"])
+def test_bench_prefill_chunk_refuses_position_methods(random_model_dir):
+    result = CliRunner().invoke(app, ["bench", "--model", str(random_model_dir), "--methods", "stride", "--prefill-chunk", "64"])
     assert result.exit_code == 1
     assert "ranks positions by index" in result.output

@@ -74,8 +74,8 @@ def test_loads_offline_as_float32_with_gqa_geometry(tiny):
 
 
 def test_transcribes_example_clip(tiny):
-    from audiokv_cli.audio import load_audio
-    from audiokv_cli.inference import run_clip
+    from audiokv_cli.io.audio import load_audio
+    from audiokv_cli.runtime.inference import run_clip
 
     audio = load_audio(EXAMPLES / f"{EXAMPLE}.wav")
     result = run_clip(tiny, audio, max_new_tokens=64)

@@ -26,8 +26,8 @@ def test_help_lists_commands():
     assert "infer" in result.output
 
 
-def test_infer_json_full_cache(tiny_model_dir, tone_wav):
-    result = invoke("infer", tone_wav, "--model", tiny_model_dir, "--json", "--max-new-tokens", "6", "--device", "cpu")
+def test_infer_json_full_cache(random_model_dir, tone_wav):
+    result = invoke("infer", tone_wav, "--model", random_model_dir, "--json", "--max-new-tokens", "6", "--device", "cpu")
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert JSON_FIELDS <= set(record)
@@ -40,10 +40,10 @@ def test_infer_json_full_cache(tiny_model_dir, tone_wav):
     assert record["seconds_prefill"] > 0
 
 
-def test_infer_compressed_json(tiny_model_dir, tmp_path):
+def test_infer_compressed_json(random_model_dir, tmp_path):
     clip = write_tone(tmp_path / "long.wav", seconds=8.0)
     result = invoke(
-        "infer", clip, "--model", tiny_model_dir, "--json", "--max-new-tokens", "4", "--method", "snapkv",
+        "infer", clip, "--model", random_model_dir, "--json", "--max-new-tokens", "4", "--method", "snapkv",
         "--retention", "0.4", "--smoother", "sss",
     )
     assert result.exit_code == 0, result.output
@@ -53,10 +53,10 @@ def test_infer_compressed_json(tiny_model_dir, tmp_path):
     assert record["kv_bytes_kept"] >= 0.39 * record["kv_bytes_full"]
 
 
-def test_infer_details_split_audio_and_text(tiny_model_dir, tmp_path):
+def test_infer_details_split_audio_and_text(random_model_dir, tmp_path):
     clip = write_tone(tmp_path / "clip.wav", seconds=6.0)
     result = invoke(
-        "infer", clip, "--model", tiny_model_dir, "--json", "--details", "--max-new-tokens", "3",
+        "infer", clip, "--model", random_model_dir, "--json", "--details", "--max-new-tokens", "3",
         "--method", "h2o", "--retention", "0.5", "--scope", "audio", "--window", "8",
     )
     assert result.exit_code == 0, result.output
@@ -71,8 +71,8 @@ def test_infer_details_split_audio_and_text(tiny_model_dir, tmp_path):
     assert record["generated_tokens"] == len(record["token_ids"])
 
 
-def test_infer_human_output(tiny_model_dir, tone_wav):
-    result = invoke("infer", tone_wav, "--model", tiny_model_dir, "--max-new-tokens", "3")
+def test_infer_human_output(random_model_dir, tone_wav):
+    result = invoke("infer", tone_wav, "--model", random_model_dir, "--max-new-tokens", "3")
     assert result.exit_code == 0, result.output
     assert "KV cache" in result.output and "prefill" in result.output
 
@@ -94,30 +94,30 @@ def _one_line_error(result, pattern):
         (lambda d: (d / "empty.wav").write_bytes(b"") or d / "empty.wav", "empty file"),
     ],
 )
-def test_bad_audio_is_one_line(tiny_model_dir, tmp_path, make, pattern):
-    _one_line_error(invoke("infer", make(tmp_path), "--model", tiny_model_dir), pattern)
+def test_bad_audio_is_one_line(random_model_dir, tmp_path, make, pattern):
+    _one_line_error(invoke("infer", make(tmp_path), "--model", random_model_dir), pattern)
 
 
-def test_zero_length_and_nan_audio(tiny_model_dir, tmp_path):
+def test_zero_length_and_nan_audio(random_model_dir, tmp_path):
     zero = tmp_path / "zero.wav"
     soundfile.write(str(zero), np.zeros(0, dtype=np.float32), 16000)
-    _one_line_error(invoke("infer", zero, "--model", tiny_model_dir), "zero-length")
+    _one_line_error(invoke("infer", zero, "--model", random_model_dir), "zero-length")
     nan = tmp_path / "nan.wav"
     data = np.full(16000, 0.1, dtype=np.float32)
     data[5] = np.inf
     soundfile.write(str(nan), data, 16000, subtype="FLOAT")
-    _one_line_error(invoke("infer", nan, "--model", tiny_model_dir), "NaN or infinite")
+    _one_line_error(invoke("infer", nan, "--model", random_model_dir), "NaN or infinite")
 
 
-def test_silent_audio_is_refused(tiny_model_dir, tmp_path):
+def test_silent_audio_is_refused(random_model_dir, tmp_path):
     silent = tmp_path / "silent.wav"
     soundfile.write(str(silent), np.zeros(16000, dtype=np.float32), 16000)
-    _one_line_error(invoke("infer", silent, "--model", tiny_model_dir, "--max-new-tokens", "2"), "audio is silent")
+    _one_line_error(invoke("infer", silent, "--model", random_model_dir, "--max-new-tokens", "2"), "audio is silent")
 
 
-def test_too_long_audio(tiny_model_dir, tmp_path):
+def test_too_long_audio(random_model_dir, tmp_path):
     clip = write_tone(tmp_path / "long.wav", seconds=3.0)
-    _one_line_error(invoke("infer", clip, "--model", tiny_model_dir, "--max-seconds", "2"), "longer than this model's limit")
+    _one_line_error(invoke("infer", clip, "--model", random_model_dir, "--max-seconds", "2"), "longer than this model's limit")
 
 
 @pytest.mark.parametrize(
@@ -130,8 +130,8 @@ def test_too_long_audio(tiny_model_dir, tmp_path):
         (["--sss-rho", "0"], "--sss-rho must be in (0, 1]"),
     ],
 )
-def test_nonsense_options(tiny_model_dir, tone_wav, args, pattern):
-    _one_line_error(invoke("infer", tone_wav, "--model", tiny_model_dir, *args), pattern)
+def test_nonsense_options(random_model_dir, tone_wav, args, pattern):
+    _one_line_error(invoke("infer", tone_wav, "--model", random_model_dir, *args), pattern)
 
 
 def test_not_a_model_directory(tmp_path, tone_wav):
@@ -142,8 +142,8 @@ def test_unknown_hub_model_offline(tone_wav):
     _one_line_error(invoke("infer", tone_wav, "--model", "someone/no-such-audio-model"), "not in the local Hugging Face cache")
 
 
-def test_infer_accepts_the_eval_method_names(tiny_model_dir, tone_wav):
-    result = invoke("infer", tone_wav, "--model", tiny_model_dir, "--json", "--max-new-tokens", "2",
+def test_infer_accepts_the_eval_method_names(random_model_dir, tone_wav):
+    result = invoke("infer", tone_wav, "--model", random_model_dir, "--json", "--max-new-tokens", "2",
                     "--method", "snapkv+sss", "--retention", "0.5")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout.strip().splitlines()[-1])["method"] == "snapkv+sss"

@@ -3,9 +3,9 @@ the decoder prompt, the clip limit (the checks every family passes: test_familie
 
 import pytest
 
-from audiokv_cli.audio import AudioError
+from audiokv_cli.io.audio import AudioError
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.models.cohere_asr import CohereAsrAdapter
+from audiokv_cli.models.families.cohere_asr import CohereAsrAdapter
 from tests import adapter_checks as checks
 
 DECODER_PROMPT = [

@@ -12,7 +12,7 @@ from transformers import DynamicCache
 from audiokv_cli.compat import cache_argument, cache_kwargs
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.compression.policy import apply_policy
-from audiokv_cli.decoding import greedy_generate
+from audiokv_cli.runtime.decoding import greedy_generate
 
 
 def test_name_follows_the_forward_signature():
@@ -35,26 +35,26 @@ def _cache_warnings(caught):
     return [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning)) and "cache" in str(w.message)]
 
 
-def test_old_name_warns_on_this_release(tiny_adapter):
+def test_old_name_warns_on_this_release(random_adapter):
     """The check below can fail: the installed release does warn when the old name is used."""
-    if cache_argument(tiny_adapter.model) != "cache":
+    if cache_argument(random_adapter.model) != "cache":
         pytest.skip("this transformers release still takes past_key_values")
-    prepared = tiny_adapter.prepare(_clip())
+    prepared = random_adapter.prepare(_clip())
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        tiny_adapter.model(**prepared.inputs, past_key_values=DynamicCache(), use_cache=True)
+        random_adapter.model(**prepared.inputs, past_key_values=DynamicCache(), use_cache=True)
     assert _cache_warnings(caught)
 
 
-def test_no_deprecation_warning_from_audiokv_calls(tiny_adapter):
-    prepared = tiny_adapter.prepare(_clip())
+def test_no_deprecation_warning_from_audiokv_calls(random_adapter):
+    prepared = random_adapter.prepare(_clip())
     policy = build_policy("snapkv", 0.5)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        with apply_policy(policy, tiny_adapter, prepared) as session:
-            greedy_generate(tiny_adapter, prepared.inputs, session.cache, 4)
-        with apply_policy(policy, tiny_adapter, prepared) as session:
-            tiny_adapter.model.generate(
-                **prepared.inputs, **cache_kwargs(tiny_adapter.model, session.cache), max_new_tokens=4, do_sample=False
+        with apply_policy(policy, random_adapter, prepared) as session:
+            greedy_generate(random_adapter, prepared.inputs, session.cache, 4)
+        with apply_policy(policy, random_adapter, prepared) as session:
+            random_adapter.model.generate(
+                **prepared.inputs, **cache_kwargs(random_adapter.model, session.cache), max_new_tokens=4, do_sample=False
             )
     assert not _cache_warnings(caught), [str(w.message) for w in caught]

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from audiokv_cli.models.ct2 import CT2FormatError, read_ct2
+from audiokv_cli.models.assets.ct2 import CT2FormatError, read_ct2
 
 
 def _string(text: str) -> bytes:

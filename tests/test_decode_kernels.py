@@ -144,29 +144,29 @@ def test_forced_kernel_is_checked(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["snapkv", "adakv", "stride"])
-def test_every_backend_decodes_the_same_tokens(tiny_adapter, method, monkeypatch):
+def test_every_backend_decodes_the_same_tokens(random_adapter, method, monkeypatch):
     import numpy as np
 
     from audiokv_cli.compression.methods import build_policy
-    from audiokv_cli.inference import run_clip
+    from audiokv_cli.runtime.inference import run_clip
 
     clip = (np.random.default_rng(1).standard_normal(16000 * 6) * 0.1).astype(np.float32)
     policy = build_policy(method, 0.4)
     texts = {}
     for name in available_kernels("cpu", torch.float32):
         monkeypatch.setenv(KERNEL_ENV, name)
-        texts[name] = run_clip(tiny_adapter, clip, policy, max_new_tokens=12, stop_at_eos=False).token_ids
+        texts[name] = run_clip(random_adapter, clip, policy, max_new_tokens=12, stop_at_eos=False).token_ids
     assert len(set(map(tuple, texts.values()))) == 1, texts
 
 
-def test_cli_refuses_a_backend_this_machine_lacks(tiny_model_dir, tone_wav, monkeypatch):
+def test_cli_refuses_a_backend_this_machine_lacks(random_model_dir, tone_wav, monkeypatch):
     from typer.testing import CliRunner
 
     from audiokv_cli.cli import app
 
     monkeypatch.setenv(KERNEL_ENV, "auto")
     result = CliRunner().invoke(
-        app, ["infer", str(tone_wav), "--model", str(tiny_model_dir), "--device", "cpu", "--decode-kernel", "flash-attn"]
+        app, ["infer", str(tone_wav), "--model", str(random_model_dir), "--device", "cpu", "--decode-kernel", "flash-attn"]
     )
     assert result.exit_code == 1
     assert "decode kernel 'flash-attn' is not available on cpu" in result.output

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from audiokv_cli.cli import app
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.inference import run_clip
+from audiokv_cli.runtime.inference import run_clip
 from audiokv_cli.models import load_adapter
 
 pytest.importorskip("accelerate")
@@ -22,7 +22,7 @@ def _audio(seconds: float = 2.0) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)).astype(np.float32)
 
 
-def test_a_model_spread_over_cpu_and_disk_gives_the_plain_load_tokens(tiny_model_dir, tiny_adapter, tmp_path, monkeypatch):
+def test_a_model_spread_over_cpu_and_disk_gives_the_plain_load_tokens(random_model_dir, random_adapter, tmp_path, monkeypatch):
     """accelerate places the model (half the decoder and the LM head offloaded to disk, loaded layer by layer as
     the forward reaches them) and the compressed run's tokens stay those of the plain load."""
     import transformers
@@ -46,7 +46,7 @@ def test_a_model_spread_over_cpu_and_disk_gives_the_plain_load_tokens(tiny_model
         return original(cls, *args, **kwargs)
 
     monkeypatch.setattr(transformers.Qwen2AudioForConditionalGeneration, "from_pretrained", classmethod(spy))
-    mapped = load_adapter(str(tiny_model_dir), device="cpu", dtype="float32", device_map="auto")
+    mapped = load_adapter(str(random_model_dir), device="cpu", dtype="float32", device_map="auto")
     assert seen == [spread_map]  # placement was handed to transformers/accelerate, not done by audiokv
     assert mapped.model.hf_device_map == spread_map
     # Offloaded weights are not resident: they wait on the meta device until their module runs.
@@ -55,15 +55,15 @@ def test_a_model_spread_over_cpu_and_disk_gives_the_plain_load_tokens(tiny_model
     assert {d for n, d in devices.items() if n.startswith("model.language_model.layers.0.")} == {"cpu"}
     for method in ("full", "snapkv"):
         policy = build_policy(method, 0.4) if method != "full" else None
-        plain = run_clip(tiny_adapter, _audio(), policy, max_new_tokens=6)
+        plain = run_clip(random_adapter, _audio(), policy, max_new_tokens=6)
         spread = run_clip(mapped, _audio(), policy, max_new_tokens=6)
         assert spread.token_ids == plain.token_ids and len(plain.token_ids) >= 3, method
 
 
-def test_device_map_needs_accelerate(tiny_model_dir, monkeypatch):
+def test_device_map_needs_accelerate(random_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "accelerate", None)
     with pytest.raises(AudiokvError, match="accelerate"):
-        load_adapter(str(tiny_model_dir), device="cpu", dtype="float32", device_map="auto")
+        load_adapter(str(random_model_dir), device="cpu", dtype="float32", device_map="auto")
 
 
 def test_cli_choices_are_the_library_ones():
@@ -81,7 +81,7 @@ def test_unknown_device_map_is_one_line(tone_wav):
 
 
 def test_torchrun_ranks_of_a_node_spread_over_disjoint_gpus():
-    from audiokv_cli.distributed import Ranks, rank_gpus
+    from audiokv_cli.parallel.ranks import Ranks, rank_gpus
     from audiokv_cli.models.registry import placement
 
     gib = 2**30

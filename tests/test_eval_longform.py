@@ -14,9 +14,9 @@ from audiokv_cli.compression.methods import MethodOptions, resolve_method
 from audiokv_cli.evaluation.datasets import Example
 from audiokv_cli.evaluation.longform_rows import run_long_clips, split_long
 from audiokv_cli.evaluation.sweep import plan_cells, run_sweep
-from audiokv_cli.longform import LongformOptions, transcribe_files
+from audiokv_cli.runtime.longform import LongformOptions, transcribe_files
 from audiokv_cli.models.registry import load_adapter
-from audiokv_cli.testing_families import build_tiny_whisper
+from audiokv_cli.testing.families import build_random_whisper
 from tests.conftest import speechlike
 
 runner = CliRunner()
@@ -26,7 +26,7 @@ FAST = LongformOptions(temperatures=(0.0, 0.6), max_new_tokens=8)
 
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory):
-    return build_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper-eval-longform"))
+    return build_random_whisper(tmp_path_factory.mktemp("tiny-whisper-eval-longform"))
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def _tables(stdout: str) -> str:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+def test_resume_after_sigkill_equals_an_uninterrupted_run(random_model_dir, tmp_path):
     lines = []
     for index in range(6):
         clip = write_tone(tmp_path / f"c{index}.wav", seconds=2.0 + 0.5 * index)
@@ -46,13 +46,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
 
-    whole = subprocess.run(_eval(tiny_model_dir, manifest, tmp_path / "whole"), env=_env(), capture_output=True,
+    whole = subprocess.run(_eval(random_model_dir, manifest, tmp_path / "whole"), env=_env(), capture_output=True,
                            text=True, timeout=300)
     assert whole.returncode == 0, whole.stderr
 
     out = tmp_path / "killed"
     journal = out / JOURNAL_NAME
-    process = subprocess.Popen(_eval(tiny_model_dir, manifest, out), env=_env(), stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_eval(random_model_dir, manifest, out), env=_env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and process.poll() is None:
@@ -67,7 +67,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pa
     with open(journal, "ab") as handle:  # a write torn by the kill: half a row, no newline
         handle.write(b'{"clip": "c9", "method": "fu')
 
-    resumed = subprocess.run(_eval(tiny_model_dir, manifest, out, "--resume"), env=_env(), capture_output=True,
+    resumed = subprocess.run(_eval(random_model_dir, manifest, out, "--resume"), env=_env(), capture_output=True,
                              text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming: {done} clip-cells already done" in " ".join(resumed.stderr.split())

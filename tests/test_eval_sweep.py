@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.cli import app
 from audiokv_cli.compression.methods import MethodOptions, resolve_method
 from audiokv_cli.errors import AudiokvError
@@ -17,7 +17,7 @@ from audiokv_cli.evaluation.sweep import (
     plan_cells,
     run_sweep,
 )
-from audiokv_cli.inference import run_clip
+from audiokv_cli.runtime.inference import run_clip
 from tests.conftest import write_tone
 
 runner = CliRunner()
@@ -89,19 +89,19 @@ def test_plan_has_one_full_cell():
 # ------------------------------------------------------------------------------------------------- equivalence
 
 
-def test_shared_prefill_matches_run_clip(tiny_adapter, tmp_path):
+def test_shared_prefill_matches_run_clip(random_adapter, tmp_path):
     """One recorded prefill, many cells: every cell decodes exactly what a live compressed run_clip gives."""
     clip = write_tone(tmp_path / "clip.wav", seconds=3.0)
     audio = load_audio(clip)
-    options = MethodOptions(window=8, head_scores=random_head_scores(tiny_adapter))
+    options = MethodOptions(window=8, head_scores=random_head_scores(random_adapter))
     specs = parse_methods("full,streamingllm,h2o,snapkv,pyramidkv,adakv,random,stride,snapkv+sss,audiokv-nosss,audiokv")
     cells = plan_cells(specs, [0.7, 0.3], ["all", "audio"], options)
     max_new = 6
-    swept = run_sweep(tiny_adapter, [Example("clip", clip, "a b c")], cells, max_new, load_audio=lambda p: audio)
+    swept = run_sweep(random_adapter, [Example("clip", clip, "a b c")], cells, max_new, load_audio=lambda p: audio)
     assert len(swept.clips) == len(cells)
     kept_bytes = set()
     for cell, row in zip(cells, swept.clips):
-        live = run_clip(tiny_adapter, audio, cell.policy, max_new_tokens=max_new)
+        live = run_clip(random_adapter, audio, cell.policy, max_new_tokens=max_new)
         assert row["hyp"] == live.text, cell.key
         assert row["generated_tokens"] == live.generated_tokens, cell.key
         assert row["kv_bytes_kept"] == live.kv_bytes_kept, cell.key
@@ -116,19 +116,19 @@ def test_shared_prefill_matches_run_clip(tiny_adapter, tmp_path):
     assert full["method"] == "full" and full["kv_bytes_kept"] == full["kv_bytes_full"]
 
 
-def test_shared_prefill_token_ids_match(tiny_adapter, tmp_path):
+def test_shared_prefill_token_ids_match(random_adapter, tmp_path):
     """Token ids (not only text) agree, for the score-based methods where reuse could go wrong."""
     from audiokv_cli.evaluation.sweep import run_cell
-    from audiokv_cli.runtime import record_prefill
+    from audiokv_cli.runtime.runner import record_prefill
 
     audio = load_audio(write_tone(tmp_path / "clip.wav", seconds=2.0))
-    prepared = tiny_adapter.prepare(audio, None)
+    prepared = random_adapter.prepare(audio, None)
     cells = plan_cells(parse_methods("h2o,adakv,snapkv+sss"), [0.5], ["all"], MethodOptions(window=4))
-    record = record_prefill(tiny_adapter, prepared, [c.policy for c in cells])
+    record = record_prefill(random_adapter, prepared, [c.policy for c in cells])
     for cell in cells:
-        outcome = run_cell(tiny_adapter, prepared, record, cell.policy, 5)
-        again = run_cell(tiny_adapter, prepared, record, cell.policy, 5)  # the record is not consumed
-        live = run_clip(tiny_adapter, audio, cell.policy, max_new_tokens=5)
+        outcome = run_cell(random_adapter, prepared, record, cell.policy, 5)
+        again = run_cell(random_adapter, prepared, record, cell.policy, 5)  # the record is not consumed
+        live = run_clip(random_adapter, audio, cell.policy, max_new_tokens=5)
         assert outcome.token_ids == again.token_ids == live.token_ids, cell.key
         assert outcome.kept_per_head == live.kept_per_head, cell.key
 
@@ -164,15 +164,15 @@ def make_paired(root: Path) -> Path:
 
 
 @pytest.mark.parametrize("layout", ["manifest", "librispeech", "paired"])
-def test_eval_end_to_end(layout, tiny_model_dir, tmp_path):
+def test_eval_end_to_end(layout, random_model_dir, tmp_path):
     make = {"manifest": make_manifest, "librispeech": make_librispeech, "paired": make_paired}[layout]
     data = make(tmp_path / "data")
     out = tmp_path / "out"
     methods = "full,snapkv,snapkv+sss,h2o"
-    args = ["eval", "--model", tiny_model_dir, "--data", data, "--methods", methods, "--retention", "0.8,0.4",
+    args = ["eval", "--model", random_model_dir, "--data", data, "--methods", methods, "--retention", "0.8,0.4",
             "--scope", "all,audio", "--max-new-tokens", "4", "--window", "4", "--out", out, "--device", "cpu"]
     if layout == "manifest":
-        profile = write_profile(_adapter_for(tiny_model_dir), tmp_path / "profile")
+        profile = write_profile(_adapter_for(random_model_dir), tmp_path / "profile")
         args[args.index(methods)] = methods + ",audiokv,audiokv-nosss"
         args += ["--profile", profile]
     result = invoke(*args)
@@ -205,12 +205,12 @@ def _adapter_for(model_dir):
     return _adapters[model_dir]
 
 
-def test_eval_is_reproducible(tiny_model_dir, tmp_path):
+def test_eval_is_reproducible(random_model_dir, tmp_path):
     data = make_paired(tmp_path / "data")
     outputs = []
     for run in range(2):
         out = tmp_path / f"out{run}"
-        result = invoke("eval", "--model", tiny_model_dir, "--data", data, "--methods", "full,random,adakv",
+        result = invoke("eval", "--model", random_model_dir, "--data", data, "--methods", "full,random,adakv",
                         "--retention", "0.5", "--max-new-tokens", "3", "--out", out)
         assert result.exit_code == 0, result.output
         rows = json.loads((out / "results.json").read_text())["clips"]
@@ -218,14 +218,14 @@ def test_eval_is_reproducible(tiny_model_dir, tmp_path):
     assert outputs[0] == outputs[1]
 
 
-def test_parallel_workers_give_the_serial_rows(tiny_model_dir, tmp_path):
+def test_parallel_workers_give_the_serial_rows(random_model_dir, tmp_path):
     data = make_paired(tmp_path / "data")
     write_tone(data / "c9.wav", seconds=2.0)
     (data / "c9.txt").write_text("a third clip\n")
     outputs = []
     for workers in (1, 2):
         out = tmp_path / f"out{workers}"
-        result = invoke("eval", "--model", tiny_model_dir, "--data", data, "--methods", "full,snapkv,h2o",
+        result = invoke("eval", "--model", random_model_dir, "--data", data, "--methods", "full,snapkv,h2o",
                         "--retention", "0.6,0.3", "--scope", "all,audio", "--max-new-tokens", "4",
                         "--workers", workers, "--out", out)
         assert result.exit_code == 0, result.output
@@ -266,10 +266,10 @@ def test_eval_missing_data(tmp_path):
     assert result.exit_code == 1 and "error:" in result.output and "no such file" in result.output
 
 
-def test_eval_profile_method_without_profile(tiny_model_dir, tmp_path, monkeypatch):
+def test_eval_profile_method_without_profile(random_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no ./profiles here; the random test model matches no shipped profile
     data = make_paired(tmp_path / "data")
-    result = invoke("eval", "--model", tiny_model_dir, "--data", data, "--methods", "full,audiokv", "--out", tmp_path / "out")
+    result = invoke("eval", "--model", random_model_dir, "--data", data, "--methods", "full,audiokv", "--out", tmp_path / "out")
     assert result.exit_code == 1
     assert "error:" in result.output and "no head profile" in result.output and "audiokv profile" in result.output
     assert not (tmp_path / "out").exists()

@@ -6,7 +6,7 @@ from pathlib import Path
 import soundfile
 from typer.testing import CliRunner
 
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.cli import app
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -23,13 +23,13 @@ def test_examples_have_transcripts():
         assert abs(load_audio(clip)).max() > 0.05  # speech, not silence
 
 
-def test_readme_demo_runs_on_an_example(tiny_model_dir):
+def test_readme_demo_runs_on_an_example(random_model_dir):
     clips = [str(p) for p in sorted(EXAMPLES.glob("*.wav"))]
-    result = CliRunner().invoke(app, ["infer", *clips, "--model", str(tiny_model_dir), "--json",
+    result = CliRunner().invoke(app, ["infer", *clips, "--model", str(random_model_dir), "--json",
                                       "--max-new-tokens", "4", "--method", "audiokv", "--retention", "0.5",
                                       "--profile", "missing.safetensors"])
     assert result.exit_code == 1 and "no such profile file" in result.output
-    result = CliRunner().invoke(app, ["infer", *clips, "--model", str(tiny_model_dir), "--json",
+    result = CliRunner().invoke(app, ["infer", *clips, "--model", str(random_model_dir), "--json",
                                       "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

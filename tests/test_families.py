@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.evaluation.cell_batch import run_cells_batched
-from audiokv_cli.inference import run_clip
+from audiokv_cli.runtime.inference import run_clip
 from audiokv_cli.models.registry import ADAPTERS
 from tests import adapter_checks as checks
 
@@ -35,7 +35,7 @@ def adapter(family, family_models):
 
 def test_every_registered_family_names_its_test_model():
     for cls in ADAPTERS:
-        assert ":" in getattr(cls, "tiny_model", ""), f"{cls.__name__} names no random test model builder"
+        assert ":" in getattr(cls, "random_model", ""), f"{cls.__name__} names no random test model builder"
     assert len({family_id(cls) for cls in ADAPTERS}) == len(ADAPTERS)
     assert len(CROSS_ATTENTION) == 2 and len(MROPE) == 2
 
@@ -88,7 +88,7 @@ def test_full_omni_checkpoint_loads_only_the_thinker(family_class, family_models
     from audiokv_cli.models.registry import load_adapter
 
     adapter = family_models.adapter(family_class)
-    module, function = family_class.tiny_model.split(":")
+    module, function = family_class.random_model.split(":")
     full = getattr(importlib.import_module(module), function)(tmp_path / "full", full_omni=True)
     loaded = load_adapter(str(full), device="cpu", dtype="float32")
     assert type(loaded) is family_class
@@ -102,7 +102,7 @@ def test_full_omni_checkpoint_loads_only_the_thinker(family_class, family_models
 def test_mrope_decode_positions_continue_from_the_prompt_offset(family_class, family_models, monkeypatch):
     """A prompt whose M-RoPE positions end ahead of its length (as vision prompts do) shifts every later step,
     also after eviction: the compressed step equals a dense forward given the shifted positions explicitly."""
-    from audiokv_cli.attention import use_attention_handler
+    from audiokv_cli.runtime.attention import use_attention_handler
     from audiokv_cli.compression.policy import CompressionSession
 
     adapter = family_models.adapter(family_class)

@@ -18,7 +18,7 @@ import soundfile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.evaluation.datasets import read_manifest as read_eval_manifest
 from audiokv_cli.profiling.alignment import read_manifest as read_profiling_manifest

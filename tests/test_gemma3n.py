@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from audiokv_cli.audio import AudioError
+from audiokv_cli.io.audio import AudioError
 from audiokv_cli.compression.methods import MethodOptions, build_policy
 from audiokv_cli.compression.policy import CompressionSession
-from audiokv_cli.models.gemma3n import Gemma3nAdapter
+from audiokv_cli.models.families.gemma3n import Gemma3nAdapter
 from audiokv_cli.models.registry import load_adapter
-from audiokv_cli.testing_families import build_tiny_gemma3n
-from audiokv_cli.testing_masked import assert_matches_masked_dense
+from audiokv_cli.testing.families import build_random_gemma3n
+from audiokv_cli.testing.masked_dense import assert_matches_masked_dense
 from tests import adapter_checks as checks
 
 # Small enough that the prompt (about 260 tokens) outruns it and decoding moves it on.
@@ -23,7 +23,7 @@ def adapter(family_models):
 
 @pytest.fixture(scope="module")
 def windowed(tmp_path_factory):
-    directory = build_tiny_gemma3n(tmp_path_factory.mktemp("tiny-gemma3n-window"), sliding_window=SHORT_WINDOW)
+    directory = build_random_gemma3n(tmp_path_factory.mktemp("tiny-gemma3n-window"), sliding_window=SHORT_WINDOW)
     return load_adapter(str(directory), device="cpu", dtype="float32")
 
 
@@ -106,8 +106,8 @@ def test_sliding_window_layers_stay_exact_as_the_window_moves(windowed, method):
 
 
 def test_sliding_cache_drops_what_the_window_left(windowed):
-    from audiokv_cli.attention import use_attention_handler
-    from audiokv_cli.decoding import decode_greedy, prefill
+    from audiokv_cli.runtime.attention import use_attention_handler
+    from audiokv_cli.runtime.decoding import decode_greedy, prefill
 
     prepared = windowed.prepare(checks.noise_clip(2.0, seed=8))
     session = CompressionSession(build_policy("snapkv", 0.4, checks.options(windowed)), windowed, prepared)
@@ -140,7 +140,7 @@ def test_eval_cells_from_one_recorded_prefill_match_live_runs(windowed, batch_si
     rows) records only the cache-owning layers and gives every cell the tokens and per-head counts of a live run,
     sliding windows included."""
     from audiokv_cli.evaluation.sweep import clip_outcomes, parse_methods, plan_cells
-    from audiokv_cli.inference import run_clip
+    from audiokv_cli.runtime.inference import run_clip
 
     audio = checks.noise_clip(2.0, seed=9)
     prepared = windowed.prepare(audio)

@@ -3,8 +3,8 @@ checks every family passes: test_families.py)."""
 
 import pytest
 
-from audiokv_cli.audio import AudioError
-from audiokv_cli.models.glm_asr import GlmAsrAdapter
+from audiokv_cli.io.audio import AudioError
+from audiokv_cli.models.families.glm_asr import GlmAsrAdapter
 from tests import adapter_checks as checks
 
 

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from audiokv_cli.audio import AudioError
+from audiokv_cli.io.audio import AudioError
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.models import granite_speech
-from audiokv_cli.models.granite_speech import (
+from audiokv_cli.models.families.granite_speech import (
     GRANITE_ASR_INSTRUCTION,
     GRANITE_SYSTEM_PROMPT,
     GraniteSpeechAdapter,

@@ -6,19 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.compression.methods import MethodOptions
 from audiokv_cli.evaluation.datasets import Example
 from audiokv_cli.evaluation.sweep import parse_methods, plan_cells, run_sweep
-from audiokv_cli.inference import run_clip
+from audiokv_cli.runtime.inference import run_clip
 from audiokv_cli.models.registry import load_adapter
-from audiokv_cli.testing_families import build_tiny_whisper
+from audiokv_cli.testing.families import build_random_whisper
 from tests.conftest import write_tone
 
 
 @pytest.fixture(scope="module")
 def whisper(tmp_path_factory):
-    path = build_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
+    path = build_random_whisper(tmp_path_factory.mktemp("tiny-whisper"))
     return load_adapter(str(path), device="cpu", dtype="float32")
 
 
@@ -37,8 +37,8 @@ def cells_for(adapter):
 
 
 @pytest.mark.parametrize("model", ["decoder-only", "whisper"])
-def test_cells_match_live_runs_and_budgets_hold(model, tiny_adapter, whisper, tmp_path):
-    adapter = tiny_adapter if model == "decoder-only" else whisper
+def test_cells_match_live_runs_and_budgets_hold(model, random_adapter, whisper, tmp_path):
+    adapter = random_adapter if model == "decoder-only" else whisper
     clip = write_tone(tmp_path / "clip.wav", seconds=3.0)
     audio = load_audio(clip)
     cells = cells_for(adapter)
@@ -67,8 +67,8 @@ def test_cells_match_live_runs_and_budgets_hold(model, tiny_adapter, whisper, tm
 def test_quantized_cross_attention_cache_holds_codes_not_floats(whisper, tmp_path):
     from audiokv_cli.compression.policy import CompressionSession
     from audiokv_cli.compression.quantization import QuantizedEntries
-    from audiokv_cli.attention import use_attention_handler
-    from audiokv_cli.decoding import prefill
+    from audiokv_cli.runtime.attention import use_attention_handler
+    from audiokv_cli.runtime.decoding import prefill
     from audiokv_cli.compression.methods import build_policy
 
     audio = load_audio(write_tone(tmp_path / "clip.wav", seconds=2.0))
@@ -87,14 +87,14 @@ def test_quantized_cross_attention_cache_holds_codes_not_floats(whisper, tmp_pat
     assert session.kept_bytes() <= 0.21 * full_16bit
 
 
-def test_merge_keeps_counts_and_changes_output(tiny_adapter, tmp_path):
+def test_merge_keeps_counts_and_changes_output(random_adapter, tmp_path):
     from audiokv_cli.compression.methods import build_policy
 
     audio = load_audio(write_tone(tmp_path / "clip.wav", seconds=3.0))
     options = MethodOptions(window=8)
-    dropped = run_clip(tiny_adapter, audio, build_policy("stride", 0.3, options), max_new_tokens=6)
+    dropped = run_clip(random_adapter, audio, build_policy("stride", 0.3, options), max_new_tokens=6)
     merged = run_clip(
-        tiny_adapter, audio, build_policy("stride", 0.3, MethodOptions(window=8, merge="mean")), max_new_tokens=6
+        random_adapter, audio, build_policy("stride", 0.3, MethodOptions(window=8, merge="mean")), max_new_tokens=6
     )
     assert merged.kept_per_head == dropped.kept_per_head  # the same entries survive ...
     # ... each carrying a 2-byte bias per entry.
@@ -102,7 +102,7 @@ def test_merge_keeps_counts_and_changes_output(tiny_adapter, tmp_path):
     assert merged.kv_bytes_kept == dropped.kv_bytes_kept + 2 * entries
 
 
-def test_transformers_quantized_cache_baseline(tiny_adapter, whisper, tmp_path):
+def test_transformers_quantized_cache_baseline(random_adapter, whisper, tmp_path):
     """hf-quanto: transformers' QuantizedCache (optimum-quanto backend) as an eval cell, bytes from its tensors."""
     pytest.importorskip("optimum.quanto")
     from audiokv_cli.compression.methods import build_policy
@@ -112,12 +112,12 @@ def test_transformers_quantized_cache_baseline(tiny_adapter, whisper, tmp_path):
     audio = load_audio(clip)
     cells = plan_cells(parse_methods("full,hf-quanto"), [0.5], ["all"], MethodOptions(window=8), kv_bits=(None, 4, 2))
     assert [cell.method for cell in cells] == ["full", "full@4bit", "full@2bit", "hf-quanto@4bit", "hf-quanto@2bit"]
-    rows = run_sweep(tiny_adapter, [Example("clip", clip, "a b c")], cells, 5, load_audio=lambda p: audio).clips
+    rows = run_sweep(random_adapter, [Example("clip", clip, "a b c")], cells, 5, load_audio=lambda p: audio).clips
     by_method = {row["method"]: row for row in rows}
     for bits in (4, 2):
         row = by_method[f"hf-quanto@{bits}bit"]
         live = run_clip(
-            tiny_adapter, audio, build_policy("hf-quanto", 1.0, MethodOptions(kv_bits=bits)), max_new_tokens=5
+            random_adapter, audio, build_policy("hf-quanto", 1.0, MethodOptions(kv_bits=bits)), max_new_tokens=5
         )
         assert row["hyp"] == live.text and row["kv_bytes_kept"] == live.kv_bytes_kept
         # Codes plus scales: far below the 16-bit cache, above what the bits alone would take.

@@ -17,9 +17,9 @@ def test_auto_dtype(monkeypatch):
     assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
-def test_attn_implementation(tiny_model_dir):
-    adapter = load_adapter(str(tiny_model_dir), device="cpu", attn_implementation="eager")
+def test_attn_implementation(random_model_dir):
+    adapter = load_adapter(str(random_model_dir), device="cpu", attn_implementation="eager")
     assert adapter.model.config._attn_implementation == "eager"
     assert adapter.text_config._attn_implementation == "eager"
     with pytest.raises(AudiokvError, match="--attn-implementation"):
-        load_adapter(str(tiny_model_dir), device="cpu", attn_implementation="warp-drive")
+        load_adapter(str(random_model_dir), device="cpu", attn_implementation="warp-drive")

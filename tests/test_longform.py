@@ -12,16 +12,16 @@ import pytest
 import soundfile
 from typer.testing import CliRunner
 
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.cli import app
 from audiokv_cli.compression.methods import build_policy
-from audiokv_cli.longform import (
+from audiokv_cli.runtime.longform import (
     BLOCK_SAMPLES, WINDOW_SAMPLES, AudioStream, FileJob, LongformOptions, needs_fallback, transcribe_files,
     WindowOutput, window_seed,
 )
 from audiokv_cli.models.registry import load_adapter
-from audiokv_cli.output_formats import parse_srt, parse_vtt
-from audiokv_cli.testing_families import build_tiny_whisper
+from audiokv_cli.io.output_formats import parse_srt, parse_vtt
+from audiokv_cli.testing.families import build_random_whisper
 from tests.conftest import speechlike
 
 runner = CliRunner()
@@ -31,7 +31,7 @@ FAST = LongformOptions(temperatures=(0.0, 0.6), max_new_tokens=12)
 
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory):
-    return build_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper-longform"))
+    return build_random_whisper(tmp_path_factory.mktemp("tiny-whisper-longform"))
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_cli_bad_input_is_one_line(whisper_dir, tmp_path):
 
 
 def test_cli_interrupt_leaves_no_output(whisper_dir, files, tmp_path, monkeypatch):
-    import audiokv_cli.longform as longform
+    import audiokv_cli.runtime.longform as longform
 
     real = longform.decode_windows
     calls = []
@@ -243,8 +243,8 @@ def test_real_whisper_long_recording(tmp_path):
     """Whisper tiny.en over 64 s of the example recordings joined with pauses: the words of the clips transcribed one
     by one, at about the right times, as valid subtitles."""
     from audiokv_cli.evaluation.metrics import clip_wer
-    from audiokv_cli.inference import run_clip
-    from audiokv_cli.output_formats import to_srt
+    from audiokv_cli.runtime.inference import run_clip
+    from audiokv_cli.io.output_formats import to_srt
 
     adapter = load_adapter("whisper-tiny.en", device="cpu", dtype="float32")
     pieces, starts, alone, references, time = [], [], [], [], 0.0

@@ -4,9 +4,9 @@ audio, diarized output (the checks every family passes: test_families.py)."""
 import pytest
 import transformers
 
-from audiokv_cli.audio import AudioError
-from audiokv_cli.models.moss_transcribe_diarize import MossTranscribeDiarizeAdapter
-from audiokv_cli.testing_families import MOSS_TRANSCRIBE_DIARIZE_INSTRUCTION
+from audiokv_cli.io.audio import AudioError
+from audiokv_cli.models.families.moss_transcribe_diarize import MossTranscribeDiarizeAdapter
+from audiokv_cli.testing.families import MOSS_TRANSCRIBE_DIARIZE_INSTRUCTION
 from tests import adapter_checks as checks
 
 if not hasattr(transformers, "MossTranscribeDiarizeForConditionalGeneration"):

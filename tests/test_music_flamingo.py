@@ -3,8 +3,8 @@
 
 import pytest
 
-from audiokv_cli.audio import AudioError
-from audiokv_cli.models.music_flamingo import MusicFlamingoAdapter
+from audiokv_cli.io.audio import AudioError
+from audiokv_cli.models.families.music_flamingo import MusicFlamingoAdapter
 from tests import adapter_checks as checks
 
 

@@ -4,9 +4,9 @@ family passes: test_families.py)."""
 import pytest
 import transformers
 
-from audiokv_cli.audio import AudioError
+from audiokv_cli.io.audio import AudioError
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.models.omniasr import OmniASRAdapter
+from audiokv_cli.models.families.omniasr import OmniASRAdapter
 from tests import adapter_checks as checks
 
 if not hasattr(transformers, "OmniASRForConditionalGeneration"):

@@ -27,12 +27,12 @@ def everything(result):
     return " ".join((result.output + stderr).split())
 
 
-def test_probe_set_profile_inspect_merge(tiny_model_dir, tmp_path):
+def test_probe_set_profile_inspect_merge(random_model_dir, tmp_path):
     for seed in (0, 1):
         result = invoke("probe-set", "--out", tmp_path / f"probes{seed}", "--n", 1, "--seed", seed,
                         "--min-words", 2, "--max-words", 3, "--voices", "en-us")
         assert result.exit_code == 0, result.output
-    common = ["--model", tiny_model_dir, "--top-k", 4, "--max-new-tokens", 10, "--teacher-forcing",
+    common = ["--model", random_model_dir, "--top-k", 4, "--max-new-tokens", 10, "--teacher-forcing",
               "--device", "cpu", "--dtype", "float32"]
     for seed in (0, 1):
         result = invoke("profile", "--data", tmp_path / f"probes{seed}", "--out", tmp_path / f"p{seed}", *common)

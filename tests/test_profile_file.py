@@ -77,7 +77,7 @@ def test_round_trip_and_json_twin(tmp_path):
     assert torch.equal(loaded.score, profile.score)
     assert torch.equal(loaded.stats.hit_counts, profile.stats.hit_counts)
     twin = json.loads((tmp_path / "p.json").read_text())
-    assert twin["fingerprint"] == FINGERPRINT and twin["schema_version"] == 1
+    assert twin["fingerprint"] == FINGERPRINT and twin["schema_version"] == 2
     assert torch.equal(torch.tensor(twin["score"], dtype=torch.float64), profile.score)
     # Readable with safetensors + json alone, as docs/profile-format.md shows.
     raw = load_file(str(path))
@@ -86,15 +86,19 @@ def test_round_trip_and_json_twin(tmp_path):
     assert load_head_scores(path, FakeAdapter()).dtype == torch.float32
 
 
-def test_fingerprint_mismatch_is_one_clear_error_and_name_change_warns(tmp_path, caplog):
+def test_fingerprint_mismatch_is_one_clear_error_and_another_checkpoint_needs_consent(tmp_path, caplog):
     path = save_profile(make_profile(), tmp_path / "p.safetensors")
     with pytest.raises(ProfileError, match=r"another model \(num_layers 2 != 3\)") as caught:
         load_profile(path, expect_fingerprint={**FINGERPRINT, "num_layers": 3})
     assert "\n" not in str(caught.value)
     with pytest.raises(AudiokvError, match="another model"):
         load_head_scores(path, FakeAdapter(num_kv_heads=4))
-    with caplog.at_level(logging.WARNING):
+    # Without weight signatures (profiles from before them) the checkpoint is told by its name.
+    with pytest.raises(ProfileError, match="another checkpoint .*--allow-profile-mismatch") as caught:
         load_profile(path, expect_fingerprint={**FINGERPRINT, "name_or_path": "other/name"})
+    assert "\n" not in str(caught.value)
+    with caplog.at_level(logging.WARNING):
+        load_profile(path, expect_fingerprint={**FINGERPRINT, "name_or_path": "other/name"}, allow_mismatch=True)
     assert "other/name" in caplog.text
 
 

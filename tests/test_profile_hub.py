@@ -73,14 +73,21 @@ def test_missing_or_malformed_references_are_one_line(hub_cache, reference, mess
     assert "\n" not in str(error.value)
 
 
-def test_infer_with_a_hub_profile(hub_cache, tiny_model_dir, tmp_path):
+def test_infer_with_a_hub_profile(hub_cache, random_model_dir, random_adapter, tmp_path):
     clip = write_tone(tmp_path / "clip.wav", seconds=4.0)
-    args = ["infer", str(clip), "--model", str(tiny_model_dir), "--method", "audiokv", "--retention", "0.5",
+    args = ["infer", str(clip), "--model", str(random_model_dir), "--method", "audiokv", "--retention", "0.5",
             "--max-new-tokens", "3", "--json"]
-    result = CliRunner().invoke(app, args + ["--profile", "hf://acme/profiles/tiny.safetensors"])
+    # A profile measured on this very checkpoint (its fingerprint carries the weights' signature).
+    save_profile(make_profile(fingerprint=random_adapter.fingerprint()), hub_cache / "mine")
+    result = CliRunner().invoke(app, args + ["--profile", "hf://acme/profiles/mine.safetensors"])
     assert result.exit_code == 0, result.output
     assert f"using head profile {hub_cache}" in result.stderr.replace("\n", "")
     assert json.loads(result.stdout.splitlines()[-1])["method"] == "audiokv"
+    # One of the same architecture made on another checkpoint ("acme/tiny") is used only when asked for.
+    other = CliRunner().invoke(app, args + ["--profile", "hf://acme/profiles/tiny.safetensors"])
+    assert other.exit_code == 1 and "--allow-profile-mismatch" in other.stderr
+    asked = CliRunner().invoke(app, args + ["--profile", "hf://acme/profiles/tiny.safetensors", "--allow-profile-mismatch"])
+    assert asked.exit_code == 0, asked.output
     # The fingerprint check applies as for a local file: a profile for another geometry is refused in one line.
     refused = CliRunner().invoke(app, args + ["--profile", "hf://acme/profiles/sub/big.safetensors"])
     assert refused.exit_code == 1 and "Traceback" not in refused.output

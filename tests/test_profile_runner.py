@@ -48,23 +48,23 @@ def clip_dir(tmp_path_factory):
 FORCED = ProfileSettings(aligner="manifest", top_k=4, max_new_tokens=12, teacher_forcing=True)
 
 
-def test_capture_matches_eager_attention_and_leaves_decoding_unchanged(tiny_adapter, tiny_model_dir):
+def test_capture_matches_eager_attention_and_leaves_decoding_unchanged(random_adapter, random_model_dir):
     from transformers import Qwen2AudioForConditionalGeneration
 
     from transformers import DynamicCache
 
-    from audiokv_cli.decoding import greedy_generate
+    from audiokv_cli.runtime.decoding import greedy_generate
 
     t = np.arange(16000) / 16000
     audio = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
-    prepared = tiny_adapter.prepare(audio)
+    prepared = random_adapter.prepare(audio)
     top_k = 5
-    recorder = AttentionRecorder(tiny_adapter.geometry.num_layers, top_k, prepared.audio_spans)
-    tokens, records = _decode_with_capture(tiny_adapter, prepared, recorder, 6, None)
-    plain = greedy_generate(tiny_adapter, prepared.inputs, DynamicCache(), 6)
+    recorder = AttentionRecorder(random_adapter.geometry.num_layers, top_k, prepared.audio_spans)
+    tokens, records = _decode_with_capture(random_adapter, prepared, recorder, 6, None)
+    plain = greedy_generate(random_adapter, prepared.inputs, DynamicCache(), 6)
     assert tokens == plain.token_ids[:6]  # the handler does not change what the model says
 
-    eager = Qwen2AudioForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    eager = Qwen2AudioForConditionalGeneration.from_pretrained(random_model_dir, attn_implementation="eager").eval()
     ids = torch.cat([prepared.input_ids, torch.tensor([tokens[:-1]])], dim=1)
     inputs = dict(prepared.inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
     with torch.no_grad():
@@ -79,28 +79,28 @@ def test_capture_matches_eager_attention_and_leaves_decoding_unchanged(tiny_adap
             assert torch.equal(topk[layer].long().sort(dim=-1).values, expected)
 
 
-def test_manifest_aligner_with_teacher_forcing_scores_confident_words(tiny_adapter, clip_dir, tmp_path):
+def test_manifest_aligner_with_teacher_forcing_scores_confident_words(random_adapter, clip_dir, tmp_path):
     clips = read_data(clip_dir)
-    profile = run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, tmp_path / "p")
+    profile = run_profile(random_adapter, clips, ManifestAligner(), FORCED, tmp_path / "p")
     p = profile.provenance
     assert p["clips"] == 5 and p["words"] == 10  # the 0.5-confidence middle word of each clip is dropped
     assert p["decode_steps"] == 5 * 12 and 0 < p["scored_steps"] < p["decode_steps"]
     assert profile.stats.steps.eq(p["scored_steps"]).all()
     assert (profile.score >= 0).all() and (profile.score <= 1).all() and profile.score.sum() > 0
-    loaded = load_profile(tmp_path / "p.safetensors", expect_fingerprint=tiny_adapter.fingerprint())
+    loaded = load_profile(tmp_path / "p.safetensors", expect_fingerprint=random_adapter.fingerprint())
     assert torch.equal(loaded.score, profile.score)
     assert not partial_paths(tmp_path / "p")[0].exists()
 
 
-def test_greedy_decoding_aligns_to_a_transcript_of_what_the_model_said(tiny_adapter, clip_dir):
+def test_greedy_decoding_aligns_to_a_transcript_of_what_the_model_said(random_adapter, clip_dir):
     audio = soundfile.read(str(clip_dir / "clip0.wav"), dtype="float32")[0]
     settings = ProfileSettings(aligner="manifest", top_k=4, max_new_tokens=16)
-    _, free = profile_clip(tiny_adapter, audio, None, ProfileSettings(aligner="none", top_k=4, max_new_tokens=16))
+    _, free = profile_clip(random_adapter, audio, None, ProfileSettings(aligner="none", top_k=4, max_new_tokens=16))
     decoded = text_words(free.text)
     if not decoded:
         pytest.skip("the random model produced no word-like text")
     words = [WordTiming(w, 0.05 * k, 0.05 * k + 0.1, 1.0) for k, (w, _, _) in enumerate(decoded)]
-    stats, outcome = profile_clip(tiny_adapter, audio, words, settings)
+    stats, outcome = profile_clip(random_adapter, audio, words, settings)
     assert outcome.text == free.text
     assert outcome.words_aligned == len(words)
     # Character tokenizer: every letter or digit of a word is one word-aligned step; spaces and punctuation are not.
@@ -108,23 +108,23 @@ def test_greedy_decoding_aligns_to_a_transcript_of_what_the_model_said(tiny_adap
     assert stats.steps.eq(outcome.scored_steps).all()
 
 
-def test_aligner_none_scores_audio_mass_and_says_so(tiny_adapter, clip_dir, tmp_path):
+def test_aligner_none_scores_audio_mass_and_says_so(random_adapter, clip_dir, tmp_path):
     clips = read_data(clip_dir)[:2]
     settings = ProfileSettings(aligner="none", top_k=4, max_new_tokens=8)
-    profile = run_profile(tiny_adapter, clips, NoAligner(), settings, tmp_path / "none")
+    profile = run_profile(random_adapter, clips, NoAligner(), settings, tmp_path / "none")
     meta = json.loads(profile_paths(tmp_path / "none")[1].read_text())
     assert meta["provenance"]["aligner"] == "none" and meta["provenance"]["statistic"] == "audio_mass"
     assert torch.allclose(profile.score, profile.stats.audio_mass / profile.stats.steps)
     assert ((profile.score > 0) & (profile.score < 1)).all()
 
 
-def test_merged_shards_equal_one_run_bit_for_bit(tiny_adapter, clip_dir, tmp_path):
+def test_merged_shards_equal_one_run_bit_for_bit(random_adapter, clip_dir, tmp_path):
     from audiokv_cli.profiling.profile_file import merge_profiles, save_profile
 
     clips = read_data(clip_dir)
-    whole = run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, tmp_path / "all")
-    first = run_profile(tiny_adapter, clips[:2], ManifestAligner(), FORCED, tmp_path / "a")
-    second = run_profile(tiny_adapter, clips[2:], ManifestAligner(), FORCED, tmp_path / "b")
+    whole = run_profile(random_adapter, clips, ManifestAligner(), FORCED, tmp_path / "all")
+    first = run_profile(random_adapter, clips[:2], ManifestAligner(), FORCED, tmp_path / "a")
+    second = run_profile(random_adapter, clips[2:], ManifestAligner(), FORCED, tmp_path / "b")
     save_profile(merge_profiles([load_profile(tmp_path / "a.safetensors"), load_profile(tmp_path / "b.safetensors")]), tmp_path / "m")
     merged = load_profile(tmp_path / "m.safetensors")
     for name, tensor in whole.tensors().items():
@@ -134,9 +134,9 @@ def test_merged_shards_equal_one_run_bit_for_bit(tiny_adapter, clip_dir, tmp_pat
     assert first.provenance["clips"] + second.provenance["clips"] == 5
 
 
-def test_interrupted_run_resumes_to_the_same_profile(tiny_adapter, clip_dir, tmp_path):
+def test_interrupted_run_resumes_to_the_same_profile(random_adapter, clip_dir, tmp_path):
     clips = read_data(clip_dir)
-    reference = run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, tmp_path / "ref")
+    reference = run_profile(random_adapter, clips, ManifestAligner(), FORCED, tmp_path / "ref")
 
     class Killed(Exception):
         pass
@@ -147,15 +147,15 @@ def test_interrupted_run_resumes_to_the_same_profile(tiny_adapter, clip_dir, tmp
 
     out = tmp_path / "run"
     with pytest.raises(Killed):
-        run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, out, checkpoint_every=2, after_clip=die_after_third)
+        run_profile(random_adapter, clips, ManifestAligner(), FORCED, out, checkpoint_every=2, after_clip=die_after_third)
     partial = partial_paths(out)[0]
     assert partial.exists() and not profile_paths(out)[0].exists()
     assert load_profile(partial).provenance["clips"] == 3  # the clip that finished before the crash is kept
 
     with pytest.raises(AudiokvError, match="different settings"):
-        run_profile(tiny_adapter, clips, ManifestAligner(), ProfileSettings(**{**FORCED.__dict__, "top_k": 5}), out)
+        run_profile(random_adapter, clips, ManifestAligner(), ProfileSettings(**{**FORCED.__dict__, "top_k": 5}), out)
     seen = []
-    resumed = run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, out, after_clip=lambda i, c, o: seen.append(i))
+    resumed = run_profile(random_adapter, clips, ManifestAligner(), FORCED, out, after_clip=lambda i, c, o: seen.append(i))
     assert seen == [3, 4]  # only the unfinished clips ran
     for name, tensor in reference.tensors().items():
         assert torch.equal(resumed.tensors()[name], tensor), name
@@ -163,7 +163,7 @@ def test_interrupted_run_resumes_to_the_same_profile(tiny_adapter, clip_dir, tmp
     assert not partial.exists() and not partial_paths(out)[1].exists()
 
 
-def test_resume_refuses_changed_data(tiny_adapter, clip_dir, tmp_path):
+def test_resume_refuses_changed_data(random_adapter, clip_dir, tmp_path):
     clips = read_data(clip_dir)
     out = tmp_path / "run"
 
@@ -171,27 +171,27 @@ def test_resume_refuses_changed_data(tiny_adapter, clip_dir, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, out, after_clip=stop)
+        run_profile(random_adapter, clips, ManifestAligner(), FORCED, out, after_clip=stop)
     with pytest.raises(AudiokvError, match="data changed"):
-        run_profile(tiny_adapter, clips[1:], ManifestAligner(), FORCED, out)
+        run_profile(random_adapter, clips[1:], ManifestAligner(), FORCED, out)
 
 
-def test_manifest_without_words_needs_another_aligner(tiny_adapter, tmp_path, clip_dir):
+def test_manifest_without_words_needs_another_aligner(random_adapter, tmp_path, clip_dir):
     bare = [Clip("x", clip_dir / "clip0.wav", "alpha")]
     with pytest.raises(AudiokvError, match="no 'words'"):
-        run_profile(tiny_adapter, bare, ManifestAligner(), FORCED, tmp_path / "x")
+        run_profile(random_adapter, bare, ManifestAligner(), FORCED, tmp_path / "x")
     with pytest.raises(AudiokvError, match="unknown aligner"):
         make_aligner("wav2vec")
 
 
 @pytest.fixture(scope="module")
 def tiny_whisper_dir(tmp_path_factory):
-    from audiokv_cli.profiling.testing import build_tiny_whisper
+    from audiokv_cli.testing.aligner_whisper import build_aligner_whisper
 
-    return build_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
+    return build_aligner_whisper(tmp_path_factory.mktemp("aligner-whisper"))
 
 
-def test_whisper_aligner_gives_well_formed_timings_and_profiles(tiny_adapter, tiny_whisper_dir, clip_dir, tmp_path):
+def test_whisper_aligner_gives_well_formed_timings_and_profiles(random_adapter, tiny_whisper_dir, clip_dir, tmp_path):
     aligner = make_aligner(f"whisper:{tiny_whisper_dir}")
     aligner.max_new_tokens = 24
     assert aligner.name == f"whisper:{tiny_whisper_dir}"
@@ -206,7 +206,7 @@ def test_whisper_aligner_gives_well_formed_timings_and_profiles(tiny_adapter, ti
             assert 0.0 <= word.start <= word.end <= duration + 1e-6
             assert 0.0 <= word.confidence <= 1.0
     settings = ProfileSettings(aligner=aligner.name, top_k=4, max_new_tokens=8, min_confidence=0.0)
-    profile = run_profile(tiny_adapter, clips, aligner, settings, tmp_path / "w")
+    profile = run_profile(random_adapter, clips, aligner, settings, tmp_path / "w")
     assert profile.provenance["aligner"].startswith("whisper:") and profile.provenance["words"] > 0
 
 
@@ -235,7 +235,7 @@ run_profile(adapter, read_data(data), ManifestAligner(), settings, out, checkpoi
 """
 
 
-def test_killed_run_resumes_from_its_last_checkpoint(tiny_adapter, tiny_model_dir, clip_dir, tmp_path):
+def test_killed_run_resumes_from_its_last_checkpoint(random_adapter, random_model_dir, clip_dir, tmp_path):
     import os
     import signal
     import subprocess
@@ -244,20 +244,20 @@ def test_killed_run_resumes_from_its_last_checkpoint(tiny_adapter, tiny_model_di
     out = tmp_path / "killed"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.run(
-        [sys.executable, "-c", KILL_SCRIPT, str(tiny_model_dir), str(clip_dir), str(out)], env=env, capture_output=True
+        [sys.executable, "-c", KILL_SCRIPT, str(random_model_dir), str(clip_dir), str(out)], env=env, capture_output=True
     )
     assert process.returncode == -signal.SIGKILL, process.stderr.decode()[-2000:]
     partial = partial_paths(out)[0]
     assert load_profile(partial).provenance["clips"] == 2  # the checkpoint after clip 2; clip 3 was lost
     clips = read_data(clip_dir)
-    resumed = run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, out)
-    reference = run_profile(tiny_adapter, clips, ManifestAligner(), FORCED, tmp_path / "reference")
+    resumed = run_profile(random_adapter, clips, ManifestAligner(), FORCED, out)
+    reference = run_profile(random_adapter, clips, ManifestAligner(), FORCED, tmp_path / "reference")
     for name, tensor in reference.tensors().items():
         assert torch.equal(resumed.tensors()[name], tensor), name
     assert not partial.exists()
 
 
-def test_words_of_a_long_clip_land_in_their_own_segment(tiny_adapter, monkeypatch):
+def test_words_of_a_long_clip_land_in_their_own_segment(random_adapter, monkeypatch):
     """A 45 s clip is two audio items in the prompt; a word spoken at 40 s is scored against the second item's
     tokens, at 40 ms per token from the first item's start (the text between the items is skipped)."""
     from audiokv_cli.profiling.statistics import HeadStatistics
@@ -267,8 +267,8 @@ def test_words_of_a_long_clip_land_in_their_own_segment(tiny_adapter, monkeypatc
     audio = (np.random.default_rng(0).standard_normal(45 * 16000) * 0.1).astype(np.float32)
     words = [WordTiming("alpha", 1.0, 1.4, 1.0), WordTiming("bravo", 40.0, 40.4, 1.0)]
     settings = ProfileSettings(aligner="manifest", top_k=4, max_new_tokens=16, teacher_forcing=True)
-    profile_clip(tiny_adapter, audio, words, settings, "long", "alpha bravo")
-    prepared = tiny_adapter.prepare(audio)
+    profile_clip(random_adapter, audio, words, settings, "long", "alpha bravo")
+    prepared = random_adapter.prepare(audio)
     (first_start, first_end), (second_start, _) = prepared.audio_spans
     assert spans and spans[0] == (first_start + 25, first_start + 35)
     offset = 1000 - (first_end - first_start)  # token 1000 (40 s) counted across the items

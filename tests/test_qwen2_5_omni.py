@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from audiokv_cli.attention import sdpa_attention, use_attention_handler
-from audiokv_cli.decoding import prefill
-from audiokv_cli.models.qwen2_5_omni import (
+from audiokv_cli.runtime.attention import sdpa_attention, use_attention_handler
+from audiokv_cli.runtime.decoding import prefill
+from audiokv_cli.models.families.qwen2_5_omni import (
     ASR_INSTRUCTION_OMNI,
     ASR_SYSTEM_PROMPT,
     DEFAULT_SYSTEM_PROMPT,
@@ -83,7 +83,7 @@ def test_free_form_prompt_and_long_clip(omni):
     assert ASR_SYSTEM_PROMPT not in prepared.prompt
     assert prepared.audio_seconds == 30.0 and prepared.audio_tokens == 750
     # Beyond the feature extractor's window the clip is refused, never cut.
-    from audiokv_cli.audio import AudioError
+    from audiokv_cli.io.audio import AudioError
 
     with pytest.raises(AudioError, match="longer than this model's limit of 30 s"):
         omni.prepare(_clip(31.0))

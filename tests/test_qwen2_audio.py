@@ -8,11 +8,11 @@ import pytest
 import soundfile
 from typer.testing import CliRunner
 
-from audiokv_cli.audio import SAMPLE_RATE, split_audio
+from audiokv_cli.io.audio import SAMPLE_RATE, split_audio
 from audiokv_cli.cli import app
 from audiokv_cli.compression.methods import MethodOptions, build_policy
-from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
-from audiokv_cli.testing_masked import assert_matches_masked_dense
+from audiokv_cli.models.families.qwen2_audio import Qwen2AudioAdapter
+from audiokv_cli.testing.masked_dense import assert_matches_masked_dense
 from tests.conftest import write_tone
 
 
@@ -36,8 +36,8 @@ def test_split_audio_covers_every_sample_in_equal_segments():
     assert len(lengths) == 3 and max(lengths) <= 30 * SAMPLE_RATE and sum(lengths) == 61 * SAMPLE_RATE + 7
 
 
-def test_a_45_second_clip_is_two_audio_items(tiny_adapter):
-    prepared = tiny_adapter.prepare(_clip(45.0))
+def test_a_45_second_clip_is_two_audio_items(random_adapter):
+    prepared = random_adapter.prepare(_clip(45.0))
     assert prepared.extra["audio_segments"] == 2
     assert prepared.inputs["input_features"].shape[0] == 2
     assert len(prepared.audio_spans) == 2
@@ -45,29 +45,29 @@ def test_a_45_second_clip_is_two_audio_items(tiny_adapter):
     assert prepared.audio_tokens == 1124 and prepared.audio_seconds == 45.0
     assert prepared.prompt.count("<|audio_bos|><|AUDIO|><|audio_eos|>") == 2
     ids = prepared.input_ids[0].tolist()
-    bos = tiny_adapter.processor.tokenizer.convert_tokens_to_ids("<|audio_bos|>")
-    eos = tiny_adapter.processor.tokenizer.convert_tokens_to_ids("<|audio_eos|>")
+    bos = random_adapter.processor.tokenizer.convert_tokens_to_ids("<|audio_bos|>")
+    eos = random_adapter.processor.tokenizer.convert_tokens_to_ids("<|audio_eos|>")
     for start, end in prepared.audio_spans:
         assert ids[start - 1] == bos and ids[end] == eos
 
 
-def test_library_refuses_audio_over_the_limit(tiny_adapter, monkeypatch):
-    from audiokv_cli.audio import AudioError
+def test_library_refuses_audio_over_the_limit(random_adapter, monkeypatch):
+    from audiokv_cli.io.audio import AudioError
 
-    monkeypatch.setattr(tiny_adapter, "max_audio_seconds", 40.0)
+    monkeypatch.setattr(random_adapter, "max_audio_seconds", 40.0)
     with pytest.raises(AudioError, match="limit of 40 s"):
-        tiny_adapter.prepare(_clip(41.0))
+        random_adapter.prepare(_clip(41.0))
 
 
-def test_a_30_second_clip_stays_one_item(tiny_adapter):
-    prepared = tiny_adapter.prepare(_clip(30.0))
+def test_a_30_second_clip_stays_one_item(random_adapter):
+    prepared = random_adapter.prepare(_clip(30.0))
     assert prepared.extra["audio_segments"] == 1 and prepared.audio_tokens == 750
 
 
-def test_cli_reports_what_the_model_heard(tiny_model_dir, tmp_path):
+def test_cli_reports_what_the_model_heard(random_model_dir, tmp_path):
     clip = write_tone(tmp_path / "long.wav", seconds=45.0)
     result = CliRunner().invoke(
-        app, ["infer", str(clip), "--model", str(tiny_model_dir), "--json", "--max-new-tokens", "2",
+        app, ["infer", str(clip), "--model", str(random_model_dir), "--json", "--max-new-tokens", "2",
               "--method", "snapkv", "--retention", "0.4"],
     )
     assert result.exit_code == 0, result.output
@@ -76,10 +76,10 @@ def test_cli_reports_what_the_model_heard(tiny_model_dir, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def config_only_dir(tiny_model_dir, tmp_path_factory):
+def config_only_dir(random_model_dir, tmp_path_factory):
     """The tiny model's config without weights or processor: loading it fails, so any error before is pre-load."""
     directory = tmp_path_factory.mktemp("config-only")
-    shutil.copy(tiny_model_dir / "config.json", directory / "config.json")
+    shutil.copy(random_model_dir / "config.json", directory / "config.json")
     return directory
 
 
@@ -119,8 +119,8 @@ def test_eval_refuses_an_over_limit_clip_before_loading(config_only_dir, over_li
     _one_line_error(result, "longer than this model's limit of 600 s")
 
 
-def test_segmented_prompt_compresses_like_any_other(tiny_adapter):
-    prepared = tiny_adapter.prepare(_clip(31.0, seed=4))
+def test_segmented_prompt_compresses_like_any_other(random_adapter):
+    prepared = random_adapter.prepare(_clip(31.0, seed=4))
     assert prepared.extra["audio_segments"] == 2
     policy = build_policy("snapkv", 0.4, MethodOptions(window=8))
-    assert_matches_masked_dense(tiny_adapter, prepared, policy, steps=3)
+    assert_matches_masked_dense(random_adapter, prepared, policy, steps=3)

@@ -4,7 +4,7 @@ checks every family passes: test_families.py)."""
 import pytest
 import transformers
 
-from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
+from audiokv_cli.models.families.qwen3_asr import Qwen3ASRAdapter
 from audiokv_cli.models.registry import load_adapter
 from tests import adapter_checks as checks
 

@@ -3,7 +3,7 @@ loading, M-RoPE positions and the checks every family passes: test_families.py).
 
 import pytest
 
-from audiokv_cli.models.qwen3_omni_moe import ASR_INSTRUCTION_QWEN3_OMNI, Qwen3OmniMoeAdapter, audio_token_count
+from audiokv_cli.models.families.qwen3_omni_moe import ASR_INSTRUCTION_QWEN3_OMNI, Qwen3OmniMoeAdapter, audio_token_count
 from tests import adapter_checks as checks
 
 
@@ -35,7 +35,7 @@ def test_prompt_and_exact_audio_span(adapter, seconds, tokens):
 
 
 def test_audio_over_the_limit_is_refused(adapter, monkeypatch):
-    from audiokv_cli.audio import AudioError
+    from audiokv_cli.io.audio import AudioError
 
     assert adapter.max_audio_seconds == 1200.0  # not the extractor's 30 s padding window: it never cuts
     monkeypatch.setattr(adapter, "max_audio_seconds", 40.0)

@@ -7,9 +7,9 @@ import torch
 from audiokv_cli.compression.cache import RaggedLayer, ragged_decode_attention
 from audiokv_cli.compression.methods import METHODS, MethodOptions, build_policy
 from audiokv_cli.compression.policy import CompressionSession, apply_policy
-from audiokv_cli.attention import use_attention_handler
+from audiokv_cli.runtime.attention import use_attention_handler
 from audiokv_cli.compat import cache_kwargs
-from audiokv_cli.decoding import prefill
+from audiokv_cli.runtime.decoding import prefill
 
 
 def naive_attention(query, kept_keys, kept_values, tail_keys, tail_values, scaling):
@@ -84,20 +84,20 @@ def _prefill_logits(adapter, prepared, policy):
     return logits, step, session
 
 
-def test_retention_one_is_lossless(tiny_adapter):
-    prepared = tiny_adapter.prepare(_clip())
-    base_first, base_step, _ = _prefill_logits(tiny_adapter, prepared, build_policy("full"))
+def test_retention_one_is_lossless(random_adapter):
+    prepared = random_adapter.prepare(_clip())
+    base_first, base_step, _ = _prefill_logits(random_adapter, prepared, build_policy("full"))
     with torch.no_grad():
-        reference = tiny_adapter.model.generate(**prepared.inputs, max_new_tokens=12, do_sample=False)
+        reference = random_adapter.model.generate(**prepared.inputs, max_new_tokens=12, do_sample=False)
     for method in ("snapkv", "adakv", "stride"):
         policy = build_policy(method, 1.0)
-        first, step, session = _prefill_logits(tiny_adapter, prepared, policy)
-        assert all(session.cache.is_compressed(i) for i in range(tiny_adapter.geometry.num_layers))
+        first, step, session = _prefill_logits(random_adapter, prepared, policy)
+        assert all(session.cache.is_compressed(i) for i in range(random_adapter.geometry.num_layers))
         torch.testing.assert_close(first, base_first, atol=1e-5, rtol=0)
         torch.testing.assert_close(step, base_step, atol=1e-5, rtol=0)
-        with apply_policy(policy, tiny_adapter, prepared) as generating:
-            out = tiny_adapter.model.generate(
-                **prepared.inputs, **cache_kwargs(tiny_adapter.model, generating.cache), max_new_tokens=12, do_sample=False
+        with apply_policy(policy, random_adapter, prepared) as generating:
+            out = random_adapter.model.generate(
+                **prepared.inputs, **cache_kwargs(random_adapter.model, generating.cache), max_new_tokens=12, do_sample=False
             )
         assert out.tolist() == reference.tolist()
 
@@ -111,15 +111,15 @@ def _profile_scores(adapter):
 
 @pytest.mark.parametrize("scope", ["all", "audio"])
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_on_every_scope(tiny_adapter, method, scope):
+def test_every_method_on_every_scope(random_adapter, method, scope):
     retention = 0.4
-    prepared = tiny_adapter.prepare(_clip(8.0))
-    options = MethodOptions(window=8, scope=scope, head_scores=_profile_scores(tiny_adapter))
+    prepared = random_adapter.prepare(_clip(8.0))
+    options = MethodOptions(window=8, scope=scope, head_scores=_profile_scores(random_adapter))
     policy = build_policy(method, retention, options)
-    _, step, session = _prefill_logits(tiny_adapter, prepared, policy)
+    _, step, session = _prefill_logits(random_adapter, prepared, policy)
     assert torch.isfinite(step).all()
     length = prepared.prompt_tokens
-    full_bytes = length * tiny_adapter.geometry.kv_bytes_per_token(torch.float32)
+    full_bytes = length * random_adapter.geometry.kv_bytes_per_token(torch.float32)
     if method == "full":
         assert session.cache.physical_bytes() >= full_bytes
         return
@@ -136,10 +136,10 @@ def test_every_method_on_every_scope(tiny_adapter, method, scope):
         assert session.kept_bytes() <= (retention + 0.01) * full_bytes
 
 
-def test_window_always_kept(tiny_adapter):
-    prepared = tiny_adapter.prepare(_clip(8.0))
+def test_window_always_kept(random_adapter):
+    prepared = random_adapter.prepare(_clip(8.0))
     policy = build_policy("random", 0.2, MethodOptions(window=16))
-    session = CompressionSession(policy, tiny_adapter, prepared)
+    session = CompressionSession(policy, random_adapter, prepared)
     captured = {}
     original = session.cache.compress_layer
 
@@ -148,21 +148,21 @@ def test_window_always_kept(tiny_adapter):
         original(layer_idx, keep, *args)
 
     session.cache.compress_layer = spy
-    with use_attention_handler(tiny_adapter, session):
-        prefill(tiny_adapter, prepared.inputs, session.cache)
+    with use_attention_handler(random_adapter, session):
+        prefill(random_adapter, prepared.inputs, session.cache)
     for keep in captured.values():
         assert keep[..., -16:].all()
         assert (keep.sum(-1) == round(0.2 * prepared.prompt_tokens)).all()
 
 
 @pytest.mark.parametrize("retention", [0.05, 0.1, 0.4, 0.8])
-def test_kept_bytes_bounded_by_retention_plus_window(tiny_adapter, retention):
-    prepared = tiny_adapter.prepare(_clip(4.0))
+def test_kept_bytes_bounded_by_retention_plus_window(random_adapter, retention):
+    prepared = random_adapter.prepare(_clip(4.0))
     window = 32
     policy = build_policy("snapkv", retention, MethodOptions(window=window))
-    _, _, session = _prefill_logits(tiny_adapter, prepared, policy)
+    _, _, session = _prefill_logits(random_adapter, prepared, policy)
     length = prepared.prompt_tokens
-    per_token = tiny_adapter.geometry.kv_bytes_per_token(torch.float32)
+    per_token = random_adapter.geometry.kv_bytes_per_token(torch.float32)
     full_bytes = length * per_token
     allowance = window * per_token if retention * length < window else 0
     assert session.kept_bytes() <= (retention + 0.01) * full_bytes + allowance

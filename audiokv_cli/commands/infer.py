@@ -23,8 +23,8 @@ from audiokv_cli.commands.common import (
     stdout,
 )
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.output_formats import OutputFormat
-from audiokv_cli.streaming import TextStream
+from audiokv_cli.io.output_formats import OutputFormat
+from audiokv_cli.runtime.streaming import TextStream
 
 
 def _human_bytes(count: int) -> str:
@@ -57,10 +57,15 @@ def _summary(result) -> Table:
     return table
 
 
-def resolve_head_scores(adapter, profile: Optional[str]):
-    """The head profile for the audiokv method: the given file or Hub reference, or one in profiles/ made for this
-    model."""
-    from audiokv_cli.profiling.profile_file import find_profile, load_head_scores
+def resolve_head_scores(adapter, profile: Optional[str], allow_mismatch: bool = False):
+    """The head scores of the profile `resolve_head_profile` finds."""
+    return resolve_head_profile(adapter, profile, allow_mismatch)[0]
+
+
+def resolve_head_profile(adapter, profile: Optional[str], allow_mismatch: bool = False):
+    """The head profile for the audiokv method (the given file or Hub reference, or one in profiles/ made for this
+    model) as the budget reads it: head scores and the sensitivity table (None when the profile has none)."""
+    from audiokv_cli.profiling.profile_file import find_profile, load_budget_inputs
     from audiokv_cli.profiling.reference import is_hub_reference, locate_profile
 
     if profile is not None and is_hub_reference(str(profile)):
@@ -75,7 +80,15 @@ def resolve_head_scores(adapter, profile: Optional[str]):
                 "and pass --profile my.safetensors"
             )
         console.print(f"[dim]using head profile {profile}[/]")
-    return load_head_scores(profile, adapter)
+    return load_budget_inputs(profile, adapter, allow_mismatch)
+
+
+def _warn_unused(spec, retention: float | None, profile: str | None) -> None:
+    """One line on stderr for an option the method will not use (the run goes on: the answer is still right)."""
+    if spec.keeps_all and retention is not None and retention != 1.0:
+        console.print(f"[yellow]warning:[/] --method {spec.label} keeps every entry; --retention {retention:g} is ignored")
+    if profile is not None and not spec.uses_profile:
+        console.print(f"[yellow]warning:[/] --method {spec.label} takes no head profile; --profile {profile} is ignored")
 
 
 def infer(
@@ -84,11 +97,12 @@ def infer(
     prompt: Optional[str] = typer.Option(None, help="Instruction instead of the default transcription prompt."),
     max_new_tokens: int = typer.Option(256, min=1, help="Stop after this many generated tokens."),
     method: str = typer.Option("full", help="Eviction method: full, streamingllm, h2o, snapkv, pyramidkv, adakv, random, stride, audiokv, or a composition such as snapkv+sss."),
-    retention: float = typer.Option(1.0, help="Fraction of the prompt's KV entries to keep, in (0, 1]."),
+    retention: Optional[float] = typer.Option(None, help="Fraction of the prompt's KV entries to keep, in (0, 1] (default 1: the whole cache)."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store kept keys/values in 16 (float16), 8, 4 or 2 bits (packed codes; keys per channel, values per token). Default: the model's dtype."),
     merge: str = typer.Option("auto", help="Evicted entries: auto (dropped; under --kv-budget the shipped frontier's choice), none (dropped), mean (folded into the most similar kept neighbour of the same head; keys and values averaged, log-size logit bias), values (values only, kvpress-style)."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Byte budget: the kept cache takes at most this fraction of its 16-bit size; retention (and bits, unless --kv-bits) are chosen from the shipped frontier. Replaces --retention."),
     profile: Optional[str] = typer.Option(None, help="Head profile for --method audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
+    allow_profile_mismatch: bool = typer.Option(False, "--allow-profile-mismatch", help="Use a head profile measured on another checkpoint of the same architecture (refused by default)."),
     scope: Scope = typer.Option(Scope.all, help="all: any prompt token may be evicted; audio: text tokens are always kept."),
     window: int = typer.Option(32, min=1, help="Observation window: the last prompt tokens, always kept and used for scoring."),
     sss_alpha: float = typer.Option(0.5, help="Spectral smoothing mix (0 = raw scores, 1 = fully smoothed)."),
@@ -119,11 +133,12 @@ def infer(
     """Transcribe (or answer a --prompt about) each clip, keeping only part of the KV cache if asked."""
     from audiokv_cli.compression.decode_kernels import KERNEL_NAMES, use_kernel_option
     from audiokv_cli.compression.methods import MethodOptions, resolve_method
-    from audiokv_cli.inference import run_clip
+    from audiokv_cli.runtime.inference import run_clip
 
     if decode_kernel not in KERNEL_NAMES:
         raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")
-    check_range("--retention", retention, 0.0, 1.0, low_open=True)
+    if retention is not None:
+        check_range("--retention", retention, 0.0, 1.0, low_open=True)
     if batch_size > 1 and (stream or prefill_chunk or details):
         raise AudiokvError("--batch-size above 1 does not combine with --stream, --prefill-chunk or --details yet")
     if stream and as_json:
@@ -136,9 +151,11 @@ def infer(
         coverage=coverage, smooth_over=smooth_over, kv_bits=kv_bits, kv_budget=kv_budget,
         merge=None if merge == "auto" else merge,
     )
-    if kv_budget is not None and retention != 1.0:
+    if kv_budget is not None and retention is not None and retention != 1.0:
         raise AudiokvError("--kv-budget chooses the retention itself; give --kv-budget or --retention, not both")
     spec = resolve_method(method).with_parts(scorer, smoother, budget)
+    _warn_unused(spec, retention, profile)
+    retention = 1.0 if retention is None else retention
     needs_profile = spec.uses_profile
     if not needs_profile:
         policy = spec.policy(retention, options)
@@ -157,7 +174,7 @@ def infer(
 
     family = adapter_class_for(model)
     if _wants_longform(family, clips, fmt, batch_size, prompt, stream, prefill_chunk, details):
-        from audiokv_cli.longform import LongformOptions
+        from audiokv_cli.runtime.longform import LongformOptions
 
         _infer_longform(
             clips, model, spec, options, profile, retention, needs_profile, language, fmt or OutputFormat.txt,
@@ -165,7 +182,7 @@ def infer(
             LongformOptions(condition_on_previous_text=condition_on_previous_text),
             dict(device=device, dtype=dtype, trust_remote_code=trust_remote_code,
                  attn_implementation=attn_implementation, device_map=device_map),
-            decode_kernel,
+            decode_kernel, allow_profile_mismatch,
         )
         return
     audio = load_clips(clips, max_seconds=max_seconds)
@@ -185,7 +202,7 @@ def infer(
     if model == "tiny":
         console.print("[dim]model: tiny, the bundled small Qwen2-Audio (pass --model qwen2-audio for the real 7B)[/]")
     if needs_profile:
-        options.head_scores = resolve_head_scores(adapter, profile)
+        options.head_scores, options.head_sensitivity = resolve_head_profile(adapter, profile, allow_profile_mismatch)
         policy = spec.policy(retention, options)
     if prefill_chunk:
         from audiokv_cli.compression.chunked import check_chunked
@@ -213,7 +230,7 @@ def infer(
                 prefill_chunk=prefill_chunk,
             )
         if fmt is not None or output_dir is not None:
-            from audiokv_cli.output_formats import transcript_of_clip
+            from audiokv_cli.io.output_formats import transcript_of_clip
 
             _emit(transcript_of_clip(result), fmt or OutputFormat.txt, output_dir, details)
             continue
@@ -226,7 +243,7 @@ def infer(
 
 def _infer_batches(adapter, paths, audio, policy, prompt, max_new_tokens, batch_size, as_json, fmt=None, output_dir=None) -> None:
     """--batch-size: clips in groups of ``batch_size``, one batch row each, printed in the order given."""
-    from audiokv_cli.batching import check_batchable, run_clips
+    from audiokv_cli.runtime.batching import check_batchable, run_clips
 
     check_batchable(adapter)
     for first in range(0, len(paths), batch_size):
@@ -237,7 +254,7 @@ def _infer_batches(adapter, paths, audio, policy, prompt, max_new_tokens, batch_
             )
         for result in results:
             if fmt is not None or output_dir is not None:
-                from audiokv_cli.output_formats import transcript_of_clip
+                from audiokv_cli.io.output_formats import transcript_of_clip
 
                 _emit(transcript_of_clip(result), fmt or OutputFormat.txt, output_dir, False)
                 continue
@@ -260,7 +277,7 @@ def _set_language(adapter, language: Optional[str]) -> None:
 def _wants_longform(family, clips, fmt, batch_size, prompt, stream, prefill_chunk, details) -> bool:
     """Whisper runs as consecutive timestamped windows (longform.py) for audio over 30 s, for timed outputs
     (json/srt/vtt) and for --batch-size; a short clip printed as text keeps the one-window path."""
-    from audiokv_cli.longform import probe_seconds
+    from audiokv_cli.runtime.longform import probe_seconds
 
     if not hasattr(family, "prepare_window") or prompt is not None or stream or prefill_chunk:
         return False
@@ -274,7 +291,7 @@ def _wants_longform(family, clips, fmt, batch_size, prompt, stream, prefill_chun
 
 
 def _emit(transcript, fmt: OutputFormat, output_dir: Optional[Path], details: bool) -> None:
-    from audiokv_cli.output_formats import render, write_transcript
+    from audiokv_cli.io.output_formats import render, write_transcript
 
     if output_dir is not None:
         path = write_transcript(transcript, fmt, output_dir, details)
@@ -285,14 +302,14 @@ def _emit(transcript, fmt: OutputFormat, output_dir: Optional[Path], details: bo
 
 def _infer_longform(
     clips, model, spec, options, profile, retention, needs_profile, language, fmt, output_dir, batch_size,
-    max_seconds, max_new_tokens, as_json, longform_options, load_options, decode_kernel,
+    max_seconds, max_new_tokens, as_json, longform_options, load_options, decode_kernel, allow_profile_mismatch=False,
 ) -> None:
     """Whisper over audio of any length: files streamed window by window, a progress bar of audio seconds and the
     real-time factor, one output per file as soon as it is done (written whole or not at all)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from audiokv_cli.compression.decode_kernels import use_kernel_option
-    from audiokv_cli.longform import AudioStream, transcribe_files
+    from audiokv_cli.runtime.longform import AudioStream, transcribe_files
 
     # Every file is opened (header or, for mp3 and the like, decoded) before the model loads: bad input fails first.
     seconds = []
@@ -306,7 +323,7 @@ def _infer_longform(
     use_kernel_option(decode_kernel, adapter.device, adapter.dtype)
     _set_language(adapter, language)
     if needs_profile:
-        options.head_scores = resolve_head_scores(adapter, profile)
+        options.head_scores, options.head_sensitivity = resolve_head_profile(adapter, profile, allow_profile_mismatch)
     policy = spec.policy(retention, options)
     longform_options.max_new_tokens = min(longform_options.max_new_tokens, max_new_tokens)
     total = sum(seconds)

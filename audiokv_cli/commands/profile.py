@@ -35,6 +35,7 @@ class _RichProgress:
     def __init__(self, progress: Progress):
         self.progress = progress
         self.task = None
+        self.sensitivity_task = None
         self.steps = 0
 
     def start(self, total: int, done: int) -> None:
@@ -45,6 +46,12 @@ class _RichProgress:
     def advance(self, outcome) -> None:
         self.steps += outcome.scored_steps
         self.progress.update(self.task, advance=1, status=f"{self.steps} scored steps")
+
+    def sensitivity(self, done: int, total: int) -> None:
+        """Per clip of the sensitivity measurement (a bar of its own: it runs after the last profiled clip)."""
+        if self.sensitivity_task is None:
+            self.sensitivity_task = self.progress.add_task("head sensitivity", total=total, status="")
+        self.progress.update(self.sensitivity_task, completed=done, status="clips")
 
 
 def profile(
@@ -58,6 +65,8 @@ def profile(
     max_new_tokens: int = typer.Option(128, min=1, help="Stop decoding a clip after this many tokens."),
     teacher_forcing: bool = typer.Option(False, "--teacher-forcing", help="Feed the reference transcript instead of the model's greedy output."),
     checkpoint_every: int = typer.Option(25, min=1, help="Save resumable partial statistics every N clips."),
+    sensitivity: Optional[bool] = typer.Option(None, "--sensitivity/--no-sensitivity", help="Also measure what compressing each head alone costs (KL of the next-token distributions on the reference transcripts, one head merged 2:1, 4:1, 8:1, 16:1); budgets use it. Default: on when the clips have transcripts.", show_default=False),
+    sensitivity_clips: int = typer.Option(16, "--sensitivity-clips", min=1, help="Measure the head sensitivity on the first N clips (each costs one decoder pass per head and strength)."),
     allow_download: bool = typer.Option(False, "--allow-download", help="Let the Whisper aligner download from the Hugging Face Hub."),
     device: Device = typer.Option(Device.auto, help="Where to run the model."),
     dtype: DType = typer.Option(DType.auto, help="Model weights dtype."),
@@ -65,11 +74,11 @@ def profile(
 ) -> None:
     """Find the audio-critical heads: decode ASR clips and score how often each head's top attention lands on the
     audio of the word being spoken. Interrupted runs resume when started again with the same --out."""
-    from audiokv_cli.distributed import current_ranks, join, rank_part
+    from audiokv_cli.parallel.ranks import current_ranks, join, rank_part
     from audiokv_cli.profiling.alignment import read_data
     from audiokv_cli.profiling.profile_file import load_profile, profile_paths
     from audiokv_cli.profiling.runner import ProfileSettings
-    from audiokv_cli.rank_parts import merge_profile_parts, profile_part_out
+    from audiokv_cli.parallel.rank_parts import merge_profile_parts, profile_part_out
 
     settings = ProfileSettings(
         aligner=aligner,
@@ -82,6 +91,7 @@ def profile(
     clips = read_data(data)
     if max_clips is not None:
         clips = clips[:max_clips]
+    measure = _sensitivity_settings(sensitivity, sensitivity_clips, clips)
     # Under torchrun each rank profiles its share into a part of its own; rank 0 adds the parts (exact).
     ranks = current_ranks()
     join(ranks, device.value)
@@ -89,7 +99,10 @@ def profile(
         mine = ranks.shard(clips)
         target = profile_part_out(out, ranks) if ranks.distributed else out
         if mine:
-            shard_args = (aligner, allow_download, settings, target, checkpoint_every, ranks.leader)
+            # The sensitivity table is measured once, by rank 0 on the first clips of all the data, so a run on
+            # several ranks writes the table one process would.
+            shard_measure = (measure, clips) if measure is not None and ranks.leader else None
+            shard_args = (aligner, allow_download, settings, target, checkpoint_every, ranks.leader, shard_measure)
             result = _profile_shard(model, device, dtype, device_map, mine, *shard_args)
     if ranks.distributed:
         with rank_part(ranks):
@@ -104,10 +117,32 @@ def profile(
         f"aligned, {p['scored_steps']} scored steps of {p['decode_steps']}"
     )
     stdout.print(_top_heads_table(result.score, 10))
+    if result.sensitivity is not None:
+        stdout.print(_sensitivity_table(result.sensitivity, 10))
 
 
-def _profile_shard(model, device, dtype, device_map, clips, aligner, allow_download, settings, out, checkpoint_every, shown):
-    """Profile ``clips`` into ``out``; ``shown`` False (ranks other than 0) keeps the terminal to rank 0."""
+def _sensitivity_settings(requested: bool | None, count: int, clips):
+    """The head sensitivity settings for this run, or None: asked for with --sensitivity (then the clips must have
+    transcripts), left out with --no-sensitivity, and by default measured when the clips have transcripts."""
+    from audiokv_cli.profiling.sensitivity import SensitivitySettings
+
+    if requested is False:
+        return None
+    settings = SensitivitySettings(clips=count)
+    settings.validate()
+    if all((clip.text or "").strip() for clip in clips[:count]):
+        return settings
+    if requested:
+        raise AudiokvError("--sensitivity is measured on the clips' reference transcripts, and the data has none")
+    console.print("[yellow]note:[/] the clips have no transcripts: no head sensitivity is measured")
+    return None
+
+
+def _profile_shard(
+    model, device, dtype, device_map, clips, aligner, allow_download, settings, out, checkpoint_every, shown, measure
+):
+    """Profile ``clips`` into ``out``; ``shown`` False (ranks other than 0) keeps the terminal to rank 0;
+    ``measure``: (head sensitivity settings, the clips to measure them on), or None."""
     from audiokv_cli.profiling.alignment import make_aligner
     from audiokv_cli.profiling.profile_file import partial_paths
     from audiokv_cli.profiling.runner import run_profile
@@ -122,10 +157,18 @@ def _profile_shard(model, device, dtype, device_map, clips, aligner, allow_downl
     if partial_paths(out)[0].exists():
         console.print(f"[dim]found unfinished run {partial_paths(out)[0]}[/]")
     try:
+        sensitivity, sensitivity_data = measure if measure is not None else (None, None)
         if not shown:
-            return run_profile(adapter, clips, aligner_impl, settings, out, checkpoint_every)
+            return run_profile(
+                adapter, clips, aligner_impl, settings, out, checkpoint_every,
+                sensitivity=sensitivity, sensitivity_data=sensitivity_data,
+            )
         with _progress() as bar:
-            return run_profile(adapter, clips, aligner_impl, settings, out, checkpoint_every, _RichProgress(bar))
+            sink = _RichProgress(bar)
+            return run_profile(
+                adapter, clips, aligner_impl, settings, out, checkpoint_every, sink,
+                sensitivity=sensitivity, sensitivity_data=sensitivity_data, sensitivity_progress=sink.sensitivity,
+            )
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted;[/] progress saved to {partial_paths(out)[0]}: run the same command to resume")
         raise typer.Exit(130) from None  # that line says it all; no second "interrupted"
@@ -182,6 +225,8 @@ def inspect(
     stdout.print(_top_heads_table(score, top))
     stdout.print(_layer_table(score))
     stdout.print(heatmap_text(score))
+    if loaded.sensitivity is not None:
+        stdout.print(_sensitivity_table(loaded.sensitivity, top))
     if png is not None:
         from audiokv_cli.profiling.plots import write_heatmap_png
 
@@ -224,6 +269,27 @@ def _top_heads_table(score, count: int) -> Table:
     table.add_column("score", justify="right")
     for rank, index in enumerate(order.tolist(), start=1):
         table.add_row(str(rank), str(index // heads), str(index % heads), f"{float(flat[index]):.4f}")
+    return table
+
+
+def _sensitivity_table(sensitivity, count: int) -> Table:
+    """The heads that cost most to merge, at the profile's middle strength (ties in order of layer and head)."""
+    column = len(sensitivity.strengths) // 2
+    table_kl = sensitivity.table[..., column]
+    heads = table_kl.shape[1]
+    order = table_kl.flatten().argsort(descending=True, stable=True)[: min(count, table_kl.numel())]
+    strengths = ", ".join(f"{g}:1" for g in sensitivity.strengths)
+    table = Table(
+        title=f"most sensitive KV heads (mean KL per token, one head merged {strengths}; "
+        f"{sensitivity.clips} clips, {sensitivity.positions} tokens)",
+        title_justify="left",
+    )
+    for name in ("rank", "layer", "kv head", *(f"{g}:1" for g in sensitivity.strengths)):
+        table.add_column(name, justify="right")
+    for rank, index in enumerate(order.tolist(), start=1):
+        layer, head = divmod(index, heads)
+        values = [f"{float(v):.4f}" for v in sensitivity.table[layer, head]]
+        table.add_row(str(rank), str(layer), str(head), *values)
     return table
 
 

@@ -12,7 +12,7 @@ import functools
 import math
 from dataclasses import dataclass
 from os import PathLike
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -272,12 +272,124 @@ def profile_budget_table(
     return (extra + base).view(ctx.num_layers, ctx.num_kv_heads)
 
 
+# Under sensitivity budgets no head keeps fewer than this share of the mean evictable budget, nor (where the mean
+# allows) fewer than one entry per largest measured strength: outside that range nothing was measured.
+SENSITIVITY_FLOOR = 0.25
+# Candidate budgets per head on which each head's cost curve is evaluated (geometric in the merge ratio).
+SENSITIVITY_GRID = 96
+
+
+def _lower_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """The lower convex hull of (n, cost) points sorted by n (monotone chain)."""
+    hull: list[tuple[int, float]] = []
+    for point in points:
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            # Drop the middle point when it lies on or above the chord from hull[-2] to the new point.
+            if (y2 - y1) * (point[0] - x1) >= (point[1] - y1) * (x2 - x1):
+                hull.pop()
+            else:
+                break
+        hull.append(point)
+    return hull
+
+
+def head_cost_curves(sensitivity: Tensor, strengths: Sequence[int], evictable: int, counts: Tensor) -> Tensor:
+    """Predicted cost [heads, len(counts)] of each head keeping ``counts`` of its ``evictable`` entries (the rest merged).
+
+    The measured cost of one head merged g:1 is interpolated linearly in log g between the strengths (cost 0 at
+    g = 1, i.e. every entry kept), non-decreasing in g (measurement noise aside, merging more never helps), and
+    continued past the largest strength with the last slope.
+    """
+    table = torch.cummax(sensitivity.to(torch.float64).clamp(min=0.0), dim=-1).values
+    heads = table.shape[0]
+    knots = torch.log(torch.tensor([1.0, *[float(g) for g in strengths]], dtype=torch.float64))
+    values = torch.cat([torch.zeros(heads, 1, dtype=torch.float64), table], dim=1)
+    ratio = torch.log(evictable / counts.to(torch.float64).clamp(min=1.0))  # log g of each candidate count
+    segment = (torch.searchsorted(knots, ratio, right=True) - 1).clamp(0, knots.numel() - 2)
+    left, right = knots[segment], knots[segment + 1]
+    slope = (values[:, segment + 1] - values[:, segment]) / (right - left)
+    return values[:, segment] + slope * (ratio - left)
+
+
+def sensitivity_budget_table(
+    sensitivity: Tensor, strengths: Sequence[int], ctx: BudgetContext, floor_fraction: float = SENSITIVITY_FLOOR
+) -> Tensor:
+    """Per-head budgets LongTensor[num_layers, Hkv] that minimize the summed predicted cost of merging each head
+    (``sensitivity`` [num_layers, Hkv, len(strengths)]: the cost of one head alone merged g:1), with the same total as
+    uniform budgets: num_layers * Hkv * per_head entries, so the same bytes.
+
+    Every head keeps its forced positions; the evictable rest moves between heads. Each head's cost as a function of
+    its kept count is replaced by its lower convex hull, and the pool goes to the hull segments that save most cost
+    per entry (exact for convex costs, the greedy marginal rule); segments of equal gain share what is left in
+    proportion to their lengths. A head keeps at least ``floor_fraction`` of the mean evictable budget and never
+    more than all its entries.
+    """
+    expected = (ctx.num_layers, ctx.num_kv_heads, len(strengths))
+    if tuple(sensitivity.shape) != expected:
+        raise AudiokvError(
+            f"sensitivity table has shape {tuple(sensitivity.shape)}, the model needs {expected} "
+            "(layers x KV heads x strengths)"
+        )
+    forced = ctx.num_forced
+    evictable = ctx.prompt_len - forced
+    mean = ctx.per_head - forced  # evictable entries each head keeps on average
+    heads = ctx.num_layers * ctx.num_kv_heads
+    uniform = torch.full((ctx.num_layers, ctx.num_kv_heads), ctx.per_head, dtype=torch.long)
+    if mean <= 0 or mean >= evictable:
+        return uniform
+    lower = max(math.floor(floor_fraction * mean), min(mean, math.ceil(evictable / max(strengths))))
+    if lower >= mean:
+        return uniform
+    ratios = torch.logspace(0.0, math.log10(evictable / lower), SENSITIVITY_GRID, dtype=torch.float64)
+    counts = torch.unique(torch.cat([
+        torch.round(evictable / ratios).to(torch.long), torch.tensor([lower, evictable])
+    ])).clamp(lower, evictable)
+    counts = torch.unique(counts)
+    costs = head_cost_curves(sensitivity.reshape(heads, -1).cpu(), strengths, evictable, counts)
+    # A vanishing cost per merged entry for every head, so heads the table cannot tell apart (all zero, or equal)
+    # still have strictly convex curves and share evenly instead of by index.
+    scale = float(costs.abs().max()) or 1.0
+    costs = costs + 1e-9 * scale * torch.log(evictable / counts.to(torch.float64))
+    segments: list[tuple[float, int, int]] = []  # (cost saved per entry, head, entries)
+    for head in range(heads):
+        hull = _lower_hull(list(zip(counts.tolist(), costs[head].tolist())))
+        for (n0, c0), (n1, c1) in zip(hull, hull[1:]):
+            segments.append(((c0 - c1) / (n1 - n0), head, n1 - n0))
+    extra = [0] * heads
+    pool = heads * (mean - lower)
+    segments.sort(key=lambda segment: -segment[0])
+    index = 0
+    while pool > 0 and index < len(segments):
+        gain, end = segments[index][0], index + 1
+        while end < len(segments) and segments[end][0] >= gain * (1 - 1e-9):
+            end += 1
+        tied, index = segments[index:end], end
+        lengths = [length for _, _, length in tied]
+        if sum(lengths) <= pool:
+            given = lengths
+        else:
+            shares = torch.tensor(lengths, dtype=torch.float64) * (pool / sum(lengths))
+            given = largest_remainder(shares, pool).tolist()
+        for (_, head, _), count in zip(tied, given):
+            extra[head] += count
+        pool -= sum(given)
+    return (torch.tensor(extra, dtype=torch.long) + lower + forced).view(ctx.num_layers, ctx.num_kv_heads)
+
+
 @dataclass(eq=False)
 class ProfileBudget:
-    """AudioKV: per-head budgets from an offline head profile (audio-critical heads get more)."""
+    """AudioKV: per-head budgets from an offline head profile.
+
+    Without a sensitivity table, AudioKV eq. 1: audio-critical heads (by ``head_scores``) get more. With one
+    (``sensitivity`` [layers, Hkv, strengths], the cost of merging one head alone at each of ``strengths``), the
+    heads that cost least to merge keep fewest entries, within the same total (`sensitivity_budget_table`).
+    """
 
     head_scores: Tensor
     floor_fraction: float = 0.5
+    sensitivity: Tensor | None = None
+    strengths: tuple[int, ...] = ()
     name: str = dataclasses.field(default="profile", init=False)
     _tables: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
@@ -288,6 +400,10 @@ class ProfileBudget:
             self.head_scores = load_profile_scores(self.head_scores)
         if self.head_scores.dim() != 2:
             raise AudiokvError("head profile must be a 2-D [layers, query heads] tensor")
+        if self.sensitivity is not None:
+            self.strengths = tuple(int(g) for g in self.strengths)
+            if self.sensitivity.dim() != 3 or self.sensitivity.shape[-1] != len(self.strengths):
+                raise AudiokvError("a sensitivity table is [layers, KV heads, strengths] with its strengths listed")
 
     @classmethod
     def from_file(
@@ -301,8 +417,19 @@ class ProfileBudget:
     def table(self, ctx: BudgetContext) -> Tensor:
         """LongTensor[num_layers, Hkv], computed once per budget context and cached."""
         if ctx not in self._tables:
-            self._tables[ctx] = profile_budget_table(self.head_scores, ctx, self.floor_fraction)
+            if self.sensitivity is not None:
+                self._tables[ctx] = sensitivity_budget_table(self.sensitivity, self.strengths, ctx)
+            else:
+                self._tables[ctx] = profile_budget_table(self.head_scores, ctx, self.floor_fraction)
         return self._tables[ctx]
+
+    def for_layers(self, head_scores: Tensor, layers: Sequence[int]) -> "ProfileBudget":
+        """This budget over the cache-owning ``layers`` only, with their (summed) ``head_scores``."""
+        sensitivity = None if self.sensitivity is None else self.sensitivity[list(layers)]
+        return ProfileBudget(head_scores, self.floor_fraction, sensitivity, self.strengths)
+
+    def with_floor(self, floor_fraction: float) -> "ProfileBudget":
+        return ProfileBudget(self.head_scores, floor_fraction, self.sensitivity, self.strengths)
 
     def allocate(self, layer: int, scores: Tensor | None, ctx: BudgetContext) -> Tensor:
         _check_layer(layer, ctx)

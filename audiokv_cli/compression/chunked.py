@@ -15,12 +15,12 @@ from dataclasses import replace
 
 import torch
 
-from audiokv_cli.attention import sdpa_attention, use_attention_handler
+from audiokv_cli.runtime.attention import sdpa_attention, use_attention_handler
 from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.compression.cache import ragged_decode_attention
 from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession
 from audiokv_cli.compression.selection import select_positions
-from audiokv_cli.decoding import synchronize
+from audiokv_cli.runtime.decoding import synchronize
 from audiokv_cli.errors import AudiokvError
 
 # Scorers that rank entries by attention; the others rank by index and need positions a chunked layer no longer has.

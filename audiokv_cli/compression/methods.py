@@ -71,6 +71,9 @@ class MethodOptions:
     sinks: int = 4
     seed: int = 0
     head_scores: torch.Tensor | None = None
+    #: the head profile's sensitivity table (profiling.sensitivity.HeadSensitivity), when it has one: the profile
+    #: budget then sets per-head entries from it.
+    head_sensitivity: object | None = None
     extra: dict = field(default_factory=dict)
     kv_bits: int | None = None  # bits per kept element (None: the model's dtype, or under a budget the frontier's)
     kv_budget: float | None = None  # byte budget: retention (and bits unless kv_bits) chosen per prompt
@@ -96,7 +99,12 @@ def _budget(name: str, options: MethodOptions):
         if options.head_scores is None:
             raise AudiokvError("budget 'profile' needs a head profile (--profile)")
         floor = 0.5 if options.profile_floor is None else options.profile_floor
-        return make_budget(name, head_scores=options.head_scores, floor_fraction=floor)
+        sensitivity = options.head_sensitivity
+        return make_budget(
+            name, head_scores=options.head_scores, floor_fraction=floor,
+            sensitivity=None if sensitivity is None else sensitivity.table,
+            strengths=() if sensitivity is None else sensitivity.strengths,
+        )
     return make_budget(name)
 
 

@@ -14,13 +14,13 @@ from typing import Iterator
 
 import torch
 
-from audiokv_cli.attention import sdpa_attention, use_attention_handler
+from audiokv_cli.runtime.attention import is_prefill_call, sdpa_attention, use_attention_handler
 from audiokv_cli.compression import byte_budget, hf_quantized
 from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, ProfileBudget, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
 from audiokv_cli.compression.merging import MERGE_MODES
 from audiokv_cli.compression.quantization import QuantConfig, check_bits
-from audiokv_cli.compression.scorers import Scorer, bit_reversal_rank
+from audiokv_cli.compression.scorers import Scorer, StreamingScorer, bit_reversal_rank
 from audiokv_cli.compression.selection import SCOPES, audio_mask, select_positions
 from audiokv_cli.compression.smoothers import NoSmoothing, Smoother
 from audiokv_cli.errors import AudiokvError
@@ -144,7 +144,19 @@ class CompressionPolicy:
         floor = settings.pop("profile_floor", None)
         policy = dataclasses.replace(self, **settings, cross_attention={})
         if floor is not None and isinstance(policy.budget, ProfileBudget):
-            policy.budget = ProfileBudget(policy.budget.head_scores, floor_fraction=floor)
+            policy.budget = policy.budget.with_floor(floor)
+        return policy
+
+    def on_cross_attention(self, audio_end: int | None = None) -> "CompressionPolicy":
+        """This policy as it runs on a cross-attention cache of encoder frames (the clip's, then padding up to the
+        window; ``audio_end`` is where the clip's end): its `cross_attention` settings applied; scope ``all``, since
+        that cache holds no text to protect and pinning the padding as if it were text would starve the speech; and
+        StreamingLLM's recency ending at the clip's last frame rather than in the padding."""
+        policy = self.for_cross_attention() if self.cross_attention else self
+        if policy.scope != "all":
+            policy = dataclasses.replace(policy, scope="all")
+        if isinstance(policy.scorer, StreamingScorer) and audio_end is not None:
+            policy = dataclasses.replace(policy, scorer=dataclasses.replace(policy.scorer, recent_end=audio_end))
         return policy
 
     def smoothed_positions(self, ctx: BudgetContext) -> torch.Tensor:
@@ -191,6 +203,9 @@ class CompressionSession:
     def __init__(self, policy: CompressionPolicy, adapter, prepared, cache: RaggedKVCache | None = None):
         self.adapter = adapter
         self.prepared = prepared
+        #: the policy as asked for (``policy`` below is it as it runs here: cache type and byte budget applied);
+        #: a recorded prefill's scores are keyed by it
+        self.requested_policy = policy
         geometry = adapter.geometry
         self.cache = cache if cache is not None else RaggedKVCache(geometry.num_layers)
         if policy.hf_cache is not None:
@@ -198,14 +213,14 @@ class CompressionSession:
         # What the model's forward takes: the ragged cache itself, or (encoder-decoder) a pair around it.
         self.model_cache = adapter.model_cache(self.cache)
         self.cross_attention = adapter.compressed_attention == "cross"
-        if self.cross_attention and policy.cross_attention:
-            policy = policy.for_cross_attention()
+        if self.cross_attention:
+            policy = policy.on_cross_attention(audio_end=max((end for _, end in prepared.audio_spans), default=None))
         self.sources = adapter.cache_sources()
         # Budget allocators count layers 0..K-1 over the K layers that own a cache.
         self.budget_layer = {layer: rank for rank, layer in enumerate(adapter.compressed_layers())}
         if len(self.budget_layer) != geometry.num_layers and isinstance(policy.budget, ProfileBudget):
-            policy = dataclasses.replace(policy, budget=ProfileBudget(
-                self.owner_head_scores(policy.budget.head_scores), floor_fraction=policy.budget.floor_fraction
+            policy = dataclasses.replace(policy, budget=policy.budget.for_layers(
+                self.owner_head_scores(policy.budget.head_scores), adapter.compressed_layers()
             ))
         policy = spend_budget(policy, adapter, prepared)
         self.policy = policy
@@ -314,9 +329,11 @@ class CompressionSession:
 
     def is_prefill(self, query, key) -> bool:
         """The call that fills the layer's cache with the whole prompt (or, cross-attention, all audio frames)."""
-        if key.shape[-2] != self.prepared.compressed_length:
-            return False
-        return self.cross_attention or query.shape[-2] == key.shape[-2]
+        return is_prefill_call(query.shape[-2], key.shape[-2], self.prepared.compressed_length, self.cross_attention)
+
+    def kept_bytes_per_row(self) -> list[int]:
+        """`kept_bytes` for each batch row (one here; batched sessions have several)."""
+        return [self.kept_bytes()]
 
     def kept_bytes(self) -> int:
         """Physical bytes of the prompt cache (generated-token tail excluded): what the compressed layers hold
@@ -344,7 +361,7 @@ def spend_budget(policy: CompressionPolicy, adapter, prepared) -> CompressionPol
     cross_attention = adapter.compressed_attention == "cross"
     forced = BudgetContext(
         retention=1.0, prompt_len=prepared.compressed_length, window=0 if cross_attention else policy.window,
-        scope=policy.scope, audio_spans=tuple(prepared.audio_spans),
+        scope="all" if cross_attention else policy.scope, audio_spans=tuple(prepared.audio_spans),
     ).num_forced
     sliding = any(adapter.sliding_window(layer) is not None for layer in adapter.compressed_layers())
     return byte_budget.resolve(

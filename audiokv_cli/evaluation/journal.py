@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.files import append_whole
+from audiokv_cli.io.files import append_whole
 
 JOURNAL_NAME = "rows.partial.jsonl"
 FORMAT = "audiokv-eval-journal"

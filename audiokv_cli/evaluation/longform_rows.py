@@ -25,7 +25,7 @@ def takes_long_audio(adapter_or_family) -> bool:
 
 def clip_seconds(path) -> float:
     """The clip's length from its header, or (mp3 and the like) by decoding it."""
-    from audiokv_cli.longform import AudioStream, probe_seconds
+    from audiokv_cli.runtime.longform import AudioStream, probe_seconds
 
     seconds = probe_seconds(path)
     if seconds is None:
@@ -103,7 +103,7 @@ def run_long_clips(
     ``options``: `longform.LongformOptions` (default: openai-whisper's; `audiokv eval` caps each window's tokens
     at --max-new-tokens, as `infer` does).
     """
-    from audiokv_cli.longform import transcribe_files
+    from audiokv_cli.runtime.longform import transcribe_files
 
     done = done or {}
     rows: list[dict] = []

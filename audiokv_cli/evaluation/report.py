@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.files import write_atomic, write_together
+from audiokv_cli.io.files import write_atomic, write_together
 
 FULL_METHOD = "full"
 CELL_KEYS = ("method", "retention", "scope")

@@ -22,8 +22,8 @@ from audiokv_cli.compression.selection import SCOPES
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.evaluation.cell_batch import CellOutcome, run_cells_batched, run_cells_replayed
 from audiokv_cli.evaluation.metrics import aggregate, is_degenerate, score_clip
-from audiokv_cli.inference import full_bytes_16bit
-from audiokv_cli.runtime import PrefillRecord, record_prefill
+from audiokv_cli.runtime.inference import full_bytes_16bit
+from audiokv_cli.runtime.runner import PrefillRecord, record_prefill
 
 def parse_methods(text: str) -> list[MethodSpec]:
     names = [part.strip() for part in text.split(",") if part.strip()]
@@ -390,7 +390,7 @@ def summarize(cells: Sequence[Cell], rows: Sequence[dict]) -> list[dict]:
 
 def clip_loader(adapter) -> Callable:
     """Read a clip, refusing one longer than the model takes (it would be cut, and its reference would not fit)."""
-    from audiokv_cli.audio import load_audio
+    from audiokv_cli.io.audio import load_audio
 
     return lambda path: load_audio(path, max_seconds=adapter.max_audio_seconds)
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from audiokv_cli.audio import SAMPLE_RATE, check_length
+from audiokv_cli.io.audio import SAMPLE_RATE, check_length
 from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.models.base import ModelAdapter, PreparedInput
 

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.io.audio import SAMPLE_RATE
 from audiokv_cli.compat import cache_kwargs
 from audiokv_cli.models.checkpoint_signature import weights_signature
 

@@ -12,23 +12,23 @@ import torch
 
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.models.base import ModelAdapter
-from audiokv_cli.models.cohere_asr import CohereAsrAdapter
-from audiokv_cli.models.gemma3n import Gemma3nAdapter
-from audiokv_cli.models.glm_asr import GlmAsrAdapter
-from audiokv_cli.models.granite_speech import GraniteSpeechAdapter
-from audiokv_cli.models.moss_transcribe_diarize import MossTranscribeDiarizeAdapter
-from audiokv_cli.models.music_flamingo import MusicFlamingoAdapter
-from audiokv_cli.models.omniasr import OmniASRAdapter
-from audiokv_cli.models.audio_flamingo3 import AudioFlamingo3Adapter
-from audiokv_cli.models.qwen2_5_omni import Qwen2_5OmniAdapter
-from audiokv_cli.models.qwen2_audio import Qwen2AudioAdapter
-from audiokv_cli.models.qwen3_asr import Qwen3ASRAdapter
-from audiokv_cli.models.qwen3_omni_moe import Qwen3OmniMoeAdapter
-from audiokv_cli.models.vibevoice_asr import VibeVoiceAsrAdapter
-from audiokv_cli.models.voxtral import VoxtralAdapter
-from audiokv_cli.models.small_model import assemble_small, small_model_trained
-from audiokv_cli.models.whisper import WhisperAdapter
-from audiokv_cli.models.whisper_assets import WHISPER_ASSETS, assemble
+from audiokv_cli.models.families.cohere_asr import CohereAsrAdapter
+from audiokv_cli.models.families.gemma3n import Gemma3nAdapter
+from audiokv_cli.models.families.glm_asr import GlmAsrAdapter
+from audiokv_cli.models.families.granite_speech import GraniteSpeechAdapter
+from audiokv_cli.models.families.moss_transcribe_diarize import MossTranscribeDiarizeAdapter
+from audiokv_cli.models.families.music_flamingo import MusicFlamingoAdapter
+from audiokv_cli.models.families.omniasr import OmniASRAdapter
+from audiokv_cli.models.families.audio_flamingo3 import AudioFlamingo3Adapter
+from audiokv_cli.models.families.qwen2_5_omni import Qwen2_5OmniAdapter
+from audiokv_cli.models.families.qwen2_audio import Qwen2AudioAdapter
+from audiokv_cli.models.families.qwen3_asr import Qwen3ASRAdapter
+from audiokv_cli.models.families.qwen3_omni_moe import Qwen3OmniMoeAdapter
+from audiokv_cli.models.families.vibevoice_asr import VibeVoiceAsrAdapter
+from audiokv_cli.models.families.voxtral import VoxtralAdapter
+from audiokv_cli.models.assets.small_model import assemble_small, small_model_trained
+from audiokv_cli.models.families.whisper import WhisperAdapter
+from audiokv_cli.models.assets.whisper import WHISPER_ASSETS, assemble
 
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny"
 
@@ -253,7 +253,7 @@ def placement(device_map: str | None, ranks=None, gpu_memory=None):
     CPU, so the ranks of a node spread their models over disjoint GPUs."""
     if device_map is None or (gpu_memory is None and not torch.cuda.is_available()):
         return device_map
-    from audiokv_cli.distributed import current_ranks, rank_gpus
+    from audiokv_cli.parallel.ranks import current_ranks, rank_gpus
 
     ranks = ranks or current_ranks()
     if ranks.local_world <= 1:

@@ -18,7 +18,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.files import write_atomic
+from audiokv_cli.io.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ class WhisperAligner(Aligner):
             )
 
     def align(self, clip: Clip, audio: np.ndarray) -> list[WordTiming]:
-        from audiokv_cli.audio import SAMPLE_RATE
+        from audiokv_cli.io.audio import SAMPLE_RATE
 
         words: list[WordTiming] = []
         step = int(self.CHUNK_SECONDS * SAMPLE_RATE)
@@ -261,7 +261,7 @@ class WhisperAligner(Aligner):
 
         import torch
 
-        from audiokv_cli.audio import SAMPLE_RATE
+        from audiokv_cli.io.audio import SAMPLE_RATE
 
         features = self.processor(chunk, sampling_rate=SAMPLE_RATE, return_tensors="pt", return_attention_mask=True)
         config = copy.deepcopy(self.model.generation_config)

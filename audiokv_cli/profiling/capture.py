@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from audiokv_cli.attention import sdpa_attention
+from audiokv_cli.runtime.attention import sdpa_attention
 from audiokv_cli.errors import AudiokvError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from audiokv_cli.files import atomic_output
+from audiokv_cli.io.files import atomic_output
 
 
 def write_heatmap_png(profile, path: str | os.PathLike) -> Path:

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from audiokv_cli.audio import SAMPLE_RATE
+from audiokv_cli.io.audio import SAMPLE_RATE
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.profiling.alignment import MANIFEST_NAME, Clip, WordTiming, write_manifest
 

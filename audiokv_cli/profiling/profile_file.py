@@ -1,9 +1,10 @@
 """The head-profile file: safetensors tensors + JSON metadata, a readable JSON twin, validation, merge and lookup.
 
 Layout (see docs/profile-format.md): ``NAME.safetensors`` holds float64/int64 tensors ``hits``, ``steps``,
-``audio_mass`` and ``score`` shaped [layers, query_heads]; its safetensors metadata key ``audiokv`` holds a JSON
-string with the schema version, the model fingerprint and the provenance. ``NAME.json`` repeats that metadata with
-the score table for people and tools without safetensors.
+``audio_mass`` and ``score`` shaped [layers, query_heads], and (schema 2, optional) ``sensitivity`` shaped
+[layers, kv_heads, strengths]; its safetensors metadata key ``audiokv`` holds a JSON string with the schema version,
+the model fingerprint and the provenance. ``NAME.json`` repeats that metadata with the score table for people and
+tools without safetensors. Schema 1 files (no sensitivity) still load.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.files import write_together
+from audiokv_cli.io.files import write_together
+from audiokv_cli.models import checkpoint_signature
 from audiokv_cli.profiling.alignment import data_digest
+from audiokv_cli.profiling.sensitivity import HeadSensitivity
 from audiokv_cli.profiling.statistics import HeadStatistics
 
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "audiokv-head-profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Versions this audiokv reads: 1 has no sensitivity table (budgets then use the head scores alone).
+READABLE_VERSIONS = (1, 2)
+SENSITIVITY_TENSOR = "sensitivity"
 METADATA_KEY = "audiokv"
 TENSOR_DTYPES = {
     "hits": torch.float64,
@@ -37,7 +43,7 @@ TENSOR_DTYPES = {
 }
 STATISTICS = ("topk_hits", "audio_mass")
 # Fingerprint fields that name the checkpoint; all other fields describe the architecture and must match.
-IDENTITY_FIELDS = ("name_or_path", "revision")
+IDENTITY_FIELDS = ("name_or_path", "revision", "weights")
 # Provenance fields that must agree for profiles to be merged (they change what the statistic means).
 MERGE_KEYS = ("statistic", "aligner", "top_k", "min_confidence", "decoding")
 PROFILE_SUFFIX = ".safetensors"
@@ -75,6 +81,8 @@ class HeadProfile:
     fingerprint: dict[str, Any]
     provenance: dict[str, Any]
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what compressing each (layer, KV head) alone costs; None in schema 1 files and runs with --no-sensitivity.
+    sensitivity: HeadSensitivity | None = None
 
     @property
     def statistic(self) -> str:
@@ -85,12 +93,15 @@ class HeadProfile:
         return self.stats.score(self.statistic)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {
+        tensors = {
             "hits": self.stats.hits.contiguous(),
             "steps": self.stats.steps.contiguous(),
             "audio_mass": self.stats.audio_mass.contiguous(),
             "score": self.score.contiguous(),
         }
+        if self.sensitivity is not None:
+            tensors[SENSITIVITY_TENSOR] = self.sensitivity.table.contiguous()
+        return tensors
 
     def metadata(self) -> dict[str, Any]:
         layers, heads = self.stats.shape
@@ -101,6 +112,8 @@ class HeadProfile:
             "fingerprint": self.fingerprint,
             "provenance": self.provenance,
         }
+        if self.sensitivity is not None:
+            meta["sensitivity"] = self.sensitivity.metadata()
         meta.update(self.extra)
         return meta
 
@@ -149,6 +162,8 @@ def save_profile(profile: HeadProfile, out: str | os.PathLike) -> Path:
     twin = dict(meta)
     twin["score"] = profile.score.tolist()
     twin["steps"] = profile.stats.steps.tolist()
+    if profile.sensitivity is not None:
+        twin["sensitivity_table"] = profile.sensitivity.table.tolist()
     write_together({tensors_path: payload, json_path: readable_json(twin) + "\n"})
     return tensors_path
 
@@ -183,9 +198,11 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ProfileError(f"{path}: not an audiokv profile (format is {meta.get('format')!r})")
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
+        readable = " and ".join(str(v) for v in READABLE_VERSIONS)
         raise ProfileError(
-            f"{path}: profile schema version {version!r} is not supported (this audiokv reads {SCHEMA_VERSION})"
+            f"{path}: profile schema version {version!r} is not supported (this audiokv reads {readable}); "
+            "a newer audiokv wrote it, so upgrade audiokv or remake the profile"
         )
     for key in ("fingerprint", "provenance", "shape"):
         if not isinstance(meta.get(key), dict):
@@ -204,21 +221,36 @@ def fingerprint_differences(found: dict, expected: dict) -> tuple[list[str], lis
     return arch, ident
 
 
-def check_fingerprint(found: dict, expected: dict, where: str) -> None:
-    arch, ident = fingerprint_differences(found, expected)
+def same_checkpoint(found: dict, expected: dict) -> bool:
+    """Whether two fingerprints name the same weights: by their weight signatures where both have one (the same
+    weights under another path match), else (profiles from before signatures) by name and revision."""
+    verdict = checkpoint_signature.same_checkpoint(found.get("weights"), expected.get("weights"))
+    if verdict is not None:
+        return verdict
+    return all(found.get(k) == expected.get(k) for k in ("name_or_path", "revision"))
+
+
+def check_fingerprint(found: dict, expected: dict, where: str, allow_mismatch: bool = False) -> None:
+    arch, _ = fingerprint_differences(found, expected)
     if arch:
         detail = ", ".join(f"{k} {found.get(k)!r} != {expected.get(k)!r}" for k in arch)
         raise ProfileError(f"{where}: profile was made for another model ({detail})")
-    if ident:
+    if not same_checkpoint(found, expected):
+        if not allow_mismatch:
+            raise ProfileError(
+                f"{where}: profile was measured on another checkpoint ({found.get('name_or_path')}) of this "
+                f"architecture than {expected.get('name_or_path')}; its head ranking may not hold: measure one for "
+                "this model, or pass --allow-profile-mismatch to use it anyway"
+            )
         logger.warning(
-            "%s: profile was made with %s, this model is %s (same architecture; using it)",
-            where,
-            found.get("name_or_path"),
-            expected.get("name_or_path"),
+            "%s: profile was measured on %s, this model is %s (same architecture; used as asked)",
+            where, found.get("name_or_path"), expected.get("name_or_path"),
         )
 
 
-def load_profile(path: str | os.PathLike, expect_fingerprint: dict | None = None) -> HeadProfile:
+def load_profile(
+    path: str | os.PathLike, expect_fingerprint: dict | None = None, allow_mismatch: bool = False
+) -> HeadProfile:
     """Read and validate a profile; with ``expect_fingerprint`` the architecture must match (the name may differ,
     with a warning). Any problem is one ProfileError line."""
     from safetensors import SafetensorError
@@ -248,13 +280,38 @@ def load_profile(path: str | os.PathLike, expect_fingerprint: dict | None = None
     stats = HeadStatistics.from_tensors(tensors["hits"], tensors["steps"], tensors["audio_mass"], provenance["top_k"])
     if (stats.steps < 0).any() or (stats.hit_counts < 0).any():
         raise ProfileError(f"{path}: profile holds negative counts")
-    extra = {k: v for k, v in meta.items() if k not in ("format", "schema_version", "shape", "fingerprint", "provenance")}
-    profile = HeadProfile(stats, fingerprint, provenance, extra)
+    own = ("format", "schema_version", "shape", "fingerprint", "provenance", "sensitivity")
+    extra = {k: v for k, v in meta.items() if k not in own}
+    sensitivity = _read_sensitivity(path, meta, tensors, layers)
+    profile = HeadProfile(stats, fingerprint, provenance, extra, sensitivity)
     if not torch.allclose(profile.score, tensors["score"], rtol=1e-12, atol=1e-12):
         raise ProfileError(f"{path}: stored 'score' does not match hits / steps (file edited or corrupt)")
     if expect_fingerprint is not None:
-        check_fingerprint(fingerprint, expect_fingerprint, str(path))
+        check_fingerprint(fingerprint, expect_fingerprint, str(path), allow_mismatch)
     return profile
+
+
+def _read_sensitivity(path: Path, meta: dict, tensors: dict, layers: int) -> HeadSensitivity | None:
+    """The sensitivity table of a schema 2 profile that has one, validated; None otherwise."""
+    described = meta.get("sensitivity")
+    table = tensors.get(SENSITIVITY_TENSOR)
+    if described is None and table is None:
+        return None
+    if not isinstance(described, dict) or table is None:
+        raise ProfileError(f"{path}: profile has a sensitivity table without its description, or the reverse")
+    strengths = described.get("strengths")
+    if not isinstance(strengths, list) or not strengths or not all(isinstance(g, int) and g >= 2 for g in strengths):
+        raise ProfileError(f"{path}: sensitivity strengths must be a list of integers >= 2, got {strengths!r}")
+    kv_heads = meta["fingerprint"].get("num_kv_heads")
+    expected = (layers, kv_heads, len(strengths))
+    if tuple(table.shape) != expected or table.dtype != torch.float64:
+        raise ProfileError(f"{path}: tensor 'sensitivity' is {tuple(table.shape)} {table.dtype}, expected {expected} float64")
+    if not torch.isfinite(table).all() or (table < 0).any():
+        raise ProfileError(f"{path}: tensor 'sensitivity' holds negative, NaN or infinite values")
+    try:
+        return HeadSensitivity.from_metadata(described, table)
+    except (KeyError, TypeError, ValueError):
+        raise ProfileError(f"{path}: profile's sensitivity description lacks 'positions' or 'clips'") from None
 
 
 # ------------------------------------------------------------------------------------------------------------ merge
@@ -300,7 +357,16 @@ def merge_profiles(profiles: Sequence[HeadProfile], names: Sequence[str] | None 
         audiokv_version=audiokv_version(),
         created=utc_now(),
     )
-    return HeadProfile(stats, dict(first.fingerprint), provenance)
+    # The sensitivity tables present are combined (a distributed run measures one, on rank 0); a single one is
+    # taken as it is, so the merge writes the table bit for bit.
+    measured = [p.sensitivity for p in profiles if p.sensitivity is not None]
+    sensitivity = measured[0] if len(measured) == 1 else None
+    if len(measured) > 1:
+        try:
+            sensitivity = HeadSensitivity.combined(measured)
+        except AudiokvError:
+            logger.warning("the profiles' sensitivity tables were measured at different strengths; the merge has none")
+    return HeadProfile(stats, dict(first.fingerprint), provenance, sensitivity=sensitivity)
 
 
 # ------------------------------------------------------------------------------------------------------- discovery
@@ -336,10 +402,10 @@ def find_profile(adapter, profiles_dir: str | os.PathLike | None = None, default
             meta = read_metadata(path)
         except ProfileError:
             continue
-        arch, ident = fingerprint_differences(meta["fingerprint"], expected)
+        arch, _ = fingerprint_differences(meta["fingerprint"], expected)
         if arch:
             continue
-        rank = (0 if ident else 1, int(meta["provenance"].get("scored_steps", 0)))
+        rank = (1 if same_checkpoint(meta["fingerprint"], expected) else 0, int(meta["provenance"].get("scored_steps", 0)))
         if best is None or rank > best[0]:
             best = (rank, path)
     return best[1] if best else None
@@ -360,7 +426,16 @@ def require_profile(adapter, profiles_dir: str | os.PathLike | None = None) -> P
     return found
 
 
-def load_head_scores(path: str | os.PathLike, adapter) -> torch.Tensor:
-    """Head scores S(l, h) as float32 [layers, query_heads] for the budget allocator, validated for ``adapter``."""
-    profile = load_profile(path, expect_fingerprint=adapter.fingerprint())
-    return profile.score.to(torch.float32)
+def load_head_scores(path: str | os.PathLike, adapter, allow_mismatch: bool = False) -> torch.Tensor:
+    """Head scores S(l, h) as float32 [layers, query_heads] for the budget allocator, validated for ``adapter``
+    (another checkpoint's profile only with ``allow_mismatch``)."""
+    return load_budget_inputs(path, adapter, allow_mismatch)[0]
+
+
+def load_budget_inputs(
+    path: str | os.PathLike, adapter, allow_mismatch: bool = False
+) -> tuple[torch.Tensor, HeadSensitivity | None]:
+    """What the profile budget reads, validated for ``adapter``: head scores S(l, h) as float32
+    [layers, query_heads], and the sensitivity table when the profile has one."""
+    profile = load_profile(path, expect_fingerprint=adapter.fingerprint(), allow_mismatch=allow_mismatch)
+    return profile.score.to(torch.float32), profile.sensitivity

@@ -4,6 +4,9 @@ A run is resumable: every ``checkpoint_every`` clips (and when interrupted) the 
 finished clips and the run's configuration are written atomically to ``NAME.partial.safetensors/.json``. Started
 again with the same output path and configuration, the run skips the finished clips; the final profile is then
 identical to an uninterrupted run's (the sums are exact, see statistics.py). The partial files go at the end.
+
+With sensitivity settings, the head sensitivity table (sensitivity.py) is measured after the last clip on the first
+clips of the data and stored in the same profile; an interrupted measurement starts over on resume.
 """
 
 from __future__ import annotations
@@ -16,10 +19,10 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
-from audiokv_cli.attention import use_attention_handler
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.profiling.alignment import Aligner, Clip, WordTiming, data_digest, incremental_pieces
 from audiokv_cli.profiling.capture import AttentionRecorder
+from audiokv_cli.profiling.sensitivity import SensitivitySettings, measure_sensitivity
 from audiokv_cli.profiling.profile_file import (
     HeadProfile,
     ProfileError,
@@ -105,31 +108,26 @@ class ProgressSink(Protocol):
 def _decode_with_capture(
     adapter, prepared, recorder: AttentionRecorder, max_new_tokens: int, forced: Sequence[int] | None
 ) -> tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Greedy (or forced) decoding; returns generated ids (EOS excluded) and, per id, the attention record of the
-    forward pass whose logits chose it."""
-    from transformers import DynamicCache
+    """Greedy (or forced) decoding through the runtime with the recorder as the attention handler; returns
+    generated ids (EOS excluded) and, per id, the attention record of the forward pass whose logits chose it."""
+    from audiokv_cli import runtime
 
-    eos = set(adapter.eos_token_ids)
     limit = min(max_new_tokens, len(forced)) if forced is not None else max_new_tokens
-    tokens: list[int] = []
-    records: list[tuple[torch.Tensor, torch.Tensor]] = []
     if limit == 0:
-        return tokens, records
-    cache = adapter.model_cache(DynamicCache())
-    with use_attention_handler(adapter, recorder), torch.inference_mode():
-        logits = adapter.next_token_logits(prepared.inputs, cache)
-        while True:
-            topk, mass = recorder.take()
-            token = int(forced[len(tokens)]) if forced is not None else int(logits[0].argmax())
-            if forced is None and token in eos:
-                break
-            tokens.append(token)
-            records.append((topk.to(torch.int32), mass))
-            if len(tokens) >= limit:
-                break
-            step_ids = torch.tensor([[token]], dtype=torch.long, device=adapter.device)
-            logits = adapter.next_token_logits({"input_ids": step_ids}, cache)
-    return tokens, records
+        return [], []
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def choose(logits, tokens, done) -> list[int]:
+        topk, mass = recorder.take()  # what the forward pass that made these logits attended to
+        records.append((topk.to(torch.int32), mass))
+        return [int(forced[len(tokens[0])])] if forced is not None else logits.argmax(-1).tolist()
+
+    output = runtime.run(
+        adapter, runtime.PlainSession(adapter, recorder), prepared.inputs, limit, choose=choose,
+        stop_at_eos=forced is None,
+    )
+    tokens = output.tokens[0]
+    return tokens, records[: len(tokens)]
 
 
 def profile_clip(
@@ -189,14 +187,18 @@ def profile_clip(
 # --------------------------------------------------------------------------------------------------------- the run
 
 
-def run_config(adapter, settings: ProfileSettings) -> dict:
+def run_config(adapter, settings: ProfileSettings, sensitivity: SensitivitySettings | None = None) -> dict:
     """Everything a resumed run must share with the interrupted one."""
-    return {
+    config = {
         "fingerprint": adapter.fingerprint(),
         "settings": asdict(settings),
         "dtype": str(adapter.dtype).replace("torch.", ""),
         "audio_token_map": _audio_token_map(adapter),
     }
+    if sensitivity is not None:
+        # Listed so a JSON round trip (the checkpoint) compares equal.
+        config["sensitivity"] = {"strengths": list(sensitivity.strengths), "clips": sensitivity.clips}
+    return config
 
 
 def _audio_token_map(adapter) -> str:
@@ -270,13 +272,18 @@ def run_profile(
     progress: ProgressSink | None = None,
     after_clip: Callable[[int, Clip, ClipOutcome], None] | None = None,
     load_audio: Callable | None = None,
+    sensitivity: SensitivitySettings | None = None,
+    sensitivity_progress: Callable[[int, int], None] | None = None,
+    sensitivity_data: Sequence[Clip] | None = None,
 ) -> HeadProfile:
     """Profile ``clips`` and write the profile to ``out`` (resuming an unfinished run there if one exists).
 
     ``after_clip(index, clip, outcome)`` runs after each clip is counted (tests use it to interrupt a run).
+    ``sensitivity``: also measure the head sensitivity table, on the first clips of ``sensitivity_data`` (default:
+    ``clips``; a rank of a distributed run passes all the data), ``sensitivity_progress(done, total)`` per clip.
     """
-    from audiokv_cli.audio import SilentAudioWarning
-    from audiokv_cli.audio import load_audio as default_load_audio
+    from audiokv_cli.io.audio import SilentAudioWarning
+    from audiokv_cli.io.audio import load_audio as default_load_audio
 
     settings.validate()
     if settings.aligner != aligner.name:
@@ -287,7 +294,9 @@ def run_profile(
         raise AudiokvError("no clips to profile")
     read_audio = load_audio or default_load_audio
     geometry = adapter.geometry
-    config = run_config(adapter, settings)
+    if sensitivity is not None:
+        sensitivity.validate()
+    config = run_config(adapter, settings, sensitivity)
     stats, counters = _resume_state(adapter, clips, out, config, geometry, settings.top_k)
     start = counters.clips
     if start:
@@ -295,8 +304,10 @@ def run_profile(
     if progress is not None:
         progress.start(len(clips), start)
 
+    measured = None
+
     def snapshot() -> HeadProfile:
-        return HeadProfile(stats, adapter.fingerprint(), _provenance(adapter, settings, counters))
+        return HeadProfile(stats, adapter.fingerprint(), _provenance(adapter, settings, counters), sensitivity=measured)
 
     def checkpoint() -> None:
         partial = snapshot()
@@ -322,6 +333,11 @@ def run_profile(
                 since_checkpoint = 0
             if after_clip is not None:
                 after_clip(index, clip, outcome)
+        if sensitivity is not None:
+            measured = measure_sensitivity(
+                adapter, sensitivity_data if sensitivity_data is not None else clips, sensitivity,
+                settings.max_new_tokens, read_audio, sensitivity_progress,
+            )
     except BaseException:
         # Keep what finished (Ctrl-C, a bad file, a crash) so the same command resumes from here.
         if since_checkpoint:

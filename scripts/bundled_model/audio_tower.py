@@ -26,7 +26,7 @@ def build_tower(kind: str = "tiny.en") -> Qwen2AudioEncoder:
         tower = Qwen2AudioEncoder(Qwen2AudioEncoderConfig(**whisper_encoder_kwargs())).eval()
         tower.load_state_dict(encoder_state_dict(load_ct2()), strict=True)
     elif kind == "base":
-        from audiokv_cli.models.small_model import whisper_base_tower
+        from audiokv_cli.models.assets.small_model import whisper_base_tower
 
         tower = whisper_base_tower()
     else:

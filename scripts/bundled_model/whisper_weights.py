@@ -9,9 +9,9 @@ from __future__ import annotations
 import sysconfig
 from pathlib import Path
 
-from audiokv_cli.models.ct2 import CT2Model, read_ct2
+from audiokv_cli.models.assets.ct2 import CT2Model, read_ct2
 # The CT2 -> transformers name mapping is the package's (it also assembles the Whisper aliases).
-from audiokv_cli.models.whisper_assets import decoder_state_dict, encoder_state_dict  # noqa: F401
+from audiokv_cli.models.assets.whisper import decoder_state_dict, encoder_state_dict  # noqa: F401
 
 ENCODER_LAYERS = 4
 

@@ -13,7 +13,7 @@ import argparse
 import resource
 import time
 
-from audiokv_cli.longform import LongformOptions, transcribe_files
+from audiokv_cli.runtime.longform import LongformOptions, transcribe_files
 from audiokv_cli.models.registry import load_adapter
 
 parser = argparse.ArgumentParser()

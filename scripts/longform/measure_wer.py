@@ -11,12 +11,12 @@ import json
 import time
 from pathlib import Path
 
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.commands.infer import resolve_head_scores
 from audiokv_cli.compression.methods import MethodOptions, resolve_method
 from audiokv_cli.evaluation.metrics import clip_wer
-from audiokv_cli.inference import run_clip
-from audiokv_cli.longform import transcribe_files
+from audiokv_cli.runtime.inference import run_clip
+from audiokv_cli.runtime.longform import transcribe_files
 from audiokv_cli.models.registry import load_adapter
 
 

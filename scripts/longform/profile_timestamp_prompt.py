@@ -36,7 +36,7 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from audiokv_cli.cli import app
-    from audiokv_cli.models.whisper import WhisperAdapter
+    from audiokv_cli.models.families.whisper import WhisperAdapter
     from audiokv_cli.profiling.profile_file import load_profile
 
     shipped = load_profile(args.shipped)

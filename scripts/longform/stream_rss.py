@@ -6,7 +6,7 @@
 import resource
 import sys
 
-from audiokv_cli.longform import WINDOW_SAMPLES, AudioStream
+from audiokv_cli.runtime.longform import WINDOW_SAMPLES, AudioStream
 
 stream = AudioStream(sys.argv[1])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -22,9 +22,9 @@ small_train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(small_train)
 
 from audio_tower import build_tower, encode_valid, feature_extractor  # noqa: E402
-from audiokv_cli.audio import load_audio  # noqa: E402
+from audiokv_cli.io.audio import load_audio  # noqa: E402
 from audiokv_cli.models.base import ASR_INSTRUCTION  # noqa: E402
-from audiokv_cli.models.small_model import assemble_small, build_processor, load_smollm2  # noqa: E402
+from audiokv_cli.models.assets.small_model import assemble_small, build_processor, load_smollm2  # noqa: E402
 
 
 class _OneClip:

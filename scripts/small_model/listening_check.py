@@ -19,7 +19,7 @@ _spec = importlib.util.spec_from_file_location("small_train", Path(__file__).wit
 small_train = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(small_train)
 
-from audiokv_cli.models.small_model import build_processor, load_smollm2  # noqa: E402
+from audiokv_cli.models.assets.small_model import build_processor, load_smollm2  # noqa: E402
 
 
 @torch.no_grad()

@@ -40,7 +40,7 @@ from audio_tower import build_tower, finish  # noqa: E402
 from train import Shards, moving_average  # noqa: E402
 
 from audiokv_cli.models.base import ASR_INSTRUCTION  # noqa: E402
-from audiokv_cli.models.small_model import LORA_TARGETS, build_processor, load_smollm2  # noqa: E402
+from audiokv_cli.models.assets.small_model import LORA_TARGETS, build_processor, load_smollm2  # noqa: E402
 
 
 CHARS = " abcdefghijklmnopqrstuvwxyz'0123456789"

@@ -19,7 +19,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.compression.methods import MethodOptions, resolve_method
 from audiokv_cli.evaluation.cell_batch import run_cells_batched
 from audiokv_cli.evaluation.metrics import corpus_wer, is_degenerate

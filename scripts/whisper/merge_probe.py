@@ -12,7 +12,7 @@ import torch
 import audiokv_cli.compression.cache as cache_mod
 import audiokv_cli.evaluation.cell_batch as cb
 from audiokv_cli.models.registry import load_adapter
-from audiokv_cli.audio import load_audio
+from audiokv_cli.io.audio import load_audio
 from audiokv_cli.compression.methods import MethodOptions, resolve_method
 from audiokv_cli.evaluation.metrics import corpus_wer, is_degenerate
 from safetensors.torch import load_file
