@@ -15,7 +15,7 @@ import pytest
 import soundfile
 from typer.testing import CliRunner
 
-from audiokv_cli import files
+from audiokv_cli.io import files
 from audiokv_cli.cli import app
 from audiokv_cli.profiling.profile_file import save_profile
 from tests.conftest import write_tone

@@ -9,7 +9,7 @@ import pytest
 
 from audiokv_cli.io.audio import AudioError
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.models import granite_speech
+from audiokv_cli.models.families import granite_speech
 from audiokv_cli.models.families.granite_speech import (
     GRANITE_ASR_INSTRUCTION,
     GRANITE_SYSTEM_PROMPT,

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from audiokv_cli import files
+from audiokv_cli.io import files
 from audiokv_cli.runtime.longform import Segment, Transcript
 from audiokv_cli.io.output_formats import (
     parse_srt, parse_vtt, render, timestamp, to_srt, to_vtt, transcript_of_clip, write_transcript,

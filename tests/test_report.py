@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from audiokv_cli import files
+from audiokv_cli.io import files
 from audiokv_cli.io.files import OutputError
 from PIL import Image
 from rich.console import Console

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from audiokv_cli.errors import AudiokvError
-from audiokv_cli.models import small_model
+from audiokv_cli.models.assets import small_model
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

@@ -12,7 +12,7 @@ import torch
 from audiokv_cli.compression.methods import build_policy
 from audiokv_cli.errors import AudiokvError
 from audiokv_cli.runtime.inference import run_clip
-from audiokv_cli.models import whisper_assets
+from audiokv_cli.models.assets import whisper as whisper_assets
 from audiokv_cli.models.registry import load_adapter
 from audiokv_cli.models.families.whisper import WhisperAdapter
 from tests.adapter_checks import noise_clip, options
