@@ -1,5 +1,5 @@
 """torchrun with 2 CPU processes (gloo): profile and eval shard the clips by rank and rank 0's merged output equals
-a single process's (profile tensors bit for bit; eval rows and cells in every field but the measured seconds)."""
+a single process's (profile statistics bit for bit, the sensitivity table to rounding; eval rows and cells in every field but the measured seconds)."""
 
 from __future__ import annotations
 
@@ -68,6 +68,11 @@ def test_profile_on_two_ranks_equals_one_process(random_model_dir, tmp_path):
     _run(common + ["--out", tmp_path / "two"], 2, tmp_path)
     one, two = load_profile(tmp_path / "one.safetensors"), load_profile(tmp_path / "two.safetensors")
     for name, tensor in one.tensors().items():
+        if name == "sensitivity":
+            # Measured by rank 0 alone on the same clips as the single process; the two KL tables were seen to differ
+            # in the last bits (about 1e-12 relative), so they are held to rounding, not bit for bit.
+            torch.testing.assert_close(two.tensors()[name], tensor, rtol=1e-6, atol=1e-12)
+            continue
         assert torch.equal(two.tensors()[name], tensor), name  # bit for bit
     assert two.provenance["clips"] == one.provenance["clips"] == 5
     assert two.provenance["scored_steps"] == one.provenance["scored_steps"]
