@@ -149,6 +149,26 @@ def test_kv_budget_with_sensitivity_stays_within_the_bytes(whisper):
     assert int(torch.tensor(uniform.summary()["kept"]).sum()) == int(kept.sum())
 
 
+def test_the_table_splits_merged_entries_only(whisper):
+    """The table measures heads whose evicted entries are merged: a run that drops them (retention alone, merge
+    none) splits its entries by the attention profile, exactly as a profile without the table."""
+    sensitivity = torch.zeros(2, 4, len(STRENGTHS), dtype=torch.float64)
+    sensitivity[1, 3] = torch.tensor([0.5, 1.0, 2.0])
+    table = HeadSensitivity(sensitivity, STRENGTHS, positions=10, clips=1)
+    scores = torch.arange(8, dtype=torch.float32).reshape(2, 4)
+    prepared = whisper.prepare(noise_clip(4.0, seed=6))
+
+    def kept(**options):
+        policy = build_policy("audiokv", 0.3, MethodOptions(head_scores=scores, **options))
+        with apply_policy(policy, whisper, prepared) as session, torch.no_grad():
+            whisper.next_token_logits(prepared.inputs, session.model_cache)
+        return session.summary()["kept"]
+
+    assert kept(head_sensitivity=table) == kept()  # dropped: the attention profile decides
+    merged = kept(head_sensitivity=table, merge="mean")
+    assert merged != kept(merge="mean") and merged[1][3] == max(max(row) for row in merged)
+
+
 # ---------------------------------------------------------------------------------------------------- the file
 
 

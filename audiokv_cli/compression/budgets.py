@@ -430,6 +430,10 @@ class ProfileBudget:
         sensitivity = None if self.sensitivity is None else self.sensitivity[list(layers)]
         return ProfileBudget(head_scores, self.floor_fraction, sensitivity, self.strengths)
 
+    def without_sensitivity(self) -> "ProfileBudget":
+        """This budget from the attention profile alone (AudioKV eq. 1)."""
+        return ProfileBudget(self.head_scores, self.floor_fraction)
+
     def with_floor(self, floor_fraction: float) -> "ProfileBudget":
         return ProfileBudget(self.head_scores, floor_fraction, self.sensitivity, self.strengths)
 

@@ -223,6 +223,12 @@ class CompressionSession:
                 self.owner_head_scores(policy.budget.head_scores), adapter.compressed_layers()
             ))
         policy = spend_budget(policy, adapter, prepared)
+        if isinstance(policy.budget, ProfileBudget) and policy.budget.sensitivity is not None and (
+            policy.merge_mode == "none"
+        ):
+            # The sensitivity table measures heads whose evicted entries are merged into their neighbours; a run
+            # that drops them splits its entries by the attention profile (eq. 1), as without the table.
+            policy = dataclasses.replace(policy, budget=policy.budget.without_sensitivity())
         self.policy = policy
         self.context = BudgetContext(
             retention=policy.retention,
