@@ -169,6 +169,27 @@ def test_the_table_splits_merged_entries_only(whisper):
     assert merged != kept(merge="mean") and merged[1][3] == max(max(row) for row in merged)
 
 
+def test_a_decoder_only_prompt_cache_splits_by_the_attention_profile(random_adapter):
+    """On a decoder-only prompt cache the table's split cost WER (tiny, development set), so eq. 1 splits its
+    entries, merged or not, exactly as a profile without the table."""
+    geometry = random_adapter.geometry
+    layers, kv_heads = geometry.num_layers, geometry.num_kv_heads
+    sensitivity = torch.zeros(layers, kv_heads, len(STRENGTHS), dtype=torch.float64)
+    sensitivity[0, 0] = torch.tensor([0.5, 1.0, 2.0])  # the head eq. 1 ranks lowest
+    table = HeadSensitivity(sensitivity, STRENGTHS, positions=10, clips=1)
+    scores = torch.arange(layers * geometry.num_query_heads, dtype=torch.float32).reshape(layers, -1)
+    prepared = random_adapter.prepare(noise_clip(8.0, seed=6))
+
+    def kept(**options):
+        policy = build_policy("audiokv", 0.3, MethodOptions(head_scores=scores, merge="mean", **options))
+        with apply_policy(policy, random_adapter, prepared) as session, torch.no_grad():
+            random_adapter.next_token_logits(prepared.inputs, session.model_cache)
+        return session.summary()["kept"]
+
+    split = kept()
+    assert kept(head_sensitivity=table) == split and split[0][0] < split[-1][-1]  # eq. 1: the top-scored head most
+
+
 # ---------------------------------------------------------------------------------------------------- the file
 
 
