@@ -7,13 +7,7 @@ import struct
 import pytest
 import torch
 
-from audiokv_cli.compression.budgets import (
-    BudgetContext,
-    ProfileBudget,
-    below_the_cliff,
-    profile_budget_table,
-    sensitivity_budget_table,
-)
+from audiokv_cli.compression.budgets import BudgetContext, ProfileBudget, profile_budget_table, sensitivity_budget_table
 from audiokv_cli.compression.byte_budget import full_bytes_16bit
 from audiokv_cli.compression.methods import MethodOptions, build_policy
 from audiokv_cli.compression.policy import apply_policy
@@ -124,22 +118,6 @@ def test_more_sensitive_heads_keep_more_and_the_total_is_uniforms():
     assert int(even.max()) - int(even.min()) <= 1 and int(even.sum()) == 8 * ctx.per_head
 
 
-def test_the_table_splits_only_below_the_cliff():
-    """While every head can keep one entry in MERGE_CLIFF, eq. 1 splits the entries; below that the table does."""
-    weight = torch.arange(1, 9, dtype=torch.float64).view(2, 4, 1)
-    sensitivity = weight * torch.tensor([0.01, 0.03, 0.08], dtype=torch.float64)
-    scores = torch.arange(8, 0, -1, dtype=torch.float32).view(2, 4)  # eq. 1 favours the heads the table does not
-    budget = ProfileBudget(scores, 0.5, sensitivity, STRENGTHS)
-    for retention in (0.3, 0.5):
-        above = _context(retention=retention)
-        assert not below_the_cliff(above)
-        assert torch.equal(budget.table(above), profile_budget_table(scores, above, 0.5))
-    below = _context(retention=0.15)
-    assert below_the_cliff(below)
-    assert torch.equal(budget.table(below), sensitivity_budget_table(sensitivity, STRENGTHS, below))
-    assert not torch.equal(budget.table(below), profile_budget_table(scores, below, 0.5))
-
-
 def test_forced_positions_stay_with_every_head():
     ctx = _context(window=32)
     sensitivity = torch.rand(2, 4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -173,8 +151,7 @@ def test_kv_budget_with_sensitivity_stays_within_the_bytes(whisper):
 
 def test_the_table_splits_merged_entries_only(whisper):
     """The table measures heads whose evicted entries are merged: a run that drops them (retention alone, merge
-    none) splits its entries by the attention profile, exactly as a profile without the table (retention 0.15:
-    below the cliff, where merged runs use the table)."""
+    none) splits its entries by the attention profile, exactly as a profile without the table."""
     sensitivity = torch.zeros(2, 4, len(STRENGTHS), dtype=torch.float64)
     sensitivity[1, 3] = torch.tensor([0.5, 1.0, 2.0])
     table = HeadSensitivity(sensitivity, STRENGTHS, positions=10, clips=1)
@@ -182,7 +159,7 @@ def test_the_table_splits_merged_entries_only(whisper):
     prepared = whisper.prepare(noise_clip(4.0, seed=6))
 
     def kept(**options):
-        policy = build_policy("audiokv", 0.15, MethodOptions(head_scores=scores, **options))
+        policy = build_policy("audiokv", 0.3, MethodOptions(head_scores=scores, **options))
         with apply_policy(policy, whisper, prepared) as session, torch.no_grad():
             whisper.next_token_logits(prepared.inputs, session.model_cache)
         return session.summary()["kept"]
@@ -204,7 +181,7 @@ def test_a_decoder_only_prompt_cache_splits_by_the_attention_profile(random_adap
     prepared = random_adapter.prepare(noise_clip(8.0, seed=6))
 
     def kept(**options):
-        policy = build_policy("audiokv", 0.15, MethodOptions(head_scores=scores, merge="mean", **options))
+        policy = build_policy("audiokv", 0.3, MethodOptions(head_scores=scores, merge="mean", **options))
         with apply_policy(policy, random_adapter, prepared) as session, torch.no_grad():
             random_adapter.next_token_logits(prepared.inputs, session.model_cache)
         return session.summary()["kept"]

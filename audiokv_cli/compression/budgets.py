@@ -277,19 +277,8 @@ def profile_budget_table(
 # 0.25 on the development sets (Whisper base, docs/results.md section 0): TTS 6.2 / 6.6 % WER at budgets 0.05 /
 # 0.025 instead of 5.6 / 17.6; human 0.7 / 2.7 instead of 0.7 / 1.4.
 SENSITIVITY_FLOOR = 0.5
-# Merging up to 4 frames into one costs Whisper little and 5 breaks it (the cliff, docs/compression.md). While the
-# mean budget lets every head stay at or under 4:1, eq. 1 splits the entries (near-evenly: on the TTS development set
-# the table's uneven split cost 1-3 points there, 7.2 against 4.1 % WER at --kv-budget 0.05); below it, where some
-# heads must cross, the table chooses which (37.3 -> 8.3 % at 0.025).
-MERGE_CLIFF = 4
 # Candidate budgets per head on which each head's cost curve is evaluated (geometric in the merge ratio).
 SENSITIVITY_GRID = 96
-
-
-def below_the_cliff(ctx: BudgetContext) -> bool:
-    """Whether the mean head keeps fewer than one in ``MERGE_CLIFF`` of its evictable entries."""
-    evictable = ctx.prompt_len - ctx.num_forced
-    return (ctx.per_head - ctx.num_forced) * MERGE_CLIFF < evictable
 
 
 def _lower_hull(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -395,9 +384,8 @@ class ProfileBudget:
     """AudioKV: per-head budgets from an offline head profile.
 
     Without a sensitivity table, AudioKV eq. 1: audio-critical heads (by ``head_scores``) get more. With one
-    (``sensitivity`` [layers, Hkv, strengths], the cost of merging one head alone at each of ``strengths``), and a
-    mean budget under one entry in ``MERGE_CLIFF`` (`below_the_cliff`), the heads that cost least to merge keep
-    fewest entries, within the same total (`sensitivity_budget_table`).
+    (``sensitivity`` [layers, Hkv, strengths], the cost of merging one head alone at each of ``strengths``), the
+    heads that cost least to merge keep fewest entries, within the same total (`sensitivity_budget_table`).
     """
 
     head_scores: Tensor
@@ -431,7 +419,7 @@ class ProfileBudget:
     def table(self, ctx: BudgetContext) -> Tensor:
         """LongTensor[num_layers, Hkv], computed once per budget context and cached."""
         if ctx not in self._tables:
-            if self.sensitivity is not None and below_the_cliff(ctx):
+            if self.sensitivity is not None:
                 self._tables[ctx] = sensitivity_budget_table(self.sensitivity, self.strengths, ctx)
             else:
                 self._tables[ctx] = profile_budget_table(self.head_scores, ctx, self.floor_fraction)
