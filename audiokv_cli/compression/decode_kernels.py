@@ -22,14 +22,15 @@ timed once per process on the first problem of each shape (`cpu_choice`).
 A layer whose tail stays empty (cross-attention over a compressed encoder memory) is attended without a tail and
 without a causal mask.
 
-Kept entries may be packed low-bit codes (`quantization.QuantizedEntries`): every backend reads them through
-`DecodeProblem.run_keys` / `run_values` (one run expanded at a time) or `dense_keys` / `dense_values` (the padded and
-varlen backends), so all of them give what attending over the dequantized entries gives. An entry may also carry a
+Kept entries may be packed low-bit codes (`quantization.QuantizedEntries`): every backend reads them expanded for the
+whole layer at once (`DecodeProblem.expanded`, `dense_keys` / `dense_values`), so all of them give what attending over
+the dequantized entries gives. An entry may also carry a
 logit bias (``bias [N]``, added to its score before the softmax: a merged entry's log-weight); every backend adds it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -143,6 +144,14 @@ class DecodeProblem:
     def dense_values(self) -> torch.Tensor:
         return self.values if isinstance(self.values, torch.Tensor) else self.values.dense(self.layout)
 
+    def expanded(self) -> "DecodeProblem":
+        """This problem with stored entries (packed codes, float16) expanded to the cache's dtype for the whole layer
+        at once: a temporary of the layer's kept entries that lives for this call. Per-head budgets make many runs
+        (8 rows x 8 heads: up to 64 per layer), and expanding each on its own costs a dozen calls per run."""
+        if isinstance(self.keys, torch.Tensor) and isinstance(self.values, torch.Tensor):
+            return self
+        return dataclasses.replace(self, keys=self.dense_keys(), values=self.dense_values())
+
     @property
     def cache_dtype(self) -> torch.dtype:
         return self.keys.dtype
@@ -187,6 +196,7 @@ def matmul_kernel(problem: DecodeProblem) -> torch.Tensor:
     Products are written straight into their slice of the score and output buffers where the dtypes allow it
     (float32): at decode sizes the count of torch calls, not arithmetic, is what a step costs on CPU.
     """
+    problem = problem.expanded()
     layout = problem.layout
     queries = problem.queries * problem.scaling  # scale the few queries, not the many scores
     segments, width, dim = queries.shape
@@ -244,6 +254,7 @@ def matmul_kernel(problem: DecodeProblem) -> torch.Tensor:
 def sdpa_kernel(problem: DecodeProblem) -> torch.Tensor:
     """PyTorch's CPU flash kernel per run (it returns the log-sum-exp), merged with the tail."""
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    problem = problem.expanded()
     queries, layout = problem.queries, problem.layout
     segments, width, dim = queries.shape
     out = queries.new_zeros(segments, width, dim, dtype=torch.float32)

@@ -4,9 +4,9 @@ Group-wise asymmetric (affine) quantization as KIVI does it: keys per channel (a
 each channel gets its own scale over a group of consecutive entries of one head), values per token (a scale per
 group of channels of one entry). Each group stores a float16 scale and a float16 minimum; codes are
 ``round((x - minimum) / scale)`` in ``[0, 2**bits - 1]``, packed two 4-bit or four 2-bit codes per byte along the
-channel axis. Nothing is ever kept as dequantized floats: a decode step expands one run of equal-length segments at a
-time into a temporary (`QuantizedEntries.run`), the way a fused kernel would read it tile by tile (or, for the padded
-and varlen kernels, the whole layer at once: `QuantizedEntries.dense`).
+channel axis. Nothing is kept as dequantized floats between steps: a decode step expands one layer's kept entries
+into a temporary (`QuantizedEntries.dense`, freed when the layer's attention returns; `QuantizedEntries.run` expands
+one run of equal-length segments), as a fused kernel would read them tile by tile.
 
 A layer that drops entries later (sliding window: `RaggedLayer.expire`) quantizes its keys per token too, so any
 subset of entries stays exactly representable (`select`).
