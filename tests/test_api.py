@@ -82,13 +82,27 @@ def test_compress_whisper_cross_attention(whisper):
     assert kept / full_bytes == pytest.approx(0.2, abs=0.02)
 
 
-def test_compress_refuses_what_it_cannot_do(random_adapter, whisper):
+def test_compress_finds_the_processor_saved_with_the_model(whisper):
+    """As the README writes it: a Whisper model loaded with from_pretrained, no processor= (it is read from the
+    model's directory)."""
+    model = whisper.model
+    inputs = dict(whisper.processor.feature_extractor(noise_clip(3.0, seed=6), sampling_rate=16000, return_tensors="pt"))
+    with torch.no_grad(), audiokv_cli.compress(model, inputs, method="snapkv", retention=0.2) as kv:
+        model.generate(**inputs, **kv.generate_kwargs, max_new_tokens=4, do_sample=False)
+        kept = kv.kept_bytes()
+    full_bytes = whisper.frames * whisper.geometry.kv_bytes_per_token(whisper.dtype)
+    assert kept / full_bytes == pytest.approx(0.2, abs=0.02)
+
+
+def test_compress_refuses_what_it_cannot_do(random_adapter, whisper, monkeypatch, tmp_path):
     inputs = random_adapter.prepare(noise_clip(1.0)).inputs
     batch = {key: torch.cat([value, value]) for key, value in inputs.items()}
     with pytest.raises(audiokv_cli.AudiokvError, match="one prompt"):
         with audiokv_cli.compress(random_adapter.model, batch, method="snapkv", retention=0.5):
             pass
     features = dict(whisper.processor.feature_extractor(noise_clip(1.0), sampling_rate=16000, return_tensors="pt"))
+    # A model whose processor is nowhere to be found (not beside its weights, not given).
+    monkeypatch.setattr(whisper.model.config, "name_or_path", str(tmp_path))
     with pytest.raises(audiokv_cli.AudiokvError, match="processor="):
         with audiokv_cli.compress(whisper.model, features, method="snapkv", retention=0.5):
             pass

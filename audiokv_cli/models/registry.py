@@ -206,12 +206,28 @@ def _adapter_for_type(target: str, model_type: str | None) -> type[ModelAdapter]
     return adapter_class
 
 
+def _saved_processor(name: str | None):
+    """The processor saved beside a model's weights (its directory, or a Hub id already in the local cache), or None:
+    what `from_pretrained` of the same name would give, without a download."""
+    if not name:
+        return None
+    try:
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no processor there: the family asks for processor= if it needs one
+        return None
+
+
 def adapter_for_model(model: torch.nn.Module, processor=None) -> ModelAdapter:
-    """The adapter around a model the caller loaded with transformers (found by its config's `model_type`)."""
+    """The adapter around a model the caller loaded with transformers (found by its config's `model_type`; its
+    processor, unless given, from where the model was loaded)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     name = getattr(config, "name_or_path", None) or model_type or type(model).__name__
     adapter_class = _adapter_for_type(name, model_type)
+    if processor is None:
+        processor = _saved_processor(name)
     try:
         return adapter_class(model, processor, name)
     except AttributeError:
