@@ -94,6 +94,25 @@ def test_compress_finds_the_processor_saved_with_the_model(whisper):
     assert kept / full_bytes == pytest.approx(0.2, abs=0.02)
 
 
+def test_compress_lets_a_forward_without_cache_through(whisper):
+    """transformers' Whisper generate detects the language with a forward that writes no cache (use_cache=False)
+    before it decodes: inside the block that forward gives the model's own logits, and the prefill after it is still
+    compressed."""
+    model = whisper.model
+    inputs = dict(whisper.processor.feature_extractor(noise_clip(3.0, seed=6), sampling_rate=16000, return_tensors="pt"))
+    decoder = torch.tensor([whisper.prompt_ids[:1]])
+    with torch.no_grad():
+        plain = model(**inputs, decoder_input_ids=decoder, use_cache=False).logits
+        with audiokv_cli.compress(model, inputs, processor=whisper.processor, method="snapkv", retention=0.2) as kv:
+            inside = model(**inputs, decoder_input_ids=decoder, use_cache=False).logits
+            model.generate(**inputs, decoder_input_ids=torch.tensor([whisper.prompt_ids]), **kv.generate_kwargs,
+                           max_new_tokens=4, do_sample=False)
+            kept = kv.kept_bytes()
+    torch.testing.assert_close(inside, plain)
+    full_bytes = whisper.frames * whisper.geometry.kv_bytes_per_token(whisper.dtype)
+    assert kept / full_bytes == pytest.approx(0.2, abs=0.02)
+
+
 def test_compress_refuses_what_it_cannot_do(random_adapter, whisper, monkeypatch, tmp_path):
     inputs = random_adapter.prepare(noise_clip(1.0)).inputs
     batch = {key: torch.cat([value, value]) for key, value in inputs.items()}

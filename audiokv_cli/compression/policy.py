@@ -315,6 +315,10 @@ class CompressionSession:
         if self.cache.is_compressed(layer_idx) and not (sharing and self.is_prefill(query, key)):
             return self.decode_attention(layer_idx, query, scaling), None
         output = sdpa_attention(module, query, key, value, attention_mask, scaling, **kwargs)
+        if self.cache.layers[layer_idx].keys is None:
+            # A forward that writes no cache (`use_cache=False`: Whisper's generate detects the language so before
+            # it decodes): nothing to compress, and the prefill that follows is still the prefill.
+            return output
         if self.compresses and not sharing and self.is_prefill(query, key):
             self.compress_layer(layer_idx, query, key, scaling)
         return output
