@@ -69,7 +69,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _seconds(call, device: torch.device, iterations: int) -> float:
+def mean_seconds(call, device: torch.device, iterations: int) -> float:
     """Mean seconds per call over ``iterations`` calls after one warm-up call."""
     call()
     _synchronize(device)
@@ -184,7 +184,7 @@ def bench_kernels(
     with torch.no_grad():
         for _ in range(repeats):
             for index, case in enumerate(cases):
-                best[index] = min(best[index], _seconds(case[3], device, iterations))
+                best[index] = min(best[index], mean_seconds(case[3], device, iterations))
     dense_seconds = best[0]
     rows = []
     layers = geometry.num_layers

@@ -116,14 +116,12 @@ class DecodeProblem:
         position = torch.arange(self.q_len, device=device).repeat(group) + self.tail_length - self.q_len
         return torch.arange(self.tail_length, device=device)[None, :] > position[:, None]  # [W, T]
 
-    def _run(self, entries, first: int, end: int, length: int, offset: int) -> torch.Tensor:
-        if not isinstance(entries, torch.Tensor):
-            return entries.run(first, end, length, offset)
+    def _run(self, entries: torch.Tensor, first: int, end: int, length: int, offset: int) -> torch.Tensor:
         count = (end - first) * length
         return entries[offset : offset + count].view(end - first, length, entries.shape[-1])
 
     def run_keys(self, first: int, end: int, length: int, offset: int) -> torch.Tensor:
-        """``[segments, length, D]`` keys of one run (dequantized when the entries are packed codes)."""
+        """``[segments, length, D]`` keys of one run, a view (plain entries: stored ones are `expanded` first)."""
         return self._run(self.keys, first, end, length, offset)
 
     def run_values(self, first: int, end: int, length: int, offset: int) -> torch.Tensor:

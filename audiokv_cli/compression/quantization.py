@@ -5,8 +5,7 @@ each channel gets its own scale over a group of consecutive entries of one head)
 group of channels of one entry). Each group stores a float16 scale and a float16 minimum; codes are
 ``round((x - minimum) / scale)`` in ``[0, 2**bits - 1]``, packed two 4-bit or four 2-bit codes per byte along the
 channel axis. Nothing is kept as dequantized floats between steps: a decode step expands one layer's kept entries
-into a temporary (`QuantizedEntries.dense`, freed when the layer's attention returns; `QuantizedEntries.run` expands
-one run of equal-length segments), as a fused kernel would read them tile by tile.
+into a temporary (`QuantizedEntries.dense`), freed when the layer's attention returns.
 
 A layer that drops entries later (sliding window: `RaggedLayer.expire`) quantizes its keys per token too, so any
 subset of entries stays exactly representable (`select`).
@@ -165,29 +164,6 @@ class QuantizedEntries:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.minimum))
 
-    def run(self, first: int, end: int, length: int, offset: int) -> torch.Tensor:
-        """The dequantized entries of segments ``first..end`` (all ``length`` long, starting at ``offset``)."""
-        segments = end - first
-        count = segments * length
-        codes = self.codes[offset : offset + count]
-        if not self.per_channel:
-            rows = slice(offset, offset + count)
-            flat = dequantize_per_token(codes, self.scale[rows], self.minimum[rows], self.bits, self.dtype)
-            return flat.view(segments, length, self.dim)
-        out = unpack_float(codes, self.bits, self.dim).view(segments, length, self.dim)
-        groups = -(-length // self.group)
-        start = self.run_groups[first]
-        scale = self.scale[start : start + segments * groups].view(segments, groups, self.dim).float()
-        minimum = self.minimum[start : start + segments * groups].view(segments, groups, self.dim).float()
-        whole = length // self.group
-        if whole:
-            body = out[:, : whole * self.group].view(segments, whole, self.group, self.dim)
-            body.mul_(scale[:, :whole, None]).add_(minimum[:, :whole, None])
-        if length % self.group:
-            rest = out[:, whole * self.group :]
-            rest.mul_(scale[:, whole:]).add_(minimum[:, whole:])
-        return out if self.dtype == torch.float32 else out.to(self.dtype)
-
     def entry_groups(self, layout) -> torch.Tensor:
         """``[N]`` the scale row of each entry (per-channel keys): built once per layer, so that `dense` scales every
         entry in one pass instead of one run at a time."""
@@ -233,7 +209,7 @@ class QuantizedEntries:
 
 @dataclass
 class HalfEntries:
-    """Kept entries of a float32 model stored as float16 (``--kv-bits 16``), widened per run on the fly."""
+    """Kept entries of a float32 model stored as float16 (``--kv-bits 16``), widened on the fly in each decode call."""
 
     data: torch.Tensor
     dtype: torch.dtype
@@ -250,10 +226,6 @@ class HalfEntries:
     @property
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
-
-    def run(self, first: int, end: int, length: int, offset: int) -> torch.Tensor:
-        count = (end - first) * length
-        return self.data[offset : offset + count].view(end - first, length, -1).to(self.dtype)
 
     def dense(self, layout) -> torch.Tensor:
         return self.data.to(self.dtype)

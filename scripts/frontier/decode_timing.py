@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
 
+from audiokv_cli.bench.kernels import mean_seconds
 from audiokv_cli.compression import decode_kernels
+
+CPU = torch.device("cpu")
 
 
 def capture(bench_args: list[str], segments: int) -> list:
@@ -42,15 +44,6 @@ def capture(bench_args: list[str], segments: int) -> list:
     return problems
 
 
-def timed(function, repeats: int) -> float:
-    for _ in range(3):
-        function()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        function()
-    return (time.perf_counter() - start) / repeats * 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1)
@@ -74,12 +67,15 @@ def main() -> None:
     print(f"{len(first_step)} layers, {segments} segments each, {kept:.3f} of the frames kept, "
           f"stored as {type(first_step[0].keys).__name__} ({getattr(first_step[0].keys, 'bits', 'float')} bits)")
     for name in decode_kernels.available_kernels("cpu", first_step[0].cache_dtype):
-        total = sum(timed(lambda p=p: decode_kernels.KERNELS[name](p), args.repeats) for p in first_step)
+        kernel = decode_kernels.KERNELS[name]
+        total = 1e3 * sum(mean_seconds(lambda p=p: kernel(p), CPU, args.repeats) for p in first_step)
         print(f"{name:8s} {total:8.2f} ms")
     query = torch.randn(args.batch, args.heads, 1, dim)
     keys = torch.randn(args.batch, args.heads, args.frames, dim)
     values = torch.randn(args.batch, args.heads, args.frames, dim)
-    dense = timed(lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values), args.repeats)
+    dense = 1e3 * mean_seconds(
+        lambda: torch.nn.functional.scaled_dot_product_attention(query, keys, values), CPU, args.repeats
+    )
     print(f"full cache, dense SDPA {dense * len(first_step):8.2f} ms")
 
 
