@@ -156,5 +156,11 @@ def compress(
     policy = _policy(adapter, method, retention, kv_budget, kv_bits, merge, profile, allow_profile_mismatch,
                      method_options)
     session = CompressionSession(policy, adapter, prepared)
-    with use_attention_handler(adapter, session):
-        yield CompressedGeneration(cache_kwargs(model, session.model_cache), session)
+    # A latent cross-attention cache is built from the encoder output, which generate computes and hands the decoder.
+    hook = adapter.capturing_encoder_states(session.model_cache) if session.latent_projections is not None else None
+    try:
+        with use_attention_handler(adapter, session):
+            yield CompressedGeneration(cache_kwargs(model, session.model_cache), session)
+    finally:
+        if hook is not None:
+            hook.remove()

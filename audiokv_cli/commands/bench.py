@@ -45,6 +45,7 @@ def bench(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Evicting methods store kept keys/values in 16, 8, 4 or 2 bits."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Evicting methods spend this byte budget (fraction of the 16-bit cache) on entries and bits; replaces --retention."),
     merge: str = typer.Option("auto", help="Evicting methods fold evicted entries into kept neighbours: auto (under --kv-budget the frontier's choice), none, mean, values."),
+    cross_store: str = typer.Option("auto", "--cross-store", help="Encoder-decoders (Whisper): where the cross-attention cache lives. auto: the method's own (audiokv under --kv-budget keeps the encoder output once, every layer's keys and values made from it on the fly, exact at 1/(2 x layers) of the bytes); kv: per layer and head; latent: the encoder output once."),
     kernel: bool = typer.Option(False, "--kernel", help="Time the decode attention alone on random tensors of --geometry."),
     geometry: str = typer.Option("qwen2-audio-7b", help="Decoder geometry for --kernel: qwen2-audio-7b, qwen2.5-omni-7b, qwen2.5-omni-3b, qwen3-omni-30b, tiny."),
     decode_kernel: str = typer.Option("auto", help="Decode attention backend: auto, matmul, sdpa, varlen, flash-attn, padded (--kernel: every one here)."),
@@ -68,7 +69,10 @@ def bench(
     memory_gb = memory_gb if memory_gb is not None else kv_budget_gb
     if memory_gb is not None and memory_gb <= 0:
         raise AudiokvError(f"--memory-gb must be positive, got {memory_gb:g}")
-    storage = MethodOptions(kv_bits=kv_bits, kv_budget=kv_budget, merge=None if merge == "auto" else merge)
+    storage = MethodOptions(
+        kv_bits=kv_bits, kv_budget=kv_budget, merge=None if merge == "auto" else merge,
+        cross_store=None if cross_store == "auto" else cross_store,
+    )
     build_policy("snapkv", retention, storage)  # bad --kv-bits, --kv-budget or --merge fail before loading anything
     if decode_kernel not in KERNEL_NAMES:
         raise AudiokvError(f"unknown decode kernel {decode_kernel!r}: use {', '.join(KERNEL_NAMES)}")

@@ -85,6 +85,7 @@ def evaluate(
     kv_bits: str = typer.Option("auto", "--kv-bits", help="Comma-separated bits per kept element for the retention cells: auto (the model's dtype), 16, 8, 4, 2 (full@4bit: quantization alone)."),
     kv_budget: Optional[str] = typer.Option(None, "--kv-budget", help="Comma-separated byte budgets (fractions of the 16-bit cache): METHOD@budget cells spend each on entries and bits (full@budget: every entry, the most bits that fit)."),
     merge: str = typer.Option("auto", help="Comma-separated: auto (dropped; @budget cells: the frontier's choice), none (dropped; METHOD:drop@budget), mean (folded into the most similar kept neighbour, log-size logit bias: METHOD:merge), values (kvpress MergingPress-style: values only, METHOD:merge-values)."),
+    cross_store: str = typer.Option("auto", "--cross-store", help="Encoder-decoders (Whisper): where the cross-attention cache lives. auto: the method's own (audiokv under --kv-budget keeps the encoder output once, every layer's keys and values made from it on the fly, exact at 1/(2 x layers) of the bytes); kv: per layer and head; latent: the encoder output once."),
     budget_bits: str = typer.Option("auto", "--budget-bits", help="Bits for the --kv-budget cells: auto (the shipped frontier's choice) or fixed 16, 8, 4, 2 (METHOD@budget-4bit)."),
     scope: str = typer.Option("all", help="Comma-separated eviction scopes: all, audio (text tokens always kept)."),
     profile: Optional[str] = typer.Option(None, help="Head profile for methods with profile budgets: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
@@ -141,7 +142,8 @@ def evaluate(
     check_range("--sss-alpha", sss_alpha, 0.0, 1.0)
     check_range("--sss-rho", sss_rho, 0.0, 1.0, low_open=True)
     options = MethodOptions(
-        window=window, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho, coverage=coverage, smooth_over=smooth_over
+        window=window, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho, coverage=coverage, smooth_over=smooth_over,
+        cross_store=None if cross_store == "auto" else cross_store,
     )
     needs_profile = any(spec.uses_profile for spec in specs)
     cell_axes = dict(kv_bits=bits_list, kv_budgets=budgets, budget_bits=budget_bits_list, merges=merges)
@@ -210,6 +212,7 @@ def evaluate(
         "kv_budgets": budgets,
         "budget_bits": budget_bits_list,
         "merge": merges,
+        "cross_store": cross_store,
         "scopes": scopes,
         "max_new_tokens": max_new_tokens,
         "window": window,

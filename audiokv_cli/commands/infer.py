@@ -101,6 +101,7 @@ def infer(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store kept keys/values in 16 (float16), 8, 4 or 2 bits (packed codes; keys per channel, values per token). Default: the model's dtype."),
     merge: str = typer.Option("auto", help="Evicted entries: auto (dropped; under --kv-budget the shipped frontier's choice), none (dropped), mean (folded into the most similar kept neighbour of the same head; keys and values averaged, log-size logit bias), values (values only, kvpress-style)."),
     kv_budget: Optional[float] = typer.Option(None, "--kv-budget", help="Byte budget: the kept cache takes at most this fraction of its 16-bit size; retention (and bits, unless --kv-bits) are chosen from the shipped frontier. Replaces --retention."),
+    cross_store: str = typer.Option("auto", "--cross-store", help="Encoder-decoders (Whisper): where the cross-attention cache lives. auto: the method's own (audiokv under --kv-budget keeps the encoder output once, every layer's keys and values made from it on the fly, exact at 1/(2 x layers) of the bytes); kv: per layer and head; latent: the encoder output once."),
     profile: Optional[str] = typer.Option(None, help="Head profile for --method audiokv: a file, hf://OWNER/REPO/FILE or OWNER/REPO (default: a matching one from profiles/)."),
     allow_profile_mismatch: bool = typer.Option(False, "--allow-profile-mismatch", help="Use a head profile measured on another checkpoint of the same architecture (refused by default)."),
     scope: Scope = typer.Option(Scope.all, help="all: any prompt token may be evicted; audio: text tokens are always kept."),
@@ -149,7 +150,7 @@ def infer(
     options = MethodOptions(
         window=window, scope=scope.value, kernel=kernel, sss_alpha=sss_alpha, sss_rho=sss_rho,
         coverage=coverage, smooth_over=smooth_over, kv_bits=kv_bits, kv_budget=kv_budget,
-        merge=None if merge == "auto" else merge,
+        merge=None if merge == "auto" else merge, cross_store=None if cross_store == "auto" else cross_store,
     )
     if kv_budget is not None and retention is not None and retention != 1.0:
         raise AudiokvError("--kv-budget chooses the retention itself; give --kv-budget or --retention, not both")

@@ -85,6 +85,44 @@ def table_merge(budget: float, cache_type: str) -> str:
     return table_row(budget, cache_type).get("merge", "none")
 
 
+def latent_cost(frames: int, dim: int, bits: int, merged: bool) -> int:
+    """Bytes of ``frames`` rows of a ``dim``-wide encoder output at ``bits`` (per-token codes, float16 scale and
+    minimum per group of channels; `latent.LatentStore.row_bytes`), a logit bias per row when frames were merged."""
+    if bits == 16:
+        per_frame = dim * 2
+    else:
+        config = QuantConfig(bits)
+        per_frame = dim * bits // 8 + dim // config.value_group_for(dim) * SCALE_BYTES
+    return frames * (per_frame + (BIAS_BYTES if merged else 0)) + LENGTH_BYTES
+
+
+def resolve_latent(policy, *, frames: int, dim: int, full_16bit: int):
+    """``policy`` spending its ``kv_budget`` on the encoder output kept once (``--cross-store latent``).
+
+    Bits: the policy's own when set, else the most of the frontier table's ``latent`` bits at which every frame
+    fits, else its last (fewest) bits with the frames merged into the most groups that fit. Refused in one line
+    when not even one frame fits."""
+    allowed = policy.kv_budget * full_16bit
+    choices = [policy.kv_bits] if policy.kv_bits is not None else list(frontier()["latent"]["bits"])
+    for bits in choices:
+        if latent_cost(frames, dim, bits, merged=False) <= allowed:
+            return dataclasses.replace(policy, retention=1.0, kv_bits=bits, merge=policy.merge or "none")
+    bits = choices[-1]
+    merge = policy.merge or "mean"
+    per_frame = latent_cost(1, dim, bits, merge == "mean") - LENGTH_BYTES
+    kept = min(frames - 1, int((allowed - LENGTH_BYTES) // per_frame))
+    if kept < 1:
+        raise AudiokvError(
+            f"--kv-budget {policy.kv_budget:g} cannot hold one encoder frame at {bits} bits; raise the budget"
+        )
+    if not policy.evicts:
+        raise AudiokvError(
+            f"--kv-budget {policy.kv_budget:g} is too small to keep every encoder frame (method {policy.name!r}) at "
+            f"{bits} bits; choose an evicting method or a larger budget"
+        )
+    return dataclasses.replace(policy, retention=kept / frames, kv_bits=bits, merge=merge)
+
+
 def check_budget(budget: float) -> float:
     if not 0.0 < budget <= 1.0 or math.isnan(budget):
         raise AudiokvError(f"--kv-budget must be in (0, 1], got {budget}")

@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from audiokv_cli.compression.decode_kernels import DecodeProblem, SegmentLayout, decode_attention, decode_problem
+from audiokv_cli.compression.latent import LatentProjection, LatentStore, latent_attention
 from audiokv_cli.compression.merging import merge_evicted
 from audiokv_cli.compression.quantization import HalfEntries, QuantConfig, QuantizedEntries, store
 
@@ -49,6 +50,8 @@ class RaggedLayer(CacheLayerMixin):
         self.window: int | None = None
         self.flat_positions: torch.Tensor | None = None
         self.tail_dropped = 0
+        # A cross-attention layer whose keys and values are read from the cache's shared encoder output instead.
+        self.reads_latent = False
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -113,6 +116,14 @@ class RaggedLayer(CacheLayerMixin):
         self.batch = batch
         self.keys = self.values = None
         self.compressed = True
+
+    def release_to_latent(self) -> None:
+        """Free the dense keys and values: this layer's attention is computed from the cache's `LatentStore`."""
+        if self.compressed:
+            raise RuntimeError("layer is already compressed")
+        self.batch, self.num_kv_heads, self.prompt_length = self.keys.shape[0], self.keys.shape[1], self.keys.shape[2]
+        self.keys = self.values = None
+        self.reads_latent = self.compressed = True
 
     def quantize(self, quant: QuantConfig) -> None:
         """Store the packed entries as ``quant`` says: low-bit codes (keys per token where entries expire one by one)
@@ -199,7 +210,10 @@ class RaggedLayer(CacheLayerMixin):
 
     def row_bytes(self) -> list[int]:
         """Bytes of each batch row's compressed prompt entries: codes or values, scales, the per-head length,
-        positions and logit biases. They add up to `physical_bytes(include_tail=False)` of a compressed layer."""
+        positions and logit biases. They add up to `physical_bytes(include_tail=False)` of a compressed layer (a
+        layer that reads the shared encoder output holds nothing of its own)."""
+        if self.reads_latent:
+            return [0] * self.batch
         lengths = list(self.layout.lengths)
         per_segment = [0] * len(lengths)
         for entries in (self.flat_keys, self.flat_values):
@@ -220,6 +234,30 @@ class RaggedKVCache(Cache):
 
     def __init__(self, num_layers: int):
         super().__init__(layers=[RaggedLayer() for _ in range(num_layers)])
+        #: the encoder output the cross-attention layers read instead of their own keys and values (`latent`)
+        self.latent: LatentStore | None = None
+        self.latent_layers: list[int] = []
+
+    def compress_to_latent(self, layer_idx: int, build) -> None:
+        """Layer ``layer_idx`` reads the shared encoder output from now on; ``build()`` makes the store the first
+        time a layer asks for it (every layer reads the same one)."""
+        if self.latent is None:
+            self.latent = build()
+        self.layers[layer_idx].release_to_latent()
+        self.latent_layers.append(layer_idx)
+
+    def latent_attention(
+        self, layer_idx: int, query: torch.Tensor, scaling: float, projection: LatentProjection
+    ) -> torch.Tensor:
+        """Decode attention of a layer that reads the encoder output: the step's first such layer expands the
+        stored frames, every layer of the step reads them, the last one frees them."""
+        if layer_idx == self.latent_layers[0]:
+            self.latent.release()
+        frames, bias = self.latent.expand()
+        out = latent_attention(frames, bias, query, projection, scaling)
+        if layer_idx == self.latent_layers[-1]:
+            self.latent.release()
+        return out
 
     def compress_layer(
         self, layer_idx: int, keep: torch.Tensor, window: int | None = None, quant: QuantConfig | None = None,
@@ -231,12 +269,13 @@ class RaggedKVCache(Cache):
         return self.layers[layer_idx].compressed
 
     def physical_bytes(self, include_tail: bool = True) -> int:
-        return sum(layer.physical_bytes(include_tail) for layer in self.layers)
+        latent = 0 if self.latent is None else self.latent.nbytes
+        return latent + sum(layer.physical_bytes(include_tail) for layer in self.layers)
 
     def kept_bytes(self) -> list[int]:
         """Per batch row: bytes of the compressed prompt cache (every compressed layer; the generated tail and the
         layers that were never compressed are not counted). The one place kept bytes are counted."""
-        rows: list[int] | None = None
+        rows: list[int] | None = None if self.latent is None else self.latent.row_bytes()
         for layer in self.layers:
             if layer.compressed:
                 part = layer.row_bytes()

@@ -21,12 +21,13 @@ import torch
 MERGE_MODES = ("none", "mean", "values")
 
 
-def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, mode: str):
+def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, mode: str, bias_dtype=torch.float16):
     """Packed ``[N, D]`` keys and values of the kept entries of ``keys/values [B, H, L, D]`` with every evicted
     entry of a head folded into a kept neighbour, and the ``[N]`` float16 log-size bias (None for ``values``).
 
     Entries are in the order `RaggedLayer.compress` packs them: segments (batch row, head) row-major, positions
-    ascending. A head that kept nothing drops its entries.
+    ascending. A head that kept nothing drops its entries. ``bias_dtype``: the bias's dtype (float32 when the
+    caller stores the group sizes themselves).
     """
     if mode not in MERGE_MODES[1:]:
         raise ValueError(f"merge mode must be one of {', '.join(MERGE_MODES[1:])}, got {mode!r}")
@@ -65,4 +66,4 @@ def merge_evicted(keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, 
     merged_keys = torch.zeros(total, dim, dtype=torch.float32, device=keys.device)
     merged_keys.index_add_(0, target, keys[members].float())
     merged_keys /= group_size[:, None]
-    return merged_keys.to(keys.dtype), merged_values.to(values.dtype), group_size.log().to(torch.float16)
+    return merged_keys.to(keys.dtype), merged_values.to(values.dtype), group_size.log().to(bias_dtype)

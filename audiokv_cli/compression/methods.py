@@ -19,6 +19,7 @@ from audiokv_cli.compression.quantization import check_bits
 from audiokv_cli.compression.policy import SMOOTH_OVER, CompressionPolicy
 from audiokv_cli.compression.scorers import SCORER_NAMES, make_scorer
 from audiokv_cli.compression.smoothers import SMOOTHER_NAMES, make_smoother
+from audiokv_cli.compression.latent import CROSS_STORES
 from audiokv_cli.errors import AudiokvError
 
 
@@ -51,7 +52,10 @@ METHODS: dict[str, MethodRecipe] = {
         # evenly over all frames (the padding after the clip included, which Whisper reads to find the end), and
         # the profile moves a tenth of it to the audio-critical heads. Chosen on a development set
         # (docs/results.md); the paper's 50 % floor starves the other heads there.
-        cross_attention={"coverage": 1.0, "smooth_over": "evictable", "profile_floor": 0.9},
+        # Under a byte budget the encoder output is kept once instead of per layer and head where the model allows
+        # it (compression.latent): exact at 1 / (2 x layers) of the bytes, so the budget buys every frame at 16, 8
+        # or 4 bits before anything is merged (docs/compression.md).
+        cross_attention={"coverage": 1.0, "smooth_over": "evictable", "profile_floor": 0.9, "cross_store": "auto"},
     ),
 }
 
@@ -78,6 +82,9 @@ class MethodOptions:
     kv_bits: int | None = None  # bits per kept element (None: the model's dtype, or under a budget the frontier's)
     kv_budget: float | None = None  # byte budget: retention (and bits unless kv_bits) chosen per prompt
     merge: str | None = None  # evicted entries dropped or merged (compression.merging); None: dropped, or the budget's
+    #: an encoder-decoder's cross-attention cache per layer and head ("kv"), once as the encoder output
+    #: ("latent"), or "auto"; None: the method's own (compression.latent)
+    cross_store: str | None = None
 
 
 def _scorer(name: str, options: MethodOptions):
@@ -150,7 +157,9 @@ def build_policy(
         check_budget(options.kv_budget)
     if options.merge is not None and options.merge not in MERGE_MODES:
         raise AudiokvError(f"--merge must be one of {', '.join(MERGE_MODES)}, got {options.merge!r}")
-    storage = dict(kv_bits=options.kv_bits, kv_budget=options.kv_budget)
+    if options.cross_store is not None and options.cross_store not in CROSS_STORES:
+        raise AudiokvError(f"--cross-store must be one of {', '.join(CROSS_STORES)}, got {options.cross_store!r}")
+    storage = dict(kv_bits=options.kv_bits, kv_budget=options.kv_budget, cross_store=options.cross_store or "kv")
     scorer_name = scorer or recipe.scorer
     if scorer_name is None:
         if smoother or budget:

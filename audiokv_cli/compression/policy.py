@@ -18,6 +18,7 @@ from audiokv_cli.runtime.attention import is_prefill_call, sdpa_attention, use_a
 from audiokv_cli.compression import byte_budget, hf_quantized
 from audiokv_cli.compression.budgets import BudgetAllocator, BudgetContext, ProfileBudget, UniformBudget
 from audiokv_cli.compression.cache import RaggedKVCache, ragged_decode_attention
+from audiokv_cli.compression.latent import CROSS_STORES, LatentStore, evenly_spaced_frames
 from audiokv_cli.compression.merging import MERGE_MODES
 from audiokv_cli.compression.quantization import QuantConfig, check_bits
 from audiokv_cli.compression.scorers import Scorer, StreamingScorer, bit_reversal_rank
@@ -55,6 +56,9 @@ class CompressionPolicy:
     merge: str | None = None
     #: transformers' QuantizedCache instead of audiokv's cache (`hf_quantized`: "hf-quanto", "hf-hqq"), a baseline.
     hf_cache: str | None = None
+    #: an encoder-decoder's cross-attention cache kept per layer and head ("kv") or once as the encoder output
+    #: ("latent", `latent`); "auto": latent under a byte budget where the model allows it, else kv.
+    cross_store: str = "kv"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.coverage <= 1.0:
@@ -73,6 +77,8 @@ class CompressionPolicy:
             raise ValueError(f"merge must be one of {', '.join(MERGE_MODES)}, got {self.merge!r}")
         if self.kv_budget is not None and not 0.0 < self.kv_budget <= 1.0:
             raise ValueError(f"kv_budget must be in (0, 1], got {self.kv_budget}")
+        if self.cross_store not in CROSS_STORES:
+            raise ValueError(f"cross_store must be one of {', '.join(CROSS_STORES)}, got {self.cross_store!r}")
 
     @property
     def evicts(self) -> bool:
@@ -215,6 +221,8 @@ class CompressionSession:
         self.cross_attention = adapter.compressed_attention == "cross"
         if self.cross_attention:
             policy = policy.on_cross_attention(audio_end=max((end for _, end in prepared.audio_spans), default=None))
+        policy = resolve_cross_store(policy, adapter)
+        self.latent_projections = adapter.latent_projections() if policy.cross_store == "latent" else None
         self.sources = adapter.cache_sources()
         # Budget allocators count layers 0..K-1 over the K layers that own a cache.
         self.budget_layer = {layer: rank for rank, layer in enumerate(adapter.compressed_layers())}
@@ -296,6 +304,9 @@ class CompressionSession:
         layer = self.cache.layers[layer_idx]
         self.full_prompt_bytes += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         self.peak_prefill_bytes = max(self.peak_prefill_bytes, self.cache.physical_bytes(include_tail=False))
+        if self.latent_projections is not None:
+            self.compress_to_latent(layer_idx, [self])
+            return
         keep = self.layer_keep_mask(layer_idx, queries, keys, scaling, scores=scores)
         audio = self.audio_position_mask(keep.shape[-1], keep.device)
         self.layer_stats[layer_idx] = LayerKeepStats(
@@ -323,8 +334,37 @@ class CompressionSession:
             self.compress_layer(layer_idx, query, key, scaling)
         return output
 
+    def latent_frames(self) -> torch.Tensor:
+        """bool ``[L]``: the encoder frames this session's row keeps in a latent cache, evenly spaced (every head
+        and layer reads the same frames, so there is no per-head choice for scores to make)."""
+        length = self.prepared.compressed_length
+        return evenly_spaced_frames(length, round(self.policy.retention * length) if self.policy.evicts else length)
+
+    def compress_to_latent(self, layer_idx: int, rows: list["CompressionSession"]) -> None:
+        """Layer ``layer_idx`` reads the encoder output, kept once for all layers: built at the first layer from the
+        output the decoder was given, batch row i keeping ``rows[i]``'s frames."""
+
+        def build() -> LatentStore:
+            encoded = getattr(self.model_cache, "encoder_hidden_states", None)
+            if encoded is None:
+                raise AudiokvError("--cross-store latent needs the encoder output the decoder was given; none was seen")
+            keep = torch.stack([row.latent_frames() for row in rows]).to(encoded.device)
+            if keep.shape[0] != encoded.shape[0]:
+                keep = keep.expand(encoded.shape[0], -1)
+            return LatentStore.build(encoded, keep, self.policy.quant, self.policy.merge_mode)
+
+        self.cache.compress_to_latent(layer_idx, build)
+        heads = self.adapter.geometry.num_kv_heads
+        for row in rows:
+            kept = [int(row.latent_frames().sum())] * heads
+            audio_end = max((end for _, end in row.prepared.audio_spans), default=0)
+            audio = [int(row.latent_frames()[:audio_end].sum())] * heads
+            row.layer_stats[layer_idx] = LayerKeepStats(kept=kept, audio_kept=audio, text_kept=[0] * heads)
+
     def decode_attention(self, layer_idx: int, query, scaling: float) -> torch.Tensor:
         layer = self.cache.layers[layer_idx]
+        if layer.reads_latent:
+            return self.cache.latent_attention(layer_idx, query, scaling, self.latent_projections[layer_idx])
         if layer.window is not None:
             if query.shape[-2] != 1:
                 raise AudiokvError("a compressed sliding-window layer decodes one token at a time")
@@ -365,12 +405,38 @@ class CompressionSession:
         }
 
 
+def resolve_cross_store(policy: CompressionPolicy, adapter) -> CompressionPolicy:
+    """``policy`` with its cross-attention store decided: "auto" is the latent store under a byte budget on a model
+    whose cross-attention allows it, else per layer and head; "latent" on a model that cannot is refused."""
+    store = policy.cross_store
+    supported = adapter.compressed_attention == "cross" and adapter.latent_projections() is not None
+    if store == "auto":
+        # kvpress-style value merging keeps keys apart from values: only the per-head cache can hold it
+        wanted = policy.kv_budget is not None and policy.hf_cache is None and policy.merge != "values"
+        store = "latent" if supported and wanted else "kv"
+    elif store == "latent" and not supported:
+        raise AudiokvError(
+            f"--cross-store latent needs an encoder-decoder whose cross-attention reads the encoder output through "
+            f"plain projections (Whisper); {adapter.name} has none"
+        )
+    if store == "latent" and policy.merge == "values":
+        raise AudiokvError("--cross-store latent merges frames as 'mean' only (keys and values are one tensor)")
+    return policy if store == policy.cross_store else dataclasses.replace(policy, cross_store=store)
+
+
 def spend_budget(policy: CompressionPolicy, adapter, prepared) -> CompressionPolicy:
     """``policy`` as it runs on ``prepared``: a byte budget turned into retention, bits and merging
     (`byte_budget.resolve`); a policy without a budget as it is."""
     if policy.kv_budget is None:
         return policy
     cross_attention = adapter.compressed_attention == "cross"
+    if policy.cross_store == "latent":
+        geometry = adapter.geometry
+        full = byte_budget.full_bytes_16bit(
+            prepared.compressed_length, len(adapter.compressed_layers()), geometry.num_kv_heads, geometry.head_dim
+        )
+        dim = adapter.latent_projections()[0].key_weight.shape[-1]
+        return byte_budget.resolve_latent(policy, frames=prepared.compressed_length, dim=dim, full_16bit=full)
     forced = BudgetContext(
         retention=1.0, prompt_len=prepared.compressed_length, window=0 if cross_attention else policy.window,
         scope="all" if cross_attention else policy.scope, audio_spans=tuple(prepared.audio_spans),

@@ -18,7 +18,9 @@ from typing import Sequence
 import torch
 
 from audiokv_cli import runtime
-from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats, spend_budget
+from audiokv_cli.compression.policy import (
+    CompressionPolicy, CompressionSession, LayerKeepStats, resolve_cross_store, spend_budget,
+)
 
 
 @dataclass
@@ -53,6 +55,10 @@ class CellBatchSession(CompressionSession):
     def compress_layer(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> None:
         """``scores``: None (score from ``queries``) or one recorded score tensor (or None) per row."""
         start = time.perf_counter()
+        if self.latent_projections is not None:
+            self.compress_to_latent(layer_idx, self.rows)
+            self.seconds_compress += time.perf_counter() - start
+            return
         keep = torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device)
         audio = self.audio_position_mask(keep.shape[-1], keep.device)
         for row, session in enumerate(self.rows):
@@ -89,12 +95,14 @@ class CellBatchSession(CompressionSession):
 
 
 def storage_groups(adapter, prepared, policies: Sequence[CompressionPolicy]) -> list[list[int]]:
-    """Indices of ``policies`` grouped by how their kept entries are stored (bits after any byte budget is spent,
-    merging): the rows of one batch share a packed layer."""
+    """Indices of ``policies`` grouped by how their kept entries are stored (per layer and head or as the encoder
+    output, bits after any byte budget is spent, merging): the rows of one batch share a packed layer."""
     groups: dict[tuple, list[int]] = {}
     for index, policy in enumerate(policies):
-        resolved = spend_budget(policy, adapter, prepared)
-        groups.setdefault((resolved.kv_bits, resolved.merge_mode), []).append(index)
+        if adapter.compressed_attention == "cross":
+            policy = policy.on_cross_attention()
+        resolved = spend_budget(resolve_cross_store(policy, adapter), adapter, prepared)
+        groups.setdefault((resolved.cross_store, resolved.kv_bits, resolved.merge_mode), []).append(index)
     return list(groups.values())
 
 

@@ -298,6 +298,7 @@ def run_sweep(
                     "kv_bits": resolved.stored_bits(adapter.dtype),
                     "kv_budget": resolved.kv_budget,
                     "merge": resolved.merge_mode,
+                    "cross_store": resolved.cross_store,
                     "retention_run": resolved.retention,
                     "seconds_prefill": seconds_prefill,
                     "seconds_compress": outcome.seconds_compress,

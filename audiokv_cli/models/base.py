@@ -171,6 +171,11 @@ class ModelAdapter(ABC):
         """The cache object the model's forward takes, built around the cache audiokv compresses."""
         return compressed_cache
 
+    def latent_projections(self):
+        """Per compressed layer, the `compression.latent.LatentProjection` that makes its keys and values from the
+        encoder output, where every layer's are such maps of one tensor (``--cross-store latent``); else None."""
+        return None
+
     @abstractmethod
     def prepare(self, audio: np.ndarray, prompt: str | None = None) -> PreparedInput:
         """Tokenize one clip with an ASR prompt (prompt None) or a free-form instruction."""

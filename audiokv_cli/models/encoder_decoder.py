@@ -28,6 +28,9 @@ class EncoderDecoderAdapter(ModelAdapter):
     """A `model.model.encoder` + `model.model.decoder` with `encoder_attn` in every decoder layer, `proj_out` head."""
 
     compressed_attention = "cross"
+    #: every decoder layer's cross-attention keys and values are linear maps of the encoder output the decoder is
+    #: given (`k_proj`, `v_proj`), so the cache can hold that output once (`compression.latent`)
+    latent_cross_attention = False
 
     def __init__(self, model, processor, name, revision=None):
         super().__init__(model, processor, name, revision)
@@ -47,6 +50,25 @@ class EncoderDecoderAdapter(ModelAdapter):
 
     def model_cache(self, compressed_cache):
         return encoder_decoder_cache(compressed_cache)
+
+    def latent_projections(self):
+        if not self.latent_cross_attention:
+            return None
+        from audiokv_cli.compression.latent import LatentProjection
+
+        heads = self.geometry.num_kv_heads
+        return [LatentProjection.from_linear(attn.k_proj, attn.v_proj, heads) for attn in self.decoder_layers()]
+
+    def capturing_encoder_states(self, cache):
+        """A forward pre-hook on the decoder that puts the encoder output it is given on ``cache`` (a latent cache is
+        built from it when a caller such as `generate` runs the encoder itself); returns the hook's handle."""
+
+        def capture(module, args, kwargs):
+            states = kwargs.get("encoder_hidden_states")
+            if states is not None and getattr(cache, "encoder_hidden_states", None) is None:
+                cache.encoder_hidden_states = states
+
+        return self.model.model.decoder.register_forward_pre_hook(capture, with_kwargs=True)
 
     def encode(self, inputs: dict) -> torch.Tensor:
         """``[1, frames, d_model]``: the encoder output the cross-attention cache is computed from."""

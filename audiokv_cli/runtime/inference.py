@@ -44,6 +44,8 @@ class ClipResult:
     #: entries per head of the compressed cache before eviction: the prompt, or (Whisper) the encoder frames
     cache_entries: int = 0
     kept_per_head: dict = field(default_factory=dict)
+    #: an encoder-decoder's cross-attention cache: per layer and head ("kv") or the encoder output once ("latent")
+    cross_store: str | None = None
 
     @classmethod
     def of(cls, adapter, policy, prepared, tokens: list[int], *, clip: str, kv_bytes_full: int, kv_bytes_kept: int,
@@ -73,6 +75,7 @@ class ClipResult:
             hit_token_limit=hit_token_limit,
             token_ids=tokens,
             kept_per_head=kept_per_head or {},
+            cross_store=policy.cross_store if adapter.compressed_attention == "cross" else None,
         )
 
     @property

@@ -266,6 +266,9 @@ class WindowSession(CompressionSession):
         self.pads = pads
 
     def compress_layer(self, layer_idx: int, queries, keys, scaling: float, scores=None) -> None:
+        if self.latent_projections is not None:
+            self.compress_to_latent(layer_idx, self.rows)
+            return
         keep = torch.ones(keys.shape[:-1], dtype=torch.bool, device=keys.device)
         for row, session in enumerate(self.rows):
             mask = session.layer_keep_mask(

@@ -23,6 +23,7 @@ class WhisperAdapter(EncoderDecoderAdapter):
     # The encoder's two convolutions give one frame per 20 ms; 1,500 frames are one 30 s window.
     seconds_per_audio_token = 0.02
     max_audio_seconds = 30.0
+    latent_cross_attention = True
     random_model = "audiokv_cli.testing.families:build_random_whisper"
 
     def __init__(self, model, processor, name, revision=None, language: str = "en"):
