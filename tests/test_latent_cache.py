@@ -251,3 +251,14 @@ def test_latent_store_is_refused_where_it_cannot_work(random_adapter, whisper):
         CompressionSession(values, whisper, whisper.prepare(noise_clip(2.0)))
     with pytest.raises(AudiokvError, match="--cross-store must be one of"):
         build_policy("stride", 0.5, MethodOptions(cross_store="everywhere"))
+
+
+def test_a_long_recording_under_a_budget_reports_the_store_its_windows_ran(whisper):
+    full16 = whisper.frames * whisper.geometry.kv_bytes_per_token(torch.float16)
+    result = audiokv_cli.transcribe(noise_clip(40.0, seed=8), model=whisper, method="audiokv", kv_budget=0.1,
+                                    head_scores=options(whisper).head_scores, max_new_tokens=8)
+    assert result.windows >= 2 and result.cross_store == "latent"
+    # 2 layers: 16-bit frames are 1/4 of the cache, 8-bit ones (0.133) do not fit 0.1 either: 4-bit, every frame
+    assert (result.kv_bits, result.merge, result.retention) == (4, "none", 1.0)
+    assert result.kv_bytes_kept_max == byte_budget.latent_cost(1500, whisper.geometry.hidden_size, 4, False)
+    assert result.kv_bytes_kept_max <= 0.1 * full16

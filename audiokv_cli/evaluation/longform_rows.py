@@ -70,6 +70,7 @@ def long_row(adapter, example, cell, transcript) -> dict:
             "kv_bits": transcript.kv_bits,
             "kv_budget": transcript.kv_budget,
             "merge": transcript.merge,
+            "cross_store": transcript.cross_store,
             "retention_run": transcript.retention,
             "seconds_prefill": transcript.seconds_prefill,
             "seconds_compress": 0.0,

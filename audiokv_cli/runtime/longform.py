@@ -41,7 +41,9 @@ import torch
 from audiokv_cli import runtime
 from audiokv_cli.io.audio import SAMPLE_RATE, AudioError, check_complete, check_path, load_audio, promised_seconds
 from audiokv_cli.compression.methods import build_policy
-from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats
+from audiokv_cli.compression.policy import (
+    CompressionPolicy, CompressionSession, LayerKeepStats, resolve_cross_store, spend_budget,
+)
 from audiokv_cli.errors import AudiokvError
 
 WINDOW_SECONDS = 30.0
@@ -120,6 +122,8 @@ class Transcript:
     kv_bits: int = 0
     kv_budget: float | None = None
     merge: str = "none"
+    #: the cross-attention cache per layer and head ("kv") or the encoder output once ("latent")
+    cross_store: str = "kv"
 
     @property
     def real_time_factor(self) -> float:
@@ -600,12 +604,11 @@ class FileJob:
     def result(self, policy: CompressionPolicy) -> Transcript:
         adapter = self.adapter
         full = adapter.frames * adapter.geometry.kv_bytes_per_token(adapter.dtype)
-        if policy.kv_budget is not None:  # every window has the same frames: one resolution holds for all
-            from audiokv_cli.compression import byte_budget
-
-            policy = byte_budget.resolve(
-                policy, length=adapter.frames, head_dim=adapter.geometry.head_dim, forced=0, cross_attention=True
-            )
+        # Every window has the same frames: the sessions' one resolution (store, then budget) holds for all.
+        policy = resolve_cross_store(policy.on_cross_attention(), adapter)
+        if policy.kv_budget is not None:
+            window = SimpleNamespace(compressed_length=adapter.frames, audio_spans=[(0, adapter.frames)])
+            policy = spend_budget(policy, adapter, window)
         return Transcript(
             clip=self.name,
             text=" ".join(segment.text for segment in self.segments).strip(),
@@ -624,6 +627,7 @@ class FileJob:
             kv_bits=policy.stored_bits(adapter.dtype),
             kv_budget=policy.kv_budget,
             merge=policy.merge_mode,
+            cross_store=policy.cross_store,
             seconds_prefill=round(self.seconds_prefill, 4),
             seconds_decode=round(self.seconds_decode, 4),
             seconds_total=round(time.perf_counter() - self.started, 4),
