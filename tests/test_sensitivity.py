@@ -130,8 +130,9 @@ def test_kv_budget_with_sensitivity_stays_within_the_bytes(whisper):
     sensitivity = torch.zeros(2, 4, len(STRENGTHS), dtype=torch.float64)
     sensitivity[1, 3] = torch.tensor([0.5, 1.0, 2.0])  # one head that matters, the rest free to merge
     sensitivity[0, 0] = torch.tensor([0.05, 0.1, 0.2])
+    # the per-head cache (under a budget audiokv would keep Whisper's encoder output once: no heads to split)
     options = MethodOptions(
-        head_scores=torch.ones(2, 4), kv_budget=0.05,
+        head_scores=torch.ones(2, 4), kv_budget=0.05, cross_store="kv",
         head_sensitivity=HeadSensitivity(sensitivity, STRENGTHS, positions=10, clips=1),
     )
     policy = build_policy("audiokv", 1.0, options)
@@ -143,7 +144,7 @@ def test_kv_budget_with_sensitivity_stays_within_the_bytes(whisper):
     full = full_bytes_16bit(prepared.compressed_length, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
     assert session.kept_bytes() <= 0.05 * full
     # The same budget without the table keeps (almost) the same number of entries, spread by eq. 1 instead.
-    plain = build_policy("audiokv", 1.0, MethodOptions(head_scores=torch.ones(2, 4), kv_budget=0.05))
+    plain = build_policy("audiokv", 1.0, MethodOptions(head_scores=torch.ones(2, 4), kv_budget=0.05, cross_store="kv"))
     with apply_policy(plain, whisper, prepared) as uniform, torch.no_grad():
         whisper.next_token_logits(prepared.inputs, uniform.model_cache)
     assert int(torch.tensor(uniform.summary()["kept"]).sum()) == int(kept.sum())
