@@ -19,6 +19,7 @@ LIMIT="${LIMIT:-12}"
 METHODS="${METHODS:-stride,audiokv}"
 MERGES="${MERGES:-none,mean}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-160}"
+CROSS_STORE="${CROSS_STORE:-auto}"  # Whisper: kv keeps the per-head cache (the baseline families), auto the shipped store
 PART_PREFIX="${PART_PREFIX:-bits}"  # another prefix keeps a second run of the same bits apart (e.g. values)
 # Each stored precision where it can pay: PART=BITS:BUDGETS (16-bit entries are eviction or merging alone).
 PARTS="${PARTS:-q:full 16:0.5,0.25,0.125 8:0.25,0.125,0.0625 4:0.125,0.0625,0.03125 2:0.0625,0.03125,0.015625 auto:0.5,0.25,0.125,0.0625,0.03125,0.015625}"
@@ -44,7 +45,8 @@ for model in $MODELS; do
                 run "$OUT/$model/$set/quant" "$DATA/$set" --model "$model" --methods "$quant" --kv-bits auto,16,8,4,2
             else
                 run "$OUT/$model/$set/$PART_PREFIX-$bits" "$DATA/$set" --model "$model" --methods "$METHODS" \
-                    --retention none --kv-budget "$budgets" --budget-bits "$bits" --merge "$MERGES"
+                    --retention none --kv-budget "$budgets" --budget-bits "$bits" --merge "$MERGES" \
+                    --cross-store "$CROSS_STORE"
             fi
         done
     done

@@ -11,7 +11,8 @@ summed reference words, the Whisper normalizer's words; degeneration rate; mean 
 - eviction x bits: fewer bits, evicted entries dropped;
 - merging: evicted entries folded into kept neighbours (METHOD:merge..., any bits);
 - kvpress-style merging (values only), transformers' QuantizedCache (hf-quanto, decoder-only models) and the
-  --kv-budget choice (METHOD@budget) where the sweep ran them.
+  --kv-budget choice (METHOD@budget) where the sweep ran them; on Whisper the shipped choice keeps the encoder
+  output once, and budget cells on the per-head cache (--cross-store kv) are their own family.
 
 Writes frontier.json (every cell) and frontier.png (WER against bytes, one curve per family) under --out, and prints
 the table (markdown with --markdown).
@@ -29,8 +30,9 @@ import jiwer
 
 BUDGETS = [1 / 2, 1 / 4, 1 / 8, 1 / 10, 1 / 16, 1 / 20, 1 / 32, 1 / 40, 1 / 64]
 AUTO = "--kv-budget (auto)"
+PER_HEAD = "--kv-budget, per-head cache"
 COLORS = {
-    AUTO: "black", "quantization alone": "tab:brown", "transformers QuantizedCache": "tab:pink",
+    AUTO: "black", PER_HEAD: "tab:olive", "quantization alone": "tab:brown", "transformers QuantizedCache": "tab:pink",
     "eviction alone": "tab:orange", "eviction x bits": "tab:green", "merging": "tab:red",
     "merging x bits": "tab:purple", "kvpress merging (values)": "tab:gray",
 }
@@ -81,8 +83,16 @@ def load_cells(root: Path) -> dict:
                     "degenerate": sum(bool(r["degenerate"]) for r in cell_rows) / len(cell_rows),
                     "empty": sum(not r["hyp_normalized"].strip() for r in cell_rows) / len(cell_rows),
                     "clips": len(cell_rows),
+                    "cross_store": cell_rows[0].get("cross_store"),
                 }
             )
+    for cells in out.values():
+        # Where Whisper's encoder output was kept once (the shipped --kv-budget), budget cells run on the per-head
+        # cache (--cross-store kv) are a family of their own.
+        if any(c["cross_store"] == "latent" for c in cells):
+            for cell in cells:
+                if cell["family"] == AUTO and cell["cross_store"] != "latent":
+                    cell["family"] = PER_HEAD
     return out
 
 
