@@ -99,18 +99,21 @@ def latent_cost(frames: int, dim: int, bits: int, merged: bool) -> int:
 def resolve_latent(policy, *, frames: int, dim: int, full_16bit: int):
     """``policy`` spending its ``kv_budget`` on the encoder output kept once (``--cross-store latent``).
 
-    Bits: the policy's own when set, else the most of the frontier table's ``latent`` bits at which every frame
-    fits, else its last (fewest) bits with the frames merged into the most groups that fit. Refused in one line
-    when not even one frame fits."""
+    Bits: the policy's own when set, else the first of the frontier table's ``latent`` bits at which at least
+    ``min_retention`` of the frames fit (every frame when they all fit, else the most that fit, merged), else its
+    last bits with the frames merged into the most groups that fit. Refused in one line when not one frame fits."""
     allowed = policy.kv_budget * full_16bit
-    choices = [policy.kv_bits] if policy.kv_bits is not None else list(frontier()["latent"]["bits"])
-    for bits in choices:
+    table = frontier()["latent"]
+    choices = [policy.kv_bits] if policy.kv_bits is not None else list(table["bits"])
+    floor = float(table.get("min_retention", 1.0)) if policy.kv_bits is None else 1.0
+    merge = policy.merge or "mean"
+    for index, bits in enumerate(choices):
         if latent_cost(frames, dim, bits, merged=False) <= allowed:
             return dataclasses.replace(policy, retention=1.0, kv_bits=bits, merge=policy.merge or "none")
-    bits = choices[-1]
-    merge = policy.merge or "mean"
-    per_frame = latent_cost(1, dim, bits, merge == "mean") - LENGTH_BYTES
-    kept = min(frames - 1, int((allowed - LENGTH_BYTES) // per_frame))
+        per_frame = latent_cost(1, dim, bits, merge == "mean") - LENGTH_BYTES
+        kept = min(frames - 1, int((allowed - LENGTH_BYTES) // per_frame))
+        if kept >= floor * frames or index == len(choices) - 1:
+            break
     if kept < 1:
         raise AudiokvError(
             f"--kv-budget {policy.kv_budget:g} cannot hold one encoder frame at {bits} bits; raise the budget"
