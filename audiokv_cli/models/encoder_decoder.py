@@ -88,13 +88,21 @@ class EncoderDecoderAdapter(ModelAdapter):
             cache.encoder_hidden_states = self.encode(inputs).expand(inputs["input_ids"].shape[0], -1, -1)
         decoder = self.model.model.decoder
         extra = {key[len("decoder_"):]: inputs[key] for key in ("decoder_attention_mask", "decoder_position_ids") if key in inputs}
-        return decoder(
+        hidden = decoder(
             input_ids=inputs["input_ids"],
             encoder_hidden_states=cache.encoder_hidden_states,
             use_cache=True,
             **extra,
             **cache_kwargs(decoder, cache),
         ).last_hidden_state
+        compressed = getattr(cache, "cross_attention_cache", None)
+        if "input_features" in inputs and compressed is not None and all(
+            getattr(layer, "compressed", False) for layer in compressed.layers
+        ):
+            # Every cross-attention layer now reads its compressed cache; the decoder only needs to be handed some
+            # encoder output to run cross-attention at all, so the full one is not held through the decode.
+            cache.encoder_hidden_states = cache.encoder_hidden_states[:, :1].clone()
+        return hidden
 
     def next_token_logits(self, inputs: dict, cache) -> torch.Tensor:
         return self.model.proj_out(self.last_hidden_state(inputs, cache))
