@@ -103,7 +103,7 @@ def frontier_rows(cells: list[dict]) -> list[dict]:
     for budget in BUDGETS:
         row = {"budget": budget}
         for name in families:
-            if name == AUTO:  # what --kv-budget gives at exactly this budget
+            if name in (AUTO, PER_HEAD):  # what --kv-budget gives at exactly this budget
                 exact = [c for c in cells if c["family"] == name and c["budget"] and abs(c["budget"] - budget) < 1e-9]
                 row[name] = exact[0] if exact else None
                 continue
