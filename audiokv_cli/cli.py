@@ -72,10 +72,11 @@ def _main(
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """audiokv's own warnings about the user's input (a truncated file) as one yellow line, not Python's two."""
-    from audiokv_cli.io.audio import TruncatedAudioWarning
+    """audiokv's own warnings about the user's input (a truncated file, a budget past the merge cliff) as one yellow
+    line, not Python's two."""
+    from audiokv_cli.errors import AudiokvWarning
 
-    if issubclass(category, TruncatedAudioWarning):
+    if issubclass(category, AudiokvWarning):
         console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)

@@ -268,3 +268,17 @@ def test_a_long_recording_under_a_budget_reports_the_store_its_windows_ran(whisp
     frames = round(result.retention * 1500)
     assert result.kv_bytes_kept_max == byte_budget.latent_cost(frames, whisper.geometry.hidden_size, 8, True)
     assert result.kv_bytes_kept_max <= 0.1 * full16
+
+
+def test_a_budget_that_merges_past_the_cliff_warns_in_one_line(tmp_path):
+    import warnings
+
+    full = byte_budget.full_bytes_16bit(1500, 6, 8, 64)
+    policy = dataclasses.replace(build_policy("audiokv", 1.0, options_for_whisper_base()), cross_store="latent")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        byte_budget.resolve_latent(dataclasses.replace(policy, kv_budget=1 / 128), frames=1500, dim=512, full_16bit=full)
+        assert not caught  # 3:1, measured to hold
+        byte_budget.resolve_latent(dataclasses.replace(policy, kv_budget=0.002), frames=1500, dim=512, full_16bit=full)
+    assert [w.category for w in caught] == [byte_budget.CoarseMergeWarning]
+    assert "merges the encoder frames" in str(caught[0].message) and "\n" not in str(caught[0].message)

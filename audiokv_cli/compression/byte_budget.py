@@ -15,16 +15,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from functools import lru_cache
 from importlib import resources
 
 from audiokv_cli.compression.quantization import BITS, SCALE_BYTES, QuantConfig
-from audiokv_cli.errors import AudiokvError
+from audiokv_cli.errors import AudiokvError, AudiokvWarning
 
 # Bytes of each head's entry count (int64), one per (batch row, layer, KV head).
 LENGTH_BYTES = 8
 # A merged entry's float16 logit bias.
 BIAS_BYTES = 2
+# Frames per merged group past which Whisper's transcripts were measured to break (docs/compression.md: similarity
+# groups held at 6 frames on average and broke at 8).
+MERGE_CLIFF = 6.0
+
+
+class CoarseMergeWarning(AudiokvWarning):
+    """A byte budget that merges the encoder's frames past the measured cliff."""
 
 
 def full_bytes_16bit(entries: int, num_layers: int, num_kv_heads: int, head_dim: int) -> int:
@@ -122,6 +130,12 @@ def resolve_latent(policy, *, frames: int, dim: int, full_16bit: int):
         raise AudiokvError(
             f"--kv-budget {policy.kv_budget:g} is too small to keep every encoder frame (method {policy.name!r}) at "
             f"{bits} bits; choose an evicting method or a larger budget"
+        )
+    if merge == "mean" and frames / kept > MERGE_CLIFF:
+        warnings.warn(
+            f"--kv-budget {policy.kv_budget:g} merges the encoder frames {frames / kept:.0f}:1; past about "
+            f"{MERGE_CLIFF:.0f} frames per group Whisper's transcripts break (docs/compression.md)",
+            CoarseMergeWarning, stacklevel=2,
         )
     return dataclasses.replace(policy, retention=kept / frames, kv_bits=bits, merge=merge)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audiokv_cli.errors import AudiokvError
+from audiokv_cli.errors import AudiokvError, AudiokvWarning
 
 SAMPLE_RATE = 16000
 # Sample rates audio files really use (telephone 8 kHz is common, 4 kHz exists; 768 kHz is the highest DAC rate).
@@ -28,7 +28,7 @@ class SilentAudioWarning(UserWarning):
     """The clip holds no signal; a model will usually produce nothing useful."""
 
 
-class TruncatedAudioWarning(UserWarning):
+class TruncatedAudioWarning(AudiokvWarning):
     """The file holds less audio than its header promises (a cut-off download or copy): the rest is missing."""
 
 
