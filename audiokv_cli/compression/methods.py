@@ -53,8 +53,8 @@ METHODS: dict[str, MethodRecipe] = {
         # the profile moves a tenth of it to the audio-critical heads. Chosen on a development set
         # (docs/results.md); the paper's 50 % floor starves the other heads there.
         # Under a byte budget the encoder output is kept once instead of per layer and head where the model allows
-        # it (compression.latent): exact at 1 / (2 x layers) of the bytes, so the budget buys every frame at 16, 8
-        # or 4 bits before anything is merged (docs/compression.md).
+        # it (compression.latent): exact at 1 / (2 x layers) of the bytes, so the budget buys frames at 16, 8 or 4
+        # bits, neighbours merged where not all fit (docs/compression.md).
         cross_attention={"coverage": 1.0, "smooth_over": "evictable", "profile_floor": 0.9, "cross_store": "auto"},
     ),
 }

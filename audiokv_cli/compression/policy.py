@@ -344,22 +344,24 @@ class CompressionSession:
         """Layer ``layer_idx`` reads the encoder output, kept once for all layers: built at the first layer from the
         output the decoder was given, batch row i keeping ``rows[i]``'s frames."""
 
+        frames = [row.latent_frames() for row in rows]
+
         def build() -> LatentStore:
             encoded = getattr(self.model_cache, "encoder_hidden_states", None)
             if encoded is None:
                 raise AudiokvError("--cross-store latent needs the encoder output the decoder was given; none was seen")
-            keep = torch.stack([row.latent_frames() for row in rows]).to(encoded.device)
-            if keep.shape[0] != encoded.shape[0]:
+            keep = torch.stack(frames).to(encoded.device)
+            if keep.shape[0] != encoded.shape[0]:  # generate's beams: one prompt, its encoder output repeated
                 keep = keep.expand(encoded.shape[0], -1)
             return LatentStore.build(encoded, keep, self.policy.quant, self.policy.merge_mode)
 
         self.cache.compress_to_latent(layer_idx, build)
         heads = self.adapter.geometry.num_kv_heads
-        for row in rows:
-            kept = [int(row.latent_frames().sum())] * heads
+        for row, kept in zip(rows, frames):
             audio_end = max((end for _, end in row.prepared.audio_spans), default=0)
-            audio = [int(row.latent_frames()[:audio_end].sum())] * heads
-            row.layer_stats[layer_idx] = LayerKeepStats(kept=kept, audio_kept=audio, text_kept=[0] * heads)
+            row.layer_stats[layer_idx] = LayerKeepStats(
+                kept=[int(kept.sum())] * heads, audio_kept=[int(kept[:audio_end].sum())] * heads, text_kept=[0] * heads
+            )
 
     def decode_attention(self, layer_idx: int, query, scaling: float) -> torch.Tensor:
         layer = self.cache.layers[layer_idx]
@@ -422,6 +424,14 @@ def resolve_cross_store(policy: CompressionPolicy, adapter) -> CompressionPolicy
     if store == "latent" and policy.merge == "values":
         raise AudiokvError("--cross-store latent merges frames as 'mean' only (keys and values are one tensor)")
     return policy if store == policy.cross_store else dataclasses.replace(policy, cross_store=store)
+
+
+def stored_policy(policy: CompressionPolicy, adapter, prepared) -> CompressionPolicy:
+    """How a session on ``prepared`` stores ``policy``'s kept entries: its cross-attention settings, the
+    cross-attention store and any byte budget resolved, as `CompressionSession` resolves them."""
+    if adapter.compressed_attention == "cross":
+        policy = policy.on_cross_attention()
+    return spend_budget(resolve_cross_store(policy, adapter), adapter, prepared)
 
 
 def spend_budget(policy: CompressionPolicy, adapter, prepared) -> CompressionPolicy:

@@ -18,9 +18,7 @@ from typing import Sequence
 import torch
 
 from audiokv_cli import runtime
-from audiokv_cli.compression.policy import (
-    CompressionPolicy, CompressionSession, LayerKeepStats, resolve_cross_store, spend_budget,
-)
+from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats, stored_policy
 
 
 @dataclass
@@ -99,9 +97,7 @@ def storage_groups(adapter, prepared, policies: Sequence[CompressionPolicy]) -> 
     output, bits after any byte budget is spent, merging): the rows of one batch share a packed layer."""
     groups: dict[tuple, list[int]] = {}
     for index, policy in enumerate(policies):
-        if adapter.compressed_attention == "cross":
-            policy = policy.on_cross_attention()
-        resolved = spend_budget(resolve_cross_store(policy, adapter), adapter, prepared)
+        resolved = stored_policy(policy, adapter, prepared)
         groups.setdefault((resolved.cross_store, resolved.kv_bits, resolved.merge_mode), []).append(index)
     return list(groups.values())
 

@@ -41,9 +41,7 @@ import torch
 from audiokv_cli import runtime
 from audiokv_cli.io.audio import SAMPLE_RATE, AudioError, check_complete, check_path, load_audio, promised_seconds
 from audiokv_cli.compression.methods import build_policy
-from audiokv_cli.compression.policy import (
-    CompressionPolicy, CompressionSession, LayerKeepStats, resolve_cross_store, spend_budget,
-)
+from audiokv_cli.compression.policy import CompressionPolicy, CompressionSession, LayerKeepStats, stored_policy
 from audiokv_cli.errors import AudiokvError
 
 WINDOW_SECONDS = 30.0
@@ -605,10 +603,8 @@ class FileJob:
         adapter = self.adapter
         full = adapter.frames * adapter.geometry.kv_bytes_per_token(adapter.dtype)
         # Every window has the same frames: the sessions' one resolution (store, then budget) holds for all.
-        policy = resolve_cross_store(policy.on_cross_attention(), adapter)
-        if policy.kv_budget is not None:
-            window = SimpleNamespace(compressed_length=adapter.frames, audio_spans=[(0, adapter.frames)])
-            policy = spend_budget(policy, adapter, window)
+        window = SimpleNamespace(compressed_length=adapter.frames, audio_spans=[(0, adapter.frames)])
+        policy = stored_policy(policy, adapter, window)
         return Transcript(
             clip=self.name,
             text=" ".join(segment.text for segment in self.segments).strip(),
